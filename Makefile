@@ -1,0 +1,60 @@
+# The two commands a new machine needs: `make run` and `make test`.
+# Both create .venv on first use (and reuse it afterwards) from the pinned requirements.lock.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+INSTALLED := $(VENV)/.installed
+
+# The embedded default: everything lives under .local/ in the checkout.
+export TWOCLUSTER_STORE_URI ?= file://$(CURDIR)/.local/store
+# spark-submit must be found on PATH (the Airflow Spark provider runs the bare command).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+DAYS ?= 3
+CLIPS_PER_DAY ?= 600
+PYTEST_ARGS ?=
+
+.PHONY: run test venv lock lint clean sample-data check-java
+
+run: venv check-java
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
+	$(VENV_PY) -m twocluster.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+
+test: venv check-java
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+sample-data: venv
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
+	$(VENV_PY) -m twocluster.sample_data --store $(TWOCLUSTER_STORE_URI) --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+
+venv: $(INSTALLED)
+
+$(INSTALLED): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "error: Python 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(VENV_PY) -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) pip install -q --python $(VENV_PY) -r requirements.lock
+	$(UV) pip install -q --python $(VENV_PY) --no-deps -e .
+	@touch $@
+
+check-java:
+	@tools/check_java.sh
+
+# Re-pin after editing pyproject.toml's dependencies.
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+$(UV):
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q "uv==$(UV_VERSION)"
+
+lint: venv
+	$(VENV)/bin/ruff check src tests dags spark_jobs training_jobs plugins
+
+clean:
+	rm -rf .local .pytest_cache

@@ -1,0 +1,123 @@
+"""The storage layout (DESIGN.md, contract 2): the one place that knows where things live.
+
+Every key is built from validated parts, so a pipeline name, date, version or alias that came
+from a user (an Airflow param, a CLI flag) can never escape its folder.
+
+    raw/<pipeline>/date=<YYYY-MM-DD>/...
+    datasets/<pipeline>/date=<YYYY-MM-DD>/v=<version>/{parquet/,tfrecords/<split>/,rejects/,_MANIFEST.json}
+    models/<model>/versions/<version>/{...,_MANIFEST.json}
+    models/<model>/aliases/<alias>/<record>.json
+    predictions/<pipeline>/date=<YYYY-MM-DD>/v=<version>/{...,_MANIFEST.json}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+
+MANIFEST_NAME = "_MANIFEST.json"
+VERSION_FOLDER_PREFIX = "v="
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Sortable by time, unique across concurrent writers: 20261122T013000Z-1a2b3c4d
+_VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+
+
+class LayoutError(ValueError):
+    """A name, date or version that cannot be part of a store key."""
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise LayoutError(
+            f"{what} {value!r} is not allowed: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_date(value: str | dt.date, what: str = "date") -> str:
+    if isinstance(value, dt.datetime):
+        value = value.date()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            raise ValueError
+        return dt.date.fromisoformat(value).isoformat()
+    except (TypeError, ValueError):
+        raise LayoutError(f"{what} {value!r} is not a date in YYYY-MM-DD form") from None
+
+
+def check_version(value: str, what: str = "version") -> str:
+    if not isinstance(value, str) or not _VERSION_RE.match(value):
+        raise LayoutError(f"{what} {value!r} is not a version id like 20261122T013000Z-1a2b3c4d")
+    return value
+
+
+def new_version_id(now: dt.datetime | None = None) -> str:
+    """A fresh version id: UTC time (so ids sort by creation) plus random bits (so two writers
+    starting in the same second never share a prefix)."""
+    now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def version_folder(version: str) -> str:
+    return VERSION_FOLDER_PREFIX + check_version(version)
+
+
+def version_from_folder(folder: str) -> str | None:
+    """The version id of a ``v=<version>`` folder name, or None if it is not one."""
+    if not folder.startswith(VERSION_FOLDER_PREFIX):
+        return None
+    candidate = folder[len(VERSION_FOLDER_PREFIX) :]
+    return candidate if _VERSION_RE.match(candidate) else None
+
+
+# -- raw arrivals --------------------------------------------------------------------------------
+
+
+def raw_date_prefix(pipeline: str, date: str | dt.date) -> str:
+    return f"raw/{check_name(pipeline, 'pipeline')}/date={check_date(date)}"
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+def dataset_date_prefix(pipeline: str, date: str | dt.date) -> str:
+    return f"datasets/{check_name(pipeline, 'pipeline')}/date={check_date(date)}"
+
+
+def dataset_version_prefix(pipeline: str, date: str | dt.date, version: str) -> str:
+    return f"{dataset_date_prefix(pipeline, date)}/{version_folder(version)}"
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def model_versions_prefix(model: str) -> str:
+    return f"models/{check_name(model, 'model')}/versions"
+
+
+def model_version_prefix(model: str, version: str) -> str:
+    return f"{model_versions_prefix(model)}/{version_folder(version)}"
+
+
+def model_alias_prefix(model: str, alias: str) -> str:
+    return f"models/{check_name(model, 'model')}/aliases/{check_name(alias, 'alias')}"
+
+
+# -- predictions ---------------------------------------------------------------------------------
+
+
+def predictions_date_prefix(pipeline: str, date: str | dt.date) -> str:
+    return f"predictions/{check_name(pipeline, 'pipeline')}/date={check_date(date)}"
+
+
+def predictions_version_prefix(pipeline: str, date: str | dt.date, version: str) -> str:
+    return f"{predictions_date_prefix(pipeline, date)}/{version_folder(version)}"
+
+
+def manifest_key(version_prefix: str) -> str:
+    return f"{version_prefix.rstrip('/')}/{MANIFEST_NAME}"

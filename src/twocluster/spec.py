@@ -1,0 +1,239 @@
+"""The pipeline spec: one declarative YAML document per pipeline, validated with pydantic.
+
+Every stage takes its parameters from here (the DAG, the Spark jobs, the trainer), so a value is
+set in one place. A bad spec fails on load with an error naming the field and the problem:
+
+    pipelines/x.yaml: invalid pipeline spec:
+      featurizer.num_mel_bins: Input should be greater than 0 (got -3)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from twocluster import layout
+
+STORE_URI_ENV = "TWOCLUSTER_STORE_URI"
+
+
+class SpecError(ValueError):
+    """The pipeline spec is missing, unreadable or invalid; the message names the field."""
+
+
+# A name that becomes part of a store key (pipeline, model, alias).
+StoreName = Annotated[str, AfterValidator(layout.check_name)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AudioInputs(_Strict):
+    kind: Literal["audio"] = "audio"
+    patterns: list[str] = Field(default_factory=lambda: ["*.wav"], min_length=1)
+
+
+class ImageInputs(_Strict):
+    kind: Literal["image"] = "image"
+    patterns: list[str] = Field(default_factory=lambda: ["*.png", "*.jpg", "*.jpeg"], min_length=1)
+
+
+class Labels(_Strict):
+    keywords: list[str] = Field(min_length=1)
+    unknown_words: list[str] = Field(default_factory=list)
+    unknown_label: str = "_unknown_"
+    silence_label: str | None = "_silence_"
+    silence_folders: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Labels:
+        seen: set[str] = set()
+        for word in [*self.keywords, *self.unknown_words, *self.silence_folders]:
+            if word in seen:
+                raise ValueError(f"label folder {word!r} is listed twice")
+            seen.add(word)
+        if self.unknown_label in self.keywords or (self.silence_label and self.silence_label in self.keywords):
+            raise ValueError("unknown_label / silence_label may not also be keywords")
+        return self
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """The model's output classes, in index order: silence, unknown, then the keywords
+        (the order TensorFlow's Speech Commands tutorial uses)."""
+        head = [self.silence_label] if self.silence_label else []
+        if self.unknown_words:
+            head.append(self.unknown_label)
+        return [*head, *self.keywords]
+
+    def label_for_folder(self, folder: str) -> str | None:
+        """The class of a raw input by its parent folder; ``None`` means an unknown label."""
+        if folder in self.keywords:
+            return folder
+        if folder in self.unknown_words:
+            return self.unknown_label
+        if self.silence_label and folder in self.silence_folders:
+            return self.silence_label
+        return None
+
+
+class LogMelFeaturizer(_Strict):
+    kind: Literal["log_mel"] = "log_mel"
+    sample_rate: int = Field(16000, gt=0)
+    clip_seconds: float = Field(1.0, gt=0)
+    max_source_seconds: float = Field(2.0, gt=0)
+    frame_length: int = Field(480, gt=0)
+    frame_step: int = Field(160, gt=0)
+    fft_length: int = Field(512, gt=0)
+    num_mel_bins: int = Field(40, gt=0)
+    lower_edge_hz: float = Field(20.0, ge=0)
+    upper_edge_hz: float = Field(7600.0, gt=0)
+    log_offset: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LogMelFeaturizer:
+        if self.fft_length < self.frame_length:
+            raise ValueError(f"fft_length ({self.fft_length}) must be >= frame_length ({self.frame_length})")
+        if self.upper_edge_hz > self.sample_rate / 2:
+            raise ValueError(f"upper_edge_hz ({self.upper_edge_hz}) exceeds the Nyquist frequency {self.sample_rate / 2}")
+        if self.lower_edge_hz >= self.upper_edge_hz:
+            raise ValueError("lower_edge_hz must be below upper_edge_hz")
+        if self.max_source_seconds < self.clip_seconds:
+            raise ValueError("max_source_seconds must be >= clip_seconds")
+        return self
+
+
+class ImageFeaturizer(_Strict):
+    kind: Literal["image"] = "image"
+    height: int = Field(32, gt=0)
+    width: int = Field(32, gt=0)
+    channels: Literal[1, 3] = 1
+    max_source_pixels: int = Field(50_000_000, gt=0)
+
+
+class Splits(_Strict):
+    validation_percent: float = Field(10, ge=0, lt=100)
+    testing_percent: float = Field(10, ge=0, lt=100)
+
+    @model_validator(mode="after")
+    def _leave_training(self) -> Splits:
+        if self.validation_percent + self.testing_percent >= 100:
+            raise ValueError("validation_percent + testing_percent must leave room for training")
+        return self
+
+
+class Output(_Strict):
+    tfrecord_compression: Literal["GZIP", "NONE"] = "GZIP"
+    target_shard_mb: float = Field(16, gt=0)
+
+
+class Thresholds(_Strict):
+    max_reject_rate: float = Field(0.05, ge=0, le=1)
+
+
+class Gate(_Strict):
+    min_test_accuracy: float = Field(0.9, ge=0, le=1)
+    max_regression: float = Field(0.02, ge=0, le=1)
+
+
+class Model(_Strict):
+    name: StoreName
+    epochs: int = Field(12, gt=0)
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 1234
+    gate: Gate = Gate()
+
+
+class Retrain(_Strict):
+    every_days: int = Field(7, gt=0)
+    min_new_examples: int = Field(2000, ge=0)
+
+
+class Scoring(_Strict):
+    alias: StoreName = "production"
+    arrow_batch_size: int = Field(256, gt=0)
+    inference_batch_size: int = Field(128, gt=0)
+    top_k: int = Field(3, gt=0)
+
+
+class PipelineSpec(_Strict):
+    name: StoreName
+    schedule: str | None = "@daily"
+    start_date: dt.date
+    store_uri: str | None = None
+    inputs: Annotated[AudioInputs | ImageInputs, Field(discriminator="kind")]
+    labels: Labels
+    featurizer: Annotated[LogMelFeaturizer | ImageFeaturizer, Field(discriminator="kind")]
+    splits: Splits = Splits()
+    output: Output = Output()
+    thresholds: Thresholds = Thresholds()
+    model: Model
+    retrain: Retrain = Retrain()
+    scoring: Scoring = Scoring()
+
+    @field_validator("store_uri")
+    @classmethod
+    def _store_uri_ok(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("file:///", "s3://")):
+            raise ValueError(f"{value!r} must be a file:///absolute/path or s3://bucket/prefix URI")
+        return value
+
+    @model_validator(mode="after")
+    def _kinds_match(self) -> PipelineSpec:
+        expected = {"audio": "log_mel", "image": "image"}[self.inputs.kind]
+        if self.featurizer.kind != expected:
+            raise ValueError(f"inputs.kind {self.inputs.kind!r} needs featurizer.kind {expected!r}, not {self.featurizer.kind!r}")
+        return self
+
+    def resolve_store_uri(self, override: str | None = None) -> str:
+        """``override`` (a CLI flag), else ``$TWOCLUSTER_STORE_URI``, else the spec's ``store_uri``."""
+        uri = override or os.environ.get(STORE_URI_ENV) or self.store_uri
+        if not uri:
+            raise SpecError(f"no store URI for pipeline {self.name!r}: pass --store, set {STORE_URI_ENV} or set store_uri in the spec")
+        return uri
+
+
+def _format_errors(error: ValidationError, data: Any) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = ""
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), dict):
+            got = f" (got {err.get('input')!r})"
+        lines.append(f"  {loc or '(top level)'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_pipeline_spec(data: Any, source: str = "<spec>") -> PipelineSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a pipeline spec must be a mapping, got {type(data).__name__}")
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: invalid pipeline spec:\n{_format_errors(e, data)}") from None
+
+
+def load_pipeline_spec(path: str | os.PathLike[str]) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the pipeline spec: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    return parse_pipeline_spec(data, str(path))
+
+
+def default_spec_path(pipeline: str = "speech_commands") -> Path:
+    """The spec shipped in the repository's ``pipelines/`` folder."""
+    return Path(__file__).resolve().parents[2] / "pipelines" / f"{layout.check_name(pipeline, 'pipeline')}.yaml"

@@ -1,0 +1,411 @@
+"""The object store every stage reads and writes through: ``file://`` folders and ``s3://`` buckets.
+
+An :class:`ObjectStore` is rooted at a URI; callers address objects by ``/``-separated keys relative
+to that root, so the storage layout (:mod:`twocluster.layout`) never deals with URI schemes.
+Bulk IO goes through ``pyarrow.fs``; S3-only features that pyarrow lacks (conditional PUT for
+create-only commits) go through boto3.
+
+Credentials are never in code: S3 settings come from the standard AWS environment variables
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``) or from an Airflow connection (:meth:`S3Settings.from_airflow_connection`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+CHECKSUM_ALGORITHM = "sha256"
+_COPY_CHUNK_BYTES = 8 << 20
+
+
+class StorageError(Exception):
+    """An object-store operation failed; the message names the URI."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach an S3-compatible server. ``None`` fields fall back to the AWS SDK defaults."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> S3Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+    @classmethod
+    def from_airflow_connection(cls, connection: Any) -> S3Settings:
+        """From an Airflow ``aws`` connection: login/password are the keys; the extra may hold
+        ``endpoint_url`` and ``region_name`` (the Amazon provider's field names)."""
+        extra = connection.extra_dejson or {}
+        return cls(
+            endpoint_url=extra.get("endpoint_url") or connection.host or None,
+            region=extra.get("region_name") or None,
+            access_key=connection.login or None,
+            secret_key=connection.password or None,
+            session_token=extra.get("aws_session_token") or None,
+        )
+
+    def as_env(self) -> dict[str, str]:
+        """The environment variables that reproduce these settings in another process
+        (a Spark executor, the trainer container)."""
+        pairs = {
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+        }
+        return {k: v for k, v in pairs.items() if v}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store root
+    size: int
+
+
+def _prepare_s3_sdk_environment(settings: S3Settings) -> None:
+    # Newer AWS SDKs add request checksums that many S3-compatible servers reject (Ceph RGW
+    # answers HTTP 411 to UploadPart). "when_required" is the SDKs' previous behaviour and is
+    # correct for AWS too. It must be set before the SDK initialises, hence here.
+    if settings.endpoint_url:
+        os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
+        os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
+
+
+def _checksum_hasher() -> hashlib._Hash:
+    return hashlib.new(CHECKSUM_ALGORITHM)
+
+
+def format_checksum(hasher: hashlib._Hash) -> str:
+    return f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
+
+
+def checksum_bytes(data: bytes) -> str:
+    hasher = _checksum_hasher()
+    hasher.update(data)
+    return format_checksum(hasher)
+
+
+def checksum_local_file(path: str | os.PathLike[str]) -> str:
+    hasher = _checksum_hasher()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_COPY_CHUNK_BYTES), b""):
+            hasher.update(chunk)
+    return format_checksum(hasher)
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with ``/``, ignoring empty parts."""
+    return posixpath.join(*[p.strip("/") for p in parts if p and p.strip("/")]) if any(parts) else ""
+
+
+class ObjectStore:
+    """A ``file://`` or ``s3://`` root with key-addressed read, write, list, copy and
+    create-only writes."""
+
+    def __init__(self, root_uri: str, s3_settings: S3Settings | None = None):
+        parsed = urlparse(root_uri)
+        self.scheme = parsed.scheme or "file"
+        if self.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise StorageError(f"{root_uri!r}: file URIs must be absolute (file:///path)")
+            root_path = os.path.abspath(parsed.path or "/")
+            self._base = root_path.rstrip("/") or "/"
+            self.root_uri = "file://" + self._base
+            self.s3_settings = None
+        elif self.scheme == "s3":
+            if not parsed.netloc:
+                raise StorageError(f"{root_uri!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
+            self.bucket = parsed.netloc
+            self._prefix = parsed.path.strip("/")
+            self._base = join_key(self.bucket, self._prefix)
+            self.root_uri = "s3://" + self._base
+            self.s3_settings = s3_settings or S3Settings.from_env()
+            _prepare_s3_sdk_environment(self.s3_settings)
+        else:
+            raise StorageError(f"{root_uri!r}: unsupported scheme {self.scheme!r} (use file:// or s3://)")
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.root_uri!r})"
+
+    def __reduce__(self):  # picklable for Spark executors: rebuild the clients on the other side
+        return (ObjectStore, (self.root_uri, self.s3_settings))
+
+    # -- clients -----------------------------------------------------------------------------
+
+    @cached_property
+    def fs(self) -> pafs.FileSystem:
+        if self.scheme == "file":
+            return pafs.LocalFileSystem()
+        s = self.s3_settings
+        kwargs: dict[str, Any] = {}
+        if s.endpoint_url:
+            endpoint = urlparse(s.endpoint_url)
+            kwargs["endpoint_override"] = endpoint.netloc or s.endpoint_url
+            kwargs["scheme"] = endpoint.scheme or "https"
+        if s.access_key:
+            kwargs.update(access_key=s.access_key, secret_key=s.secret_key, session_token=s.session_token)
+        return pafs.S3FileSystem(region=s.region or "us-east-1", **kwargs)
+
+    @cached_property
+    def _s3_client(self):
+        import boto3  # only the S3 path needs it
+
+        s = self.s3_settings
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=s.endpoint_url,
+            region_name=s.region or "us-east-1",
+            aws_access_key_id=s.access_key,
+            aws_secret_access_key=s.secret_key,
+            aws_session_token=s.session_token,
+        )
+
+    # -- addressing --------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        if any(part in ("..", ".") for part in key.split("/")):
+            raise StorageError(f"{key!r}: keys may not contain '.' or '..' segments")
+        return join_key(self._base, key) if self.scheme == "s3" else os.path.join(self._base, key)
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.scheme}://{self._path(key)}" if key else self.root_uri
+
+    def local_path(self, key: str = "") -> Path | None:
+        """The local filesystem path of a key, for ``file://`` stores only (else ``None``)."""
+        return Path(self._path(key)) if self.scheme == "file" else None
+
+    def child(self, key: str) -> ObjectStore:
+        """A store rooted at ``key`` under this one (shares credentials)."""
+        return ObjectStore(self.uri(key), self.s3_settings)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self._path(key)) as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from e
+        except OSError as e:
+            raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
+
+    def size(self, key: str) -> int:
+        info = self.fs.get_file_info(self._path(key))
+        if info.type != pafs.FileType.File:
+            raise ObjectNotFound(f"{self.uri(key)}: no such object")
+        return info.size
+
+    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = ()) -> list[ObjectInfo]:
+        """Objects (not folders) under ``prefix``, sorted by key. ``suffixes`` filters by
+        case-insensitive name ending (e.g. ``(".wav",)``)."""
+        wanted = tuple(s.lower() for s in suffixes)
+        base = self._path(prefix)
+        selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as e:
+            raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+        root_len = len(self._base.rstrip("/")) + 1
+        found = [
+            ObjectInfo(key=info.path[root_len:], size=info.size)
+            for info in infos
+            if info.type == pafs.FileType.File and (not wanted or info.path.lower().endswith(wanted))
+        ]
+        return sorted(found, key=lambda o: o.key)
+
+    def list_folders(self, prefix: str = "") -> list[str]:
+        """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3)."""
+        base = self._path(prefix)
+        selector = pafs.FileSelector(base, recursive=False, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` exist, in one batched call."""
+        keys = list(keys)
+        if not keys:
+            return set()
+        infos = self.fs.get_file_info([self._path(k) for k in keys])
+        return {k for k, info in zip(keys, infos, strict=True) if info.type == pafs.FileType.File}
+
+    def checksum(self, key: str) -> str:
+        hasher = _checksum_hasher()
+        try:
+            with self.fs.open_input_stream(self._path(key)) as f:
+                while chunk := f.read(_COPY_CHUNK_BYTES):
+                    hasher.update(chunk)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from e
+        return format_checksum(hasher)
+
+    def download_file(self, key: str, local_path: str | os.PathLike[str]) -> str:
+        """Copy an object to a local file (atomically: a temp file renamed into place);
+        returns its checksum."""
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        hasher = _checksum_hasher()
+        tmp = local_path.with_name(f".{local_path.name}.{uuid.uuid4().hex}.part")
+        try:
+            with self.fs.open_input_stream(self._path(key)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_COPY_CHUNK_BYTES):
+                    hasher.update(chunk)
+                    dst.write(chunk)
+            os.replace(tmp, local_path)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        return format_checksum(hasher)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Write (or overwrite) an object; returns its checksum."""
+        path = self._path(key)
+        if self.scheme == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
+        return checksum_bytes(data)
+
+    def upload_file(self, local_path: str | os.PathLike[str], key: str) -> str:
+        """Copy a local file to an object; returns its checksum."""
+        path = self._path(key)
+        hasher = _checksum_hasher()
+        if self.scheme == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(local_path, "rb") as src, self.fs.open_output_stream(path) as dst:
+            while chunk := src.read(_COPY_CHUNK_BYTES):
+                hasher.update(chunk)
+                dst.write(chunk)
+        return format_checksum(hasher)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create-only write: ``True`` if this call created the object, ``False`` if it existed.
+
+        The object appears whole or not at all. S3: a conditional PUT (``If-None-Match: *``).
+        Local: the content is written to a temp file and hard-linked into place, which fails
+        atomically if the name exists.
+        """
+        if self.scheme == "s3":
+            from botocore.exceptions import ClientError
+
+            try:
+                self._s3_client.put_object(
+                    Bucket=self.bucket, Key=join_key(self._prefix, key), Body=data, IfNoneMatch="*"
+                )
+                return True
+            except ClientError as e:
+                # 412: the object exists. 409: a concurrent conditional PUT of the same key won.
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise StorageError(f"{self.uri(key)}: create-only write failed: {e}") from e
+        path = self._path(key)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".create-only-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        dst = self._path(dst_key)
+        if self.scheme == "file":
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            self.fs.copy_file(self._path(src_key), dst)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.uri(src_key)}: no such object") from e
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.delete_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything under ``prefix`` (used to clean up an uncommitted attempt)."""
+        if not prefix.strip("/"):
+            raise StorageError("refusing to delete the whole store")
+        path = self._path(prefix)
+        if self.scheme == "file":
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        try:
+            self.fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+
+    def upload_many(self, pairs: Iterable[tuple[str | os.PathLike[str], str]], max_workers: int = 8) -> dict[str, str]:
+        """Upload ``(local_path, key)`` pairs in parallel; returns ``{key: checksum}``."""
+        pairs = list(pairs)
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            sums = pool.map(lambda p: self.upload_file(p[0], p[1]), pairs)
+            return {key: s for (_, key), s in zip(pairs, sums, strict=True)}
+
+    def download_many(self, pairs: Iterable[tuple[str, str | os.PathLike[str]]], max_workers: int = 8) -> Iterator[tuple[str, str]]:
+        """Download ``(key, local_path)`` pairs in parallel; yields ``(key, checksum)``."""
+        pairs = list(pairs)
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            yield from zip(
+                (k for k, _ in pairs), pool.map(lambda p: self.download_file(p[0], p[1]), pairs), strict=True
+            )
+
+
+def open_store(uri: str, s3_settings: S3Settings | None = None) -> ObjectStore:
+    return ObjectStore(uri, s3_settings)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split an object URI into (parent folder URI, object name)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if not name or "://" not in parent + "/":
+        raise StorageError(f"{uri!r} is not an object URI")
+    return parent, name

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real S3 server (Ceph RGW on 127.0.0.1) and stores on both backends."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from twocluster.devtools.local_s3 import LocalRGW
+from twocluster.spec import PipelineSpec, default_spec_path, load_pipeline_spec
+from twocluster.storage import ObjectStore
+
+TEST_BUCKET = "twocluster-tests"
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory):
+    """One Ceph RGW for the whole session, stopped at the end. Not skipped when Ceph is
+    missing: `make test` installs it, and a silently skipped S3 suite would hide breakage."""
+    with LocalRGW(tmp_path_factory.mktemp("rgw")) as server:
+        server.create_bucket(TEST_BUCKET)
+        yield server
+
+
+@pytest.fixture
+def s3_store(rgw: LocalRGW) -> ObjectStore:
+    """A fresh prefix in the test bucket."""
+    return ObjectStore(f"s3://{TEST_BUCKET}/{uuid.uuid4().hex}", rgw.s3_settings)
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> ObjectStore:
+    return ObjectStore((tmp_path / "store").as_uri())
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest) -> ObjectStore:
+    """Each test using this runs once on a local folder and once on the RGW S3 server."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture(scope="session")
+def speech_spec() -> PipelineSpec:
+    return load_pipeline_spec(default_spec_path("speech_commands"))

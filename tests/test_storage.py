@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from twocluster.storage import (
+    ObjectNotFound,
+    ObjectStore,
+    S3Settings,
+    StorageError,
+    checksum_bytes,
+    checksum_local_file,
+)
+
+
+def test_write_read_list_and_checksums(store: ObjectStore):
+    store.write_bytes("raw/a/one.wav", b"1" * 10)
+    store.write_bytes("raw/a/two.WAV", b"2" * 20)
+    store.write_bytes("raw/b/notes.txt", b"text")
+
+    assert store.read_bytes("raw/a/one.wav") == b"1" * 10
+    assert [(o.key, o.size) for o in store.list("raw")] == [
+        ("raw/a/one.wav", 10), ("raw/a/two.WAV", 20), ("raw/b/notes.txt", 4)
+    ]
+    assert [o.key for o in store.list("raw", suffixes=(".wav",))] == ["raw/a/one.wav", "raw/a/two.WAV"]
+    assert [o.key for o in store.list("raw", recursive=False)] == []
+    assert store.list_folders("raw") == ["a", "b"]
+    assert store.list("nothing/here") == []
+    assert store.existing(["raw/a/one.wav", "raw/a/missing.wav"]) == {"raw/a/one.wav"}
+    assert store.checksum("raw/a/one.wav") == checksum_bytes(b"1" * 10)
+
+
+def test_missing_object_error_names_the_uri(store: ObjectStore):
+    with pytest.raises(ObjectNotFound, match="no/such.bin"):
+        store.read_bytes("no/such.bin")
+
+
+def test_upload_download_copy_delete(store: ObjectStore, tmp_path):
+    src = tmp_path / "big.bin"
+    src.write_bytes(bytes(range(256)) * 40_000)  # ~10 MB: more than one copy chunk
+    assert store.upload_file(src, "x/big.bin") == checksum_local_file(src)
+    store.copy("x/big.bin", "y/big-copy.bin")
+    dst = tmp_path / "out" / "big.bin"
+    assert store.download_file("y/big-copy.bin", dst) == checksum_local_file(src)
+    assert dst.read_bytes() == src.read_bytes()
+    assert not list(dst.parent.glob(".*.part")), "download leaves no temp files behind"
+
+    store.delete_prefix("x")
+    assert store.list("x") == []
+    with pytest.raises(StorageError, match="whole store"):
+        store.delete_prefix("")
+
+
+def test_parallel_upload_and_download(store: ObjectStore, tmp_path):
+    files = []
+    for i in range(12):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(bytes([i]) * (1000 + i))
+        files.append((p, f"shards/f{i}.bin"))
+    sums = store.upload_many(files, max_workers=4)
+    got = dict(store.download_many([(k, tmp_path / "dl" / k) for _, k in files], max_workers=4))
+    assert got == sums
+    assert len(sums) == 12
+
+
+def test_create_only_write_concurrent_writers_one_wins(store: ObjectStore):
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results[i] = store.put_if_absent("commit/_MANIFEST.json", f"writer-{i}".encode())
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1
+    assert store.read_bytes("commit/_MANIFEST.json") == f"writer-{winners[0]}".encode()
+    # The loser's content never appears, even partially, and no temp files are left.
+    assert [o.key for o in store.list("commit")] == ["commit/_MANIFEST.json"]
+
+
+def test_keys_cannot_escape_the_root(store: ObjectStore):
+    for bad in ("../outside.txt", "a/../../b", "a/./b"):
+        with pytest.raises(StorageError, match="'..'"):
+            store.write_bytes(bad, b"x")
+
+
+def test_bad_uris_are_named():
+    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+        ObjectStore("gs://bucket/x")
+    with pytest.raises(StorageError, match="needs a bucket"):
+        ObjectStore("s3:///x")
+    with pytest.raises(StorageError, match="absolute"):
+        ObjectStore("file://relative/path")
+
+
+def test_child_store_and_pickling(store: ObjectStore):
+    import pickle
+
+    child = store.child("models/m")
+    child.write_bytes("w.bin", b"w")
+    assert store.read_bytes("models/m/w.bin") == b"w"
+    clone = pickle.loads(pickle.dumps(child))  # Spark ships stores to executors
+    assert clone.uri("w.bin") == child.uri("w.bin")
+    assert clone.read_bytes("w.bin") == b"w"
+
+
+def test_s3_settings_from_env_and_connection():
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": "sk", "AWS_REGION": "eu-west-1"}
+    s = S3Settings.from_env(env)
+    assert (s.endpoint_url, s.access_key, s.secret_key, s.region) == ("http://127.0.0.1:9", "ak", "sk", "eu-west-1")
+    assert S3Settings.from_env({**env, "AWS_ENDPOINT_URL_S3": "http://s3.local"}).endpoint_url == "http://s3.local"
+    assert s.as_env()["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
+
+    from airflow.sdk import Connection
+
+    # The form an AIRFLOW_CONN_OBJECT_STORE variable takes.
+    conn = Connection.from_json(
+        '{"conn_type": "aws", "login": "ak2", "password": "sk2", '
+        '"extra": {"endpoint_url": "http://rgw:7480", "region_name": "us-east-1"}}',
+        conn_id="object_store",
+    )
+    c = S3Settings.from_airflow_connection(conn)
+    assert (c.endpoint_url, c.access_key, c.secret_key, c.region) == ("http://rgw:7480", "ak2", "sk2", "us-east-1")
