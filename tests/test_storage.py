@@ -127,3 +127,16 @@ def test_s3_settings_from_env_and_connection():
     )
     c = S3Settings.from_airflow_connection(conn)
     assert (c.endpoint_url, c.access_key, c.secret_key, c.region) == ("http://rgw:7480", "ak2", "sk2", "us-east-1")
+
+
+@pytest.mark.parametrize("name", ["shard.tfrecord.gz", "part.zst", "x.bz2"])
+def test_bytes_are_stored_exactly_whatever_the_extension(store: ObjectStore, tmp_path, name):
+    # pyarrow's streams would (de)compress by file extension unless told not to.
+    data = b"\x1f\x8b not really gzip " * 100
+    store.write_bytes(f"c/{name}", data)
+    assert store.size(f"c/{name}") == len(data)
+    assert store.read_bytes(f"c/{name}") == data
+    assert store.download_file(f"c/{name}", tmp_path / name) == checksum_bytes(data)
+    (tmp_path / "up").write_bytes(data)
+    store.upload_file(tmp_path / "up", f"d/{name}")
+    assert store.read_bytes(f"d/{name}") == data

@@ -91,6 +91,7 @@ class S3Settings:
 class ObjectInfo:
     key: str  # relative to the store root
     size: int
+    mtime_ns: int | None = None  # last modification (S3: LastModified)
 
 
 def _prepare_s3_sdk_environment(settings: S3Settings) -> None:
@@ -199,6 +200,14 @@ class ObjectStore:
             raise StorageError(f"{key!r}: keys may not contain '.' or '..' segments")
         return join_key(self._base, key) if self.scheme == "s3" else os.path.join(self._base, key)
 
+    # pyarrow's streams default to compression="detect", which would silently (de)compress any
+    # key ending in .gz, .zst, ... The store moves bytes exactly as given.
+    def _open_input(self, key: str):
+        return self.fs.open_input_stream(self._path(key), compression=None)
+
+    def _open_output(self, path: str):
+        return self.fs.open_output_stream(path, compression=None)
+
     def uri(self, key: str = "") -> str:
         return f"{self.scheme}://{self._path(key)}" if key else self.root_uri
 
@@ -214,7 +223,7 @@ class ObjectStore:
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            with self.fs.open_input_stream(self._path(key)) as f:
+            with self._open_input(key) as f:
                 return f.read()
         except FileNotFoundError as e:
             raise ObjectNotFound(f"{self.uri(key)}: no such object") from e
@@ -242,7 +251,7 @@ class ObjectStore:
             raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
         root_len = len(self._base.rstrip("/")) + 1
         found = [
-            ObjectInfo(key=info.path[root_len:], size=info.size)
+            ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
             for info in infos
             if info.type == pafs.FileType.File and (not wanted or info.path.lower().endswith(wanted))
         ]
@@ -266,7 +275,7 @@ class ObjectStore:
     def checksum(self, key: str) -> str:
         hasher = _checksum_hasher()
         try:
-            with self.fs.open_input_stream(self._path(key)) as f:
+            with self._open_input(key) as f:
                 while chunk := f.read(_COPY_CHUNK_BYTES):
                     hasher.update(chunk)
         except FileNotFoundError as e:
@@ -281,7 +290,7 @@ class ObjectStore:
         hasher = _checksum_hasher()
         tmp = local_path.with_name(f".{local_path.name}.{uuid.uuid4().hex}.part")
         try:
-            with self.fs.open_input_stream(self._path(key)) as src, open(tmp, "wb") as dst:
+            with self._open_input(key) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(_COPY_CHUNK_BYTES):
                     hasher.update(chunk)
                     dst.write(chunk)
@@ -300,7 +309,7 @@ class ObjectStore:
         if self.scheme == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            with self.fs.open_output_stream(path) as f:
+            with self._open_output(path) as f:
                 f.write(data)
         except OSError as e:
             raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
@@ -312,7 +321,7 @@ class ObjectStore:
         hasher = _checksum_hasher()
         if self.scheme == "file":
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(local_path, "rb") as src, self.fs.open_output_stream(path) as dst:
+        with open(local_path, "rb") as src, self._open_output(path) as dst:
             while chunk := src.read(_COPY_CHUNK_BYTES):
                 hasher.update(chunk)
                 dst.write(chunk)

@@ -1,0 +1,52 @@
+"""spark-submit entry point: preprocess one date's raw arrivals into a committed dataset.
+
+    spark-submit --master local[2] spark_jobs/preprocess.py \
+        --spec pipelines/speech_commands.yaml --date 2026-11-20 --store file:///data/store
+
+Prints one JSON line with the outcome (version, counts, manifest URI) for the caller (Airflow
+pushes it to XCom). Exit code 0: committed or unchanged; 1: rejected (reject rate above the
+threshold, bad arguments); the message says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+
+from twocluster.layout import LayoutError, check_date
+from twocluster.preprocess import PreprocessError, run_preprocess
+from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
+from twocluster.sparkutil import get_spark
+from twocluster.storage import ObjectStore, StorageError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="pipeline spec YAML")
+    parser.add_argument("--date", required=True, type=check_date, help="the date to process (YYYY-MM-DD)")
+    parser.add_argument("--store", default=None, help=f"store URI (default: ${STORE_URI_ENV}, then the spec's store_uri)")
+    parser.add_argument("--run-id", default=None, help="recorded in the manifest's lineage (default: a new id)")
+    parser.add_argument("--max-reject-rate", type=float, default=None, help="override the spec's thresholds.max_reject_rate")
+    parser.add_argument("--master", default=None, help="Spark master when not run by spark-submit (e.g. local[2])")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        spec = load_pipeline_spec(args.spec)
+        store = ObjectStore(spec.resolve_store_uri(args.store))
+        spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
+        result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate)
+    except (SpecError, LayoutError, StorageError, PreprocessError) as e:
+        print(f"preprocess failed: {e}", file=sys.stderr)
+        return 1
+    print(result.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

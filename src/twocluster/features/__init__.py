@@ -1,0 +1,88 @@
+"""Featurizers: one module per input kind, shared by preprocessing and scoring (no training /
+serving skew). Importable without Spark or TensorFlow.
+
+Every featurizer turns a batch of raw byte strings into a float32 array plus, for each input, a
+reject reason (``None`` if it was featurized). Reasons are short stable codes that end up in the
+rejects table and in the manifest's ``counts.rejected_by_reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from twocluster.spec import ImageFeaturizer as ImageFeaturizerSpec
+from twocluster.spec import LogMelFeaturizer as LogMelFeaturizerSpec
+
+# Reject reasons shared by every featurizer.
+EMPTY = "empty"
+UNDECODABLE = "undecodable"
+UNKNOWN_LABEL = "unknown_label"
+
+
+class FeaturizeError(ValueError):
+    """One input cannot be featurized; ``reason`` is the reject code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class FeaturizedBatch:
+    features: np.ndarray  # [n, *shape] float32; rows of rejected inputs are zeros
+    reasons: list[str | None]  # None = accepted
+    details: list[str]  # human-readable detail for rejects ("" for accepted)
+
+
+class Featurizer:
+    """Base class. Subclasses decode one input at a time (each may fail its own way) and then
+    transform the decoded batch at once (vectorised)."""
+
+    feature_name: str
+    shape: tuple[int, ...]  # of one featurized input
+    decoded_shape: tuple[int, ...]  # of one decoded input
+
+    def decode(self, data: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def transform(self, decoded: np.ndarray) -> np.ndarray:
+        """[n, *decoded_shape] -> [n, *shape]."""
+        return decoded
+
+    def feature_spec(self) -> dict:
+        raise NotImplementedError
+
+    def featurize_one(self, data: bytes) -> np.ndarray:
+        return self.transform(self.decode(data)[None, ...])[0]
+
+    def featurize_many(self, blobs: Sequence[bytes | None]) -> FeaturizedBatch:
+        decoded = np.zeros((len(blobs), *self.decoded_shape), dtype=np.float32)
+        reasons: list[str | None] = []
+        details: list[str] = []
+        for i, data in enumerate(blobs):
+            try:
+                if not data:
+                    raise FeaturizeError(EMPTY, "zero bytes")
+                decoded[i] = self.decode(bytes(data))
+                reasons.append(None)
+                details.append("")
+            except FeaturizeError as e:
+                reasons.append(e.reason)
+                details.append(e.detail)
+        return FeaturizedBatch(self.transform(decoded), reasons, details)
+
+
+def featurizer_for(spec: LogMelFeaturizerSpec | ImageFeaturizerSpec) -> Featurizer:
+    if spec.kind == "log_mel":
+        from twocluster.features.audio import LogMelFeaturizer
+
+        return LogMelFeaturizer(spec)
+    if spec.kind == "image":
+        from twocluster.features.image import ImageFeaturizer
+
+        return ImageFeaturizer(spec)
+    raise ValueError(f"no featurizer for kind {spec.kind!r}")

@@ -1,0 +1,373 @@
+"""The Spark preprocessing job: one date's raw arrivals -> a committed, versioned dataset.
+
+    list (driver) -> fetch + featurize (pandas UDF on executors) -> split -> write shards
+    (mapInArrow on executors: TFRecords + Parquet) -> rejects -> manifest (driver, last)
+
+Object-store IO runs in Python on the executors through :mod:`twocluster.storage`, so the same
+code path serves ``file://`` and ``s3://`` (Spark's S3A connector is not needed). The transforms
+are functions of (DataFrame, spec); :func:`run_preprocess` wires them and is what the
+``spark_jobs/preprocess.py`` entry point calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import io
+import json
+import logging
+import math
+import posixpath
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from twocluster import layout, splits
+from twocluster.features import UNKNOWN_LABEL, Featurizer, featurizer_for
+from twocluster.manifest import Counts, Lineage, Manifest, ManifestFile, commit_manifest, resolve_latest
+from twocluster.spec import PipelineSpec
+from twocluster.storage import ObjectStore, StorageError
+from twocluster.tfrecord import encode_example, tfrecord_bytes
+from twocluster.version import code_version
+
+log = logging.getLogger(__name__)
+
+UNREADABLE = "unreadable"  # listed, but could not be fetched
+_FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
+
+INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split"]
+FEATURIZED_SCHEMA = "features array<float>, reason string, detail string"
+WRITTEN_SCHEMA = "kind string, split string, path string, bytes long, checksum string, rows long"
+
+
+class PreprocessError(RuntimeError):
+    pass
+
+
+class RejectRateExceeded(PreprocessError):
+    pass
+
+
+@dataclass
+class PreprocessResult:
+    status: str  # committed | unchanged
+    pipeline: str
+    date: str
+    version: str
+    manifest_uri: str
+    counts: dict
+    ignored: int = 0
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> tuple[pd.DataFrame, int, str]:
+    """List one date's raw inputs on the driver (one recursive listing, no data read).
+
+    Returns (inputs, number of files ignored by the spec's patterns, input fingerprint). Each
+    input gets its label from its parent folder (``None`` for an unknown folder), its source id
+    and its split."""
+    prefix = layout.raw_date_prefix(spec.name, date)
+    patterns = [p.lower() for p in spec.inputs.patterns]
+    rows, ignored, fingerprint = [], 0, hashlib.sha256()
+    vocabulary = {label: i for i, label in enumerate(spec.labels.vocabulary)}
+    for obj in store.list(prefix):
+        rel = obj.key[len(prefix) + 1 :]
+        name = posixpath.basename(rel)
+        if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
+            ignored += 1
+            continue
+        folder = posixpath.basename(posixpath.dirname(rel))
+        label = spec.labels.label_for_folder(folder)
+        rows.append(
+            {
+                "key": obj.key,
+                "path": rel,
+                "size": obj.size,
+                "folder": folder,
+                "label": label,
+                "label_id": vocabulary[label] if label is not None else -1,
+                "source_id": splits.source_id(rel),
+                "split": splits.split_for_path(rel, spec.splits.validation_percent, spec.splits.testing_percent),
+            }
+        )
+        fingerprint.update(f"{rel}\0{obj.size}\0{obj.mtime_ns}\n".encode())
+    # What the output depends on besides the files: every spec section the job reads, and the code.
+    for part in (spec.inputs, spec.labels, spec.featurizer, spec.splits, spec.output):
+        fingerprint.update(part.model_dump_json().encode())
+    fingerprint.update(code_version().encode())
+    inputs = pd.DataFrame(rows, columns=INPUT_COLUMNS).astype({"size": "int64", "label_id": "int32"})
+    return inputs, ignored, "sha256:" + fingerprint.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _worker_featurizer(featurizer_spec_json: str, kind: str) -> Featurizer:
+    """One featurizer per Python worker and spec (workers are reused across tasks)."""
+    from twocluster.spec import ImageFeaturizer, LogMelFeaturizer
+
+    model = {"log_mel": LogMelFeaturizer, "image": ImageFeaturizer}[kind]
+    return featurizer_for(model.model_validate_json(featurizer_spec_json))
+
+
+def featurize(inputs, spec: PipelineSpec, store: ObjectStore):
+    """Add ``features`` (flattened float32), ``reason`` and ``detail`` to an inputs DataFrame.
+
+    A scalar-iterator pandas UDF: the featurizer and the store client are set up once per task
+    (the featurizer once per worker), each Arrow batch's objects are fetched concurrently, and
+    the batch is featurized in one vectorised call. Inputs that cannot be used get a reason."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
+    root_uri, s3_settings = store.root_uri, store.s3_settings
+
+    @pandas_udf(FEATURIZED_SCHEMA)
+    def featurize_udf(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        featurizer = _worker_featurizer(featurizer_json, kind)
+        worker_store = ObjectStore(root_uri, s3_settings)
+
+        def fetch(key: str) -> bytes | StorageError:
+            try:
+                return worker_store.read_bytes(key)
+            except StorageError as e:
+                return e
+
+        with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+            for keys, labels, folders in batches:
+                known = labels.notna().to_numpy()
+                fetched = list(pool.map(fetch, keys[known]))
+                blobs = [b if isinstance(b, bytes) else None for b in fetched]
+                batch = featurizer.featurize_many(blobs)
+                features = [None] * len(keys)
+                reasons: list[str | None] = [None] * len(keys)
+                details = [""] * len(keys)
+                for j, i in enumerate(np.flatnonzero(known)):
+                    if isinstance(fetched[j], StorageError):
+                        reasons[i], details[i] = UNREADABLE, str(fetched[j])
+                    elif batch.reasons[j] is not None:
+                        reasons[i], details[i] = batch.reasons[j], batch.details[j]
+                    else:
+                        features[i] = batch.features[j].reshape(-1)
+                for i in np.flatnonzero(~known):
+                    reasons[i] = UNKNOWN_LABEL
+                    details[i] = f"folder {folders.iloc[i]!r} is not a keyword, an unknown word or a silence folder"
+                yield pd.DataFrame({"features": features, "reason": reasons, "detail": details})
+
+    return inputs.withColumn("_f", featurize_udf("key", "label", "folder")).select(
+        *inputs.columns, F.col("_f.features"), F.col("_f.reason"), F.col("_f.detail")
+    )
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def shards_per_split(rows_per_split: dict[str, int], bytes_per_row: int, target_shard_mb: float) -> dict[str, int]:
+    """Enough shards per split that each is about ``target_shard_mb`` (TF's guidance: files of
+    10 MB+ read efficiently; one small shard when there is little data)."""
+    target = target_shard_mb * 1e6
+    return {s: max(1, math.ceil(n * bytes_per_row / target)) for s, n in rows_per_split.items() if n}
+
+
+def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefix: str, feature_name: str,
+                 feature_shape: tuple[int, ...], shard_counts: dict[str, int]) -> list[ManifestFile]:
+    """Write accepted rows as TFRecord and Parquet shards, in parallel on the executors.
+
+    Rows are hashed into ``shard_counts[split]`` shards per split and repartitioned so that each
+    shard sits in one task; the task writes it with one object-store PUT per file and reports
+    (path, bytes, checksum, rows) back, so the manifest lists exactly the files of this attempt
+    (a retried task's stray files are never listed)."""
+    from pyspark.sql import functions as F
+
+    if not shard_counts:
+        return []
+    shard_of_split = F.create_map(*[x for s, n in sorted(shard_counts.items()) for x in (F.lit(s), F.lit(n))])
+    keyed = accepted.withColumn("shard", F.pmod(F.xxhash64("key"), F.element_at(shard_of_split, F.col("split"))).cast("int"))
+    compression = spec.output.tfrecord_compression
+    root_uri, s3_settings = store.root_uri, store.s3_settings
+    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+
+    def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        batch_list = list(batches)
+        table = pa.Table.from_batches(batch_list) if batch_list else None
+        if table is None or table.num_rows == 0:
+            return
+        worker_store = ObjectStore(root_uri, s3_settings)
+        attempt = uuid.uuid4().hex[:8]
+        written = []
+        groups = table.group_by(["split", "shard"]).aggregate([]).to_pylist()
+        for group in groups:
+            split, shard = group["split"], group["shard"]
+            mask = pa.compute.and_(pa.compute.equal(table["split"], split), pa.compute.equal(table["shard"], shard))
+            part = table.filter(mask).sort_by("key")
+            features = part["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(part.num_rows, *feature_shape)
+            records = [
+                encode_example({feature_name: f, "label": lbl, "label_id": np.int64(lid), "source_id": src, "path": p})
+                for f, lbl, lid, src, p in zip(
+                    features, part["label"].to_pylist(), part["label_id"].to_pylist(),
+                    part["source_id"].to_pylist(), part["path"].to_pylist(), strict=True,
+                )
+            ]
+            rel = f"tfrecords/{split}/part-{shard:05d}-{attempt}{suffix}"
+            data = tfrecord_bytes(records, compression)
+
+            written.append(("tfrecord", split, rel, len(data), worker_store.write_bytes(f"{version_prefix}/{rel}", data), part.num_rows))
+
+            buf = io.BytesIO()
+            pq.write_table(part.drop_columns(["split", "shard", "key"]), buf, compression="zstd")
+            rel = f"parquet/split={split}/part-{shard:05d}-{attempt}.parquet"
+            data = buf.getvalue()
+            written.append(("parquet", split, rel, len(data), worker_store.write_bytes(f"{version_prefix}/{rel}", data), part.num_rows))
+        yield pa.RecordBatch.from_pylist(
+            [dict(zip(["kind", "split", "path", "bytes", "checksum", "rows"], w, strict=True)) for w in written]
+        )
+
+    total = sum(shard_counts.values())
+    result = keyed.repartition(total, "split", "shard").mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
+    return [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in result]
+
+
+def write_rejects(rejects: pd.DataFrame, store: ObjectStore, version_prefix: str) -> ManifestFile:
+    """The rejects report: every input that could not be used, with its path and reason."""
+    table = pa.Table.from_pandas(rejects[["path", "folder", "size", "reason", "detail"]].reset_index(drop=True), preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    rel = "rejects/rejects.parquet"
+    data = buf.getvalue()
+    checksum = store.write_bytes(f"{version_prefix}/{rel}", data)
+    return ManifestFile(path=rel, bytes=len(data), checksum=checksum, rows=len(rejects), kind="rejects")
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+def run_preprocess(
+    spark,
+    spec: PipelineSpec,
+    store: ObjectStore,
+    date: str | dt.date,
+    run_id: str,
+    max_reject_rate: float | None = None,
+) -> PreprocessResult:
+    """Preprocess one date and commit the dataset; a no-op if the latest committed version was
+    built from the same inputs, spec and code."""
+    from pyspark import StorageLevel
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    date = layout.check_date(date)
+    max_reject_rate = spec.thresholds.max_reject_rate if max_reject_rate is None else max_reject_rate
+    date_prefix = layout.dataset_date_prefix(spec.name, date)
+
+    inputs, ignored, fingerprint = list_inputs(store, spec, date)
+    timings["list"] = time.perf_counter() - started
+    latest = resolve_latest(store, date_prefix)
+    if latest and latest[1].lineage.model_extra.get("input_fingerprint") == fingerprint:
+        version, manifest = latest
+        log.info("date %s: inputs, spec and code unchanged since version %s; nothing to do", date, version)
+        return PreprocessResult("unchanged", spec.name, date, version,
+                                store.uri(layout.manifest_key(f"{date_prefix}/{layout.version_folder(version)}")),
+                                manifest.counts.model_dump(), ignored, time.perf_counter() - started, timings)
+
+    version = layout.new_version_id()
+    version_prefix = layout.dataset_version_prefix(spec.name, date, version)
+    featurizer = featurizer_for(spec.featurizer)
+    log.info("date %s: %d inputs (%d ignored by patterns %s) -> %s", date, len(inputs), ignored,
+             spec.inputs.patterns, store.uri(version_prefix))
+
+    files: list[ManifestFile] = []
+    if len(inputs):
+        n_partitions = max(spark.sparkContext.defaultParallelism, math.ceil(len(inputs) / 500))
+        featurized = featurize(spark.createDataFrame(inputs).repartition(n_partitions), spec, store)
+        featurized = featurized.persist(StorageLevel.MEMORY_AND_DISK)
+        t = time.perf_counter()
+        rejects = featurized.filter("reason IS NOT NULL").drop("features").toPandas()
+        summary = featurized.filter("reason IS NULL").groupBy("split", "label").count().toPandas()
+        timings["featurize"] = time.perf_counter() - t
+    else:
+        featurized, rejects = None, pd.DataFrame(columns=[*INPUT_COLUMNS, "reason", "detail"])
+        summary = pd.DataFrame(columns=["split", "label", "count"])
+
+    accepted_count = int(summary["count"].sum()) if len(summary) else 0
+    counts = Counts(
+        input=len(inputs),
+        accepted=accepted_count,
+        rejected=len(rejects),
+        per_split={s: int(n) for s, n in summary.groupby("split")["count"].sum().items()} if len(summary) else {},
+        per_label={lbl: int(n) for lbl, n in summary.groupby("label")["count"].sum().items()} if len(summary) else {},
+        rejected_by_reason=dict(sorted(Counter(rejects["reason"]).items())),
+    )
+    if len(rejects):
+        files.append(write_rejects(rejects, store, version_prefix))
+    reject_rate = counts.rejected / counts.input if counts.input else 0.0
+    if reject_rate > max_reject_rate:
+        if featurized is not None:
+            featurized.unpersist()
+        raise RejectRateExceeded(
+            f"date {date}: {counts.rejected} of {counts.input} inputs rejected ({reject_rate:.1%}), above the "
+            f"{max_reject_rate:.1%} allowed ({dict(counts.rejected_by_reason)}); rejects report: "
+            f"{store.uri(version_prefix + '/rejects/rejects.parquet')}. The dataset was not committed."
+        )
+
+    if featurized is not None:
+        t = time.perf_counter()
+        bytes_per_row = 4 * int(np.prod(featurizer.shape)) + 128
+        shard_counts = shards_per_split(counts.per_split, bytes_per_row, spec.output.target_shard_mb)
+        accepted = featurized.filter("reason IS NULL").drop("reason", "detail")
+        files += write_shards(accepted, spec, store, version_prefix, featurizer.feature_name, featurizer.shape, shard_counts)
+        featurized.unpersist()
+        timings["write"] = time.perf_counter() - t
+        written_rows = sum(f.rows for f in files if f.model_extra.get("kind") == "tfrecord")
+        if written_rows != counts.accepted:
+            raise PreprocessError(f"wrote {written_rows} TFRecord rows but accepted {counts.accepted}; not committing")
+
+    manifest = Manifest(
+        kind="dataset",
+        version=version,
+        created_at=dt.datetime.now(dt.UTC),
+        files=sorted(files, key=lambda f: f.path),
+        counts=counts,
+        feature_spec={
+            **featurizer.feature_spec(),
+            "label_vocabulary": spec.labels.vocabulary,
+            "tfrecord": {
+                "compression": spec.output.tfrecord_compression,
+                "features": {
+                    featurizer.feature_name: {"dtype": "float32", "shape": list(featurizer.shape)},
+                    "label": {"dtype": "string", "shape": []},
+                    "label_id": {"dtype": "int64", "shape": []},
+                    "source_id": {"dtype": "string", "shape": []},
+                    "path": {"dtype": "string", "shape": []},
+                },
+            },
+        },
+        lineage=Lineage(
+            inputs=[store.uri(layout.raw_date_prefix(spec.name, date))],
+            code_version=code_version(),
+            run_id=run_id,
+            params={"max_reject_rate": max_reject_rate, "spec": spec.model_dump(mode="json", include={"featurizer", "splits", "output", "labels"})},
+            input_fingerprint=fingerprint,
+        ),
+        pipeline=spec.name,
+        date=date,
+        ignored_files=ignored,
+    )
+    manifest_uri = commit_manifest(store, version_prefix, manifest)
+    seconds = time.perf_counter() - started
+    log.info("date %s: committed %s (%s) in %.1fs", date, version, counts.model_dump(include={"input", "accepted", "rejected"}), seconds)
+    return PreprocessResult("committed", spec.name, date, version, manifest_uri, counts.model_dump(), ignored, seconds, timings)
