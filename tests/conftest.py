@@ -41,5 +41,20 @@ def store(request: pytest.FixtureRequest) -> ObjectStore:
 
 
 @pytest.fixture(scope="session")
+def spark():
+    """One local Spark for the session (2 cores, like the machine)."""
+    import os
+    import sys
+
+    # Executors' Python workers must be this interpreter (the venv), whatever PATH says.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from twocluster.sparkutil import get_spark
+
+    session = get_spark("twocluster-tests", master="local[2]")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
 def speech_spec() -> PipelineSpec:
     return load_pipeline_spec(default_spec_path("speech_commands"))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 SPARK_SETTINGS = {
@@ -27,6 +28,9 @@ def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = No
     """The active SparkSession, or a new one with this project's settings. Under spark-submit
     the master comes from the command line; ``master`` is for tests and scripts."""
     from pyspark.sql import SparkSession
+
+    # py4j logs every connection close at INFO, including from __del__ at interpreter exit.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
     builder = SparkSession.builder.appName(app_name)
     if master:

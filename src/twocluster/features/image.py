@@ -36,6 +36,8 @@ class ImageFeaturizer(Featurizer):
                 img = img.convert("L" if self.spec.channels == 1 else "RGB")
                 img = img.resize((self.spec.width, self.spec.height), Image.Resampling.BILINEAR, reducing_gap=2.0)
                 pixels = np.asarray(img, dtype=np.float32) / 255.0
+        except FeaturizeError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise FeaturizeError(UNDECODABLE, f"not a readable image ({e})") from None
         return pixels.reshape(self.shape)

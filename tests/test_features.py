@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from twocluster import layout
+from twocluster.features import featurizer_for
+from twocluster.features.audio import LogMelFeaturizer
+from twocluster.manifest import read_manifest
+from twocluster.preprocess import run_preprocess
+from twocluster.spec import ImageFeaturizer, parse_pipeline_spec
+
+
+def _wav(audio: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, subtype=subtype, format=fmt)
+    return buf.getvalue()
+
+
+def _tone(rate: int, hz: float, seconds: float = 1.0, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.5 * np.sin(2 * np.pi * hz * t)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+@pytest.fixture(scope="module")
+def audio(speech_spec) -> LogMelFeaturizer:
+    return featurizer_for(speech_spec.featurizer)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_any_source_rate_gives_the_16k_spectrogram(audio, rate):
+    reference = audio.featurize_one(_wav(_tone(16000, 1000.0), 16000))
+    got = audio.featurize_one(_wav(_tone(rate, 1000.0), rate))
+    assert got.shape == reference.shape == (97, 40)
+    # The tone lands in the same mel bin, and the spectra agree closely.
+    assert np.argmax(got.mean(axis=0)) == np.argmax(reference.mean(axis=0))
+    assert np.corrcoef(got.ravel(), reference.ravel())[0, 1] > 0.99
+
+
+def test_resampling_removes_content_above_the_new_nyquist(audio):
+    # A 12 kHz tone at 48 kHz cannot exist at 16 kHz: correct resampling filters it out instead
+    # of folding it down to 4 kHz.
+    aliased = audio.featurize_one(_wav(_tone(48000, 12000.0), 48000))
+    clean = audio.featurize_one(_wav(_tone(48000, 4000.0), 48000))
+    assert aliased.max() < clean.max() - 6
+
+
+def test_stereo_float_and_flac_inputs_decode(audio):
+    mono = audio.featurize_one(_wav(_tone(16000, 500.0), 16000))
+    stereo = audio.featurize_one(_wav(_tone(44100, 500.0, channels=2), 44100, subtype="FLOAT"))
+    flac = audio.featurize_one(_wav(_tone(16000, 500.0), 16000, fmt="FLAC"))
+    assert np.allclose(mono, flac, atol=0.05)  # log domain: quantisation near the floor differs slightly
+    assert np.corrcoef(mono.ravel(), stereo.ravel())[0, 1] > 0.99
+
+
+def test_short_clips_are_padded_and_long_rejected(audio):
+    short = audio.featurize_many([_wav(_tone(16000, 500.0, seconds=0.3), 16000)])
+    assert short.reasons == [None] and short.features.shape == (1, 97, 40)
+    long = audio.featurize_many([_wav(_tone(16000, 500.0, seconds=2.5), 16000)])
+    assert long.reasons == ["too_long"] and "2.5s is longer than the 2.0s allowed" in long.details[0]
+
+
+def test_batch_equals_one_by_one(audio):
+    blobs = [_wav(_tone(16000, hz), 16000) for hz in (300.0, 900.0, 2500.0)]
+    batch = audio.featurize_many(blobs)
+    for i, b in enumerate(blobs):
+        assert np.allclose(batch.features[i], audio.featurize_one(b), atol=1e-5)
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_featurizer_on_real_photos():
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()  # china.jpg and flower.jpg, shipped with scikit-learn
+    jpegs = []
+    for array in photos.images:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    rgb = featurizer_for(ImageFeaturizer(height=48, width=64, channels=3))
+    batch = rgb.featurize_many([*jpegs, b"not an image", b""])
+    assert batch.reasons == [None, None, "undecodable", "empty"]
+    assert batch.features.shape == (4, 48, 64, 3)
+    assert 0.0 <= batch.features[:2].min() and batch.features[:2].max() <= 1.0
+    # Resizing keeps the picture: the mean colour survives.
+    assert np.allclose(batch.features[0].mean(axis=(0, 1)), photos.images[0].mean(axis=(0, 1)) / 255, atol=0.02)
+    tiny = featurizer_for(ImageFeaturizer(height=4, width=4, max_source_pixels=1000))
+    assert tiny.featurize_many(jpegs[:1]).reasons == ["too_large"]
+
+
+def test_preprocess_job_runs_an_image_pipeline(spark, file_store):
+    """The job is not audio-only: scikit-learn's handwritten digits, as PNG files per label."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    spec = parse_pipeline_spec(
+        {
+            "name": "digits",
+            "start_date": "2026-11-01",
+            "inputs": {"kind": "image", "patterns": ["*.png"]},
+            "labels": {"keywords": [str(d) for d in range(10)], "silence_label": None},
+            "featurizer": {"kind": "image", "height": 16, "width": 16, "channels": 1},
+            "model": {"name": "digits_cnn"},
+        },
+        "digits.yaml",
+    )
+    date = dt.date(2026, 11, 20)
+    prefix = layout.raw_date_prefix("digits", date)
+    for i in range(150):
+        pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+        file_store.write_bytes(f"{prefix}/{digits.target[i]}/writer{i % 30:02d}_nohash_{i}.png", _png(pixels))
+    file_store.write_bytes(f"{prefix}/3/broken_nohash_0.png", b"\x89PNG\r\n\x1a\n truncated")
+    result = run_preprocess(spark, spec, file_store, date, run_id="digits")
+    manifest = read_manifest(file_store, layout.dataset_version_prefix("digits", date, result.version))
+    assert (manifest.counts.input, manifest.counts.accepted, manifest.counts.rejected) == (151, 150, 1)
+    assert manifest.counts.rejected_by_reason == {"undecodable": 1}
+    assert manifest.feature_spec["features"]["image"] == {"dtype": "float32", "shape": [16, 16, 1]}
+    assert manifest.feature_spec["label_vocabulary"] == [str(d) for d in range(10)]
