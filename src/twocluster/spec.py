@@ -144,9 +144,10 @@ class Gate(_Strict):
 
 class Model(_Strict):
     name: StoreName
-    epochs: int = Field(12, gt=0)
+    epochs: int = Field(25, gt=0)
     batch_size: int = Field(64, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    augment: bool = False
     seed: int = 1234
     gate: Gate = Gate()
 
