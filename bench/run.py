@@ -67,11 +67,11 @@ def _timed(fn: Callable[[], int]) -> float:
 def featurize_figures(repeats: int, clips: int, workdir: Path) -> list[Figure]:
     from pyspark.sql.functions import udf
 
-    from twocluster import layout, sample_data
+    from twocluster import sample_data
     from twocluster.features import featurizer_for
     from twocluster.preprocess import FEATURIZED_SCHEMA, featurize, list_inputs
-    from twocluster.spec import default_spec_path, load_pipeline_spec
     from twocluster.sparkutil import get_spark
+    from twocluster.spec import default_spec_path, load_pipeline_spec
     from twocluster.storage import ObjectStore
 
     spec = load_pipeline_spec(default_spec_path())

@@ -17,8 +17,8 @@ import uuid
 
 from twocluster.layout import LayoutError, check_date
 from twocluster.preprocess import PreprocessError, run_preprocess
-from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.sparkutil import get_spark
+from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.storage import ObjectStore, StorageError
 
 

@@ -371,7 +371,6 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     data = stage_datasets(spec, work_dir / "datasets")  # validates the manifests first
 
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(spec.seed)
     strategy, strategy_name = choose_strategy()

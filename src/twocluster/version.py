@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 from functools import lru_cache
-from pathlib import Path
-
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import soundfile as sf
 
-from twocluster.features import UNDECODABLE, Featurizer, FeaturizeError
+from twocluster.features import UNDECODABLE, FeaturizeError, Featurizer
 from twocluster.spec import LogMelFeaturizer as LogMelSpec
 
 TRUNCATED = "truncated"

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from twocluster.features import UNDECODABLE, Featurizer, FeaturizeError
+from twocluster.features import UNDECODABLE, FeaturizeError, Featurizer
 from twocluster.spec import ImageFeaturizer as ImageSpec
 
 TOO_LARGE = "too_large"
