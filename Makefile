@@ -18,7 +18,7 @@ DAYS ?= 3
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lock lint clean sample-data check-java
+.PHONY: run test venv lock lint clean sample-data check-java bench bench-quick
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
@@ -27,6 +27,14 @@ run: venv check-java
 test: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv check-java
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
+	$(VENV_PY) bench/run.py
+
+bench-quick: venv check-java
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
+	$(VENV_PY) bench/run.py --quick
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng

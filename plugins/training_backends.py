@@ -1,0 +1,196 @@
+"""Launching the training job on the GPU cluster from Airflow: one backend per cluster manager,
+chosen by configuration, all running the same trainer entry point with the same job spec.
+
+* ``local``: a separate OS process on the Airflow worker (the embedded default). It shares
+  nothing with Airflow but the store and the spec; killing the task kills the process group.
+* ``docker``: the Docker provider's ``DockerOperator`` on the image built from
+  ``training_jobs/Dockerfile``, with a GPU ``DeviceRequest``.
+* ``kubernetes``: the cncf-kubernetes provider's ``KubernetesPodOperator`` with
+  ``nvidia.com/gpu`` limits, node selector and tolerations from configuration; it re-attaches to
+  a running pod on retry instead of starting a duplicate.
+
+Every backend passes the job spec by URI and nothing else; the trainer itself is idempotent per
+``run_id`` (a rerun resumes from the last checkpoint or returns the finished version), so a
+retried task never trains twice. Store credentials come from the environment / a Kubernetes
+secret, never from this configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from airflow.sdk import BaseOperator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAINER_COMMAND = ["python", "training_jobs/train.py"]  # inside the trainer image (WORKDIR /app)
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class TrainingBackendConfig(BaseModel):
+    """Where and how training runs; from an Airflow variable (JSON) or the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "docker", "kubernetes"] = "local"
+    image: str = "twocluster-trainer:latest"
+    gpus: int = Field(1, ge=0)
+    cpus: float = Field(4, gt=0)
+    memory_gb: float = Field(16, gt=0)
+    # docker
+    docker_url: str = "unix://var/run/docker.sock"
+    network_mode: str | None = None
+    # kubernetes
+    namespace: str = "default"
+    kubernetes_conn_id: str = "kubernetes_default"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
+    credentials_secret: str | None = Field(None, description="Kubernetes secret with the AWS_* variables for the store")
+    # every backend: non-secret environment for the trainer (e.g. AWS_ENDPOINT_URL_S3, TWOCLUSTER_WORK_DIR)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> TrainingBackendConfig:
+        return cls.model_validate(json.loads(text)) if text else cls()
+
+
+class LocalTrainingOperator(BaseOperator):
+    """Run the trainer as a child process (its own session) and return its JSON result."""
+
+    template_fields = ("job_spec_uri",)
+
+    def __init__(self, *, job_spec_uri: str, env: dict[str, str] | None = None, python: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.job_spec_uri = job_spec_uri
+        self.env = env or {}
+        self.python = python or sys.executable
+        self._proc: subprocess.Popen | None = None
+
+    def execute(self, context: Any) -> dict:
+        cmd = [self.python, str(REPO_ROOT / "training_jobs" / "train.py"), "--job-spec", self.job_spec_uri]
+        self.log.info("starting the trainer: %s", " ".join(cmd))
+        self._proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env={**os.environ, **self.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )
+        last = ""
+        for line in self._proc.stdout:
+            line = line.rstrip()
+            self.log.info("trainer: %s", line)
+            if line.startswith("{"):
+                last = line
+        code = self._proc.wait()
+        if code != 0:
+            from airflow.exceptions import AirflowException
+
+            raise AirflowException(f"the trainer exited with {code}; see the log above")
+        return json.loads(last)
+
+    def on_kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+
+
+STORE_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _docker_training_operator_class():
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    class DockerTrainingOperator(DockerOperator):
+        """The provider's DockerOperator, handing the worker's store credentials to the container
+        at execute time as private (never rendered or logged) environment, so they are neither in
+        the DAG file nor in the serialized DAG."""
+
+        def execute(self, context):
+            self._private_environment = {k: os.environ[k] for k in STORE_CREDENTIAL_VARIABLES if k in os.environ}
+            return super().execute(context)
+
+    return DockerTrainingOperator
+
+
+def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_uri: str, run_id: str, **kwargs) -> BaseOperator:
+    """The operator that runs one training job on the configured backend."""
+    args = ["--job-spec", job_spec_uri]
+    if config.kind == "local":
+        return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env, **kwargs)
+    if config.kind == "docker":
+        from docker.types import DeviceRequest
+
+        return _docker_training_operator_class()(
+            task_id=task_id,
+            image=config.image,
+            command=[*TRAINER_COMMAND, *args],
+            docker_url=config.docker_url,
+            network_mode=config.network_mode,
+            # The GPU reservation: `docker run --gpus <n>`.
+            device_requests=[DeviceRequest(count=config.gpus, capabilities=[["gpu"]])] if config.gpus else None,
+            cpus=config.cpus,
+            mem_limit=f"{int(config.memory_gb * 1024)}m",
+            environment={**config.env, "TWOCLUSTER_RUN_ID": run_id},
+            mount_tmp_dir=False,
+            auto_remove="success",
+            container_name=f"train-{run_id}"[:60],
+            **kwargs,
+        )
+    if config.kind == "kubernetes":
+        from kubernetes.client import models as k8s
+
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        limits = {"cpu": f"{config.cpus:g}", "memory": f"{config.memory_gb:g}Gi"}
+        if config.gpus:
+            limits["nvidia.com/gpu"] = str(config.gpus)
+        return KubernetesPodOperator(
+            task_id=task_id,
+            name=_dns_name(f"train-{run_id}"),
+            namespace=config.namespace,
+            kubernetes_conn_id=config.kubernetes_conn_id,
+            image=config.image,
+            cmds=TRAINER_COMMAND[:1],
+            arguments=[*TRAINER_COMMAND[1:], *args],
+            container_resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
+            node_selector=config.node_selector,
+            tolerations=[k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in config.tolerations],
+            env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in {**config.env, "TWOCLUSTER_RUN_ID": run_id}.items()],
+            env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=config.credentials_secret))]
+            if config.credentials_secret else None,
+            labels={"app": "twocluster-trainer", "twocluster/run-id": _label_value(run_id)},
+            # A retry (or a restarted worker) re-attaches to the running pod instead of starting another.
+            durable=True,
+            on_finish_action="delete_succeeded_pod",
+            get_logs=True,
+            **kwargs,
+        )
+    raise ValueError(f"unknown training backend {config.kind!r}")
+
+
+def _dns_name(value: str) -> str:
+    """Pod names: lowercase RFC 1123 labels (the operator appends a random suffix)."""
+    cleaned = "".join(c if c.isalnum() else "-" for c in value.lower())
+    return "-".join(filter(None, cleaned.split("-")))[:50]
+
+
+def _label_value(value: str) -> str:
+    """Kubernetes label values: 63 chars of [A-Za-z0-9_.-]."""
+    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in value)[:63]
+    return cleaned.strip("-_.") or "run"
