@@ -227,3 +227,23 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_pat
     prefix = layout.model_version_prefix("kws_cnn", result["version"])
     epochs = [int(r["epoch"]) for r in csv.DictReader(io.StringIO(store.read_bytes(f"{prefix}/history.csv").decode()))]
     assert epochs == list(range(6)), "each epoch trained exactly once across the two processes"
+
+
+def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
+    store, manifest_uri = dataset
+    job = _job(store, manifest_uri, "cache-check")
+    first = stage_datasets(job, tmp_path)
+    shards = [Path(p) for paths in first.files.values() for p in paths]
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    assert all(str(p).startswith(str(tmp_path / first.dataset_versions[0])) for p in shards)
+    with caplog.at_level("INFO", logger="twocluster.training"):
+        second = stage_datasets(job, tmp_path)
+    assert second.files == first.files
+    assert {p: p.stat().st_mtime_ns for p in shards} == mtimes, "nothing was downloaded again"
+    assert f"0.0 MB fetched, {len(shards)} reused" in caplog.text
+    # A corrupted cached shard is detected by size/marker and fetched again.
+    shards[0].write_bytes(b"garbage")
+    stage_datasets(job, tmp_path)
+    assert shards[0].stat().st_size == next(
+        f.bytes for f in read_manifest(ObjectStore(manifest_uri.rsplit("/", 1)[0]), "").files if shards[0].as_posix().endswith(f.path)
+    )

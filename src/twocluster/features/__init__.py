@@ -42,6 +42,7 @@ class Featurizer:
     """Base class. Subclasses decode one input at a time (each may fail its own way) and then
     transform the decoded batch at once (vectorised)."""
 
+    spec: LogMelFeaturizerSpec | ImageFeaturizerSpec
     feature_name: str
     shape: tuple[int, ...]  # of one featurized input
     decoded_shape: tuple[int, ...]  # of one decoded input
@@ -54,7 +55,12 @@ class Featurizer:
         return decoded
 
     def feature_spec(self) -> dict:
-        raise NotImplementedError
+        """What a consumer must know to use the features (recorded in dataset and model metadata)."""
+        return {
+            "kind": self.spec.kind,
+            "features": {self.feature_name: {"dtype": "float32", "shape": list(self.shape)}},
+            "params": self.spec.model_dump(),
+        }
 
     def featurize_one(self, data: bytes) -> np.ndarray:
         return self.transform(self.decode(data)[None, ...])[0]

@@ -53,12 +53,6 @@ class LogMelFeaturizer(Featurizer):
             fmin=spec.lower_edge_hz, fmax=spec.upper_edge_hz,
         ).astype(np.float32)
 
-    def feature_spec(self) -> dict:
-        return {
-            "kind": "log_mel",
-            "features": {self.feature_name: {"dtype": "float32", "shape": list(self.shape)}},
-            "params": self.spec.model_dump(),
-        }
 
     def decode(self, data: bytes) -> np.ndarray:
         """Mono float32 at the spec's sample rate, exactly one clip long."""

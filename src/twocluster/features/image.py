@@ -20,12 +20,6 @@ class ImageFeaturizer(Featurizer):
         self.spec = spec
         self.shape = self.decoded_shape = (spec.height, spec.width, spec.channels)
 
-    def feature_spec(self) -> dict:
-        return {
-            "kind": "image",
-            "features": {self.feature_name: {"dtype": "float32", "shape": list(self.shape)}},
-            "params": self.spec.model_dump(),
-        }
 
     def decode(self, data: bytes) -> np.ndarray:
         try:
