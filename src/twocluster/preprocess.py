@@ -125,8 +125,11 @@ def _worker_featurizer(featurizer_spec_json: str, kind: str) -> Featurizer:
     return featurizer_for(model.model_validate_json(featurizer_spec_json))
 
 
-def featurize(inputs, spec: PipelineSpec, store: ObjectStore):
+def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: bool = True):
     """Add ``features`` (flattened float32), ``reason`` and ``detail`` to an inputs DataFrame.
+
+    With ``require_label`` (preprocessing), inputs from an unknown label folder are rejected;
+    scoring featurizes everything, whatever folder it arrived in.
 
     A scalar-iterator pandas UDF: the featurizer and the store client are set up once per task
     (the featurizer once per worker), each Arrow batch's objects are fetched concurrently, and
@@ -150,7 +153,7 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore):
 
         with ThreadPoolExecutor(_FETCH_THREADS) as pool:
             for keys, labels, folders in batches:
-                known = labels.notna().to_numpy()
+                known = labels.notna().to_numpy() if require_label else np.ones(len(keys), dtype=bool)
                 fetched = list(pool.map(fetch, keys[known]))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
                 batch = featurizer.featurize_many(blobs)

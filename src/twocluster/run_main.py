@@ -4,8 +4,9 @@ training backend).
 Built so far: the sample-data arrivals, the Spark preprocessing job (run here for every arrived
 date in one local Spark session), and the training job with its gate, each run as its own OS
 process through the same entry points the local training backend uses, communicating only
-through the store and a JSON job spec. Spark scoring and the Airflow DAG land on top of this,
-and `make run` will then run the whole DAG for the latest date.
+through the store and a JSON job spec, then Spark batch scoring of the latest date with the
+published model. The Airflow DAG lands on top of this, and `make run` will then run the whole
+DAG for the latest date.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from twocluster import layout, sample_data
 from twocluster.jobspec import Hyperparameters, TrainingJobSpec
 from twocluster.preprocess import run_preprocess
+from twocluster.scoring import run_scoring
 from twocluster.sparkutil import get_spark
 from twocluster.spec import default_spec_path, load_pipeline_spec
 from twocluster.storage import ObjectStore
@@ -91,10 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "published" if decision["published"] else "NOT published"
     print(f"  gate: {verdict} as {spec.model.name}:{spec.scoring.alias}: {decision['reason']}")
     print(f"    {store.uri(layout.model_alias_prefix(spec.model.name, spec.scoring.alias))}")
-    print(
-        "\nNot built yet: Spark batch scoring and the Airflow DAG. Once they land, `make run` runs the\n"
-        "whole DAG for the latest date."
-    )
+
+    latest = reports[-1].date
+    print(f"\n== {spec.name}: Spark batch scoring of {latest} with {spec.model.name}:{spec.scoring.alias}")
+    spark = get_spark(f"make-run-score-{spec.name}", arrow_batch_rows=spec.scoring.arrow_batch_size, master=args.master)
+    try:
+        scored = run_scoring(spark, spec, store, latest, run_id=f"make-run-score-{latest}")
+    finally:
+        spark.stop()
+    c = scored.counts
+    print(f"  {scored.status} predictions v={scored.version} by model v={scored.model_version}: input {c['input']} = "
+          f"scored {c['accepted']} + rejected {c['rejected']} {c['rejected_by_reason'] or ''}; "
+          f"{scored.model_loads} model load(s) on {scored.python_workers} Python worker(s)")
+    print(f"    {scored.manifest_uri}")
+    print("\nNot built yet: the Airflow DAG. Once it lands, `make run` runs the whole DAG for the latest date.")
     return 0
 
 

@@ -43,3 +43,15 @@ def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = No
     spark.sparkContext.setLogLevel("WARN")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch_rows))
     return spark
+
+
+def gpu_executor_settings(gpus_per_executor: int = 1, gpus_per_task: float = 1.0,
+                          discovery_script: str = "/opt/twocluster/tools/get_gpus_resources.sh") -> dict[str, str]:
+    """Spark settings for GPU executors (standalone/Kubernetes/YARN): Spark assigns GPU addresses
+    to tasks, and the scoring UDF pins TensorFlow to them (``TaskContext.resources()``). Pass as
+    ``--conf`` to spark-submit. Not runnable without GPUs."""
+    return {
+        "spark.executor.resource.gpu.amount": str(gpus_per_executor),
+        "spark.executor.resource.gpu.discoveryScript": discovery_script,
+        "spark.task.resource.gpu.amount": f"{gpus_per_task:g}",
+    }

@@ -1,0 +1,53 @@
+"""spark-submit entry point: score one date's raw inputs with the published model.
+
+    spark-submit --master local[2] spark_jobs/score.py \
+        --spec pipelines/speech_commands.yaml --date 2026-11-20 --store file:///data/store [--alias production | --model-version V]
+
+Prints one JSON line (predictions version, counts, model version, model loads). Exit codes:
+0 committed or unchanged; 1 nothing published, feature-spec mismatch or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from dataclasses import asdict
+
+from twocluster.layout import LayoutError, check_date, check_name
+from twocluster.manifest import ManifestError
+from twocluster.registry import RegistryError
+from twocluster.scoring import ScoringError, run_scoring
+from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
+from twocluster.sparkutil import get_spark
+from twocluster.storage import ObjectStore, StorageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="pipeline spec YAML")
+    parser.add_argument("--date", required=True, type=check_date, help="the date to score (YYYY-MM-DD)")
+    parser.add_argument("--store", default=None, help=f"store URI (default: ${STORE_URI_ENV}, then the spec's store_uri)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--alias", type=lambda v: check_name(v, "alias"), default=None, help="model alias (default: the spec's scoring.alias)")
+    group.add_argument("--model-version", default=None, help="score with this model version instead of an alias")
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--master", default=None, help="Spark master when not run by spark-submit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_pipeline_spec(args.spec)
+        store = ObjectStore(spec.resolve_store_uri(args.store))
+        spark = get_spark(f"score-{spec.name}-{args.date}", arrow_batch_rows=spec.scoring.arrow_batch_size, master=args.master)
+        result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
+    except (SpecError, LayoutError, StorageError, ScoringError, RegistryError, ManifestError) as e:
+        print(f"scoring failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

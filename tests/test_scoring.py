@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import io
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from twocluster import layout, registry, sample_data
+from twocluster.features import featurizer_for
+from twocluster.gate import gate_and_publish
+from twocluster.jobspec import TrainingJobSpec
+from twocluster.manifest import read_manifest, verify_files
+from twocluster.preprocess import run_preprocess
+from twocluster.scoring import FeatureSpecMismatch, predict_batch, register_model_function, run_scoring, visible_gpus_for_task
+from twocluster.sparkutil import gpu_executor_settings
+from twocluster.storage import ObjectStore
+from twocluster.training import run_training
+
+TRAIN_DATE, SCORE_DATE = dt.date(2026, 11, 10), dt.date(2026, 11, 11)
+ALSA = sorted(glob.glob("/usr/share/sounds/alsa/*.wav"))
+
+
+@pytest.fixture(scope="module")
+def published(spark, speech_spec, tmp_path_factory):
+    """A store with a trained, published model and a new date (with broken files) to score."""
+    store = ObjectStore((tmp_path_factory.mktemp("score") / "store").as_uri())
+    sample_data.generate_day(store, speech_spec, TRAIN_DATE, clips=300, seed=31)
+    dataset = run_preprocess(spark, speech_spec, store, TRAIN_DATE, run_id="score-tests")
+    job = TrainingJobSpec(run_id="score-tests", pipeline="speech_commands", datasets=[dataset.manifest_uri], model_name="kws_cnn",
+                          store_uri=store.root_uri, hyperparameters={"epochs": 4, "batch_size": 32})
+    trained = run_training(job, tmp_path_factory.mktemp("work"))
+    assert gate_and_publish(store, "kws_cnn", trained.version, "production", 0.0, 1.0).published
+    sample_data.generate_day(store, speech_spec, SCORE_DATE, clips=60, seed=32, bad_files=6)
+    return store, trained.version
+
+
+def _predictions(store: ObjectStore, result):
+    prefix = layout.predictions_version_prefix("speech_commands", result.date, result.version)
+    manifest = read_manifest(store, prefix)
+    table = pq.read_table(store.local_path(f"{prefix}/predictions")) if store.local_path() else None
+    return prefix, manifest, table
+
+
+def test_predictions_match_model_predict_outside_spark(spark, speech_spec, published):
+    store, model_version = published
+    result = run_scoring(spark, speech_spec, store, SCORE_DATE, run_id="t1")
+    prefix, manifest, table = _predictions(store, result)
+    c = manifest.counts
+    assert (c.input, c.accepted, c.rejected) == (66, 61, 5)  # the unknown-label file is scored, not rejected
+    assert manifest.model_extra["model_version"] == model_version
+    verify_files(store, prefix, manifest)
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert {"path", "predicted_label", "confidence", "top_labels", "top_probabilities", "model_version", "scored_at", "run_id"} <= set(table.column_names)
+
+    # The same clips featurized and predicted without Spark.
+    featurizer = featurizer_for(speech_spec.featurizer)
+    model_dir = store.local_path(layout.model_version_prefix("kws_cnn", model_version))
+    model = keras.models.load_model(model_dir / "model.keras")
+    raw = layout.raw_date_prefix("speech_commands", SCORE_DATE)
+    paths = sorted(rows)
+    batch = featurizer.featurize_many([store.read_bytes(f"{raw}/{p}") for p in paths])
+    expected = predict_batch(model, batch.features, speech_spec.labels.vocabulary, 3, 32)
+    for i, p in enumerate(paths):
+        assert rows[p]["predicted_label"] == expected["predicted_label"][i]
+        assert rows[p]["top_labels"] == list(expected["top_labels"][i])
+        assert np.allclose(rows[p]["top_probabilities"], expected["top_probabilities"][i], atol=1e-4)
+        assert rows[p]["model_version"] == model_version and rows[p]["run_id"] == "t1"
+    rejects = pq.read_table(store.local_path(f"{prefix}/rejects/rejects.parquet")).to_pylist()
+    assert {r["reason"] for r in rejects} == {"empty", "truncated", "undecodable", "not_audio", "too_long"}
+
+    again = run_scoring(spark, speech_spec, store, SCORE_DATE, run_id="t2")
+    assert again.status == "unchanged" and again.version == result.version
+
+
+def test_the_model_loads_at_most_once_per_python_worker(spark, speech_spec, published):
+    store, _ = published
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")  # ~16 batches per task
+    try:
+        sample_data.generate_day(store, speech_spec, dt.date(2026, 11, 12), clips=120, seed=33)
+        result = run_scoring(spark, speech_spec, store, dt.date(2026, 11, 12), run_id="loads")
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    _, manifest, _ = _predictions(store, result)
+    assert manifest.counts.accepted == 120
+    assert 1 <= result.model_loads <= result.python_workers <= 2, (result.model_loads, result.python_workers)
+    assert manifest.model_extra["model_loads"] == result.model_loads
+
+
+def test_nothing_published_is_a_clear_error(spark, speech_spec, file_store):
+    with pytest.raises(registry.RegistryError, match="nothing is published as kws_cnn:production"):
+        run_scoring(spark, speech_spec, file_store, SCORE_DATE, run_id="none")
+
+
+def test_feature_spec_mismatch_fails_before_reading_data(spark, speech_spec, published):
+    store, _ = published
+    other = speech_spec.model_copy(update={"featurizer": speech_spec.featurizer.model_copy(update={"num_mel_bins": 64})})
+    missing_date = dt.date(2030, 1, 1)  # no data at all: the error must come first
+    with pytest.raises(FeatureSpecMismatch, match=r"features \(names, dtypes, shapes\).*\[97, 40\].*\[97, 64\].*featurizer.num_mel_bins: model 40, job 64"):
+        run_scoring(spark, other, store, missing_date, run_id="mismatch")
+    assert not store.list(layout.predictions_date_prefix("speech_commands", missing_date))
+
+
+@pytest.mark.skipif(not ALSA, reason="alsa-utils is not installed (make test installs it)")
+def test_real_recordings_from_alsa_utils_are_scored(spark, speech_spec, published):
+    store, _ = published
+    date = dt.date(2026, 11, 13)
+    for path in ALSA:  # 48 kHz human speech, 1.3-1.5 s
+        store.write_bytes(f"{layout.raw_date_prefix('speech_commands', date)}/alsa/{Path(path).name}", Path(path).read_bytes())
+    result = run_scoring(spark, speech_spec, store, date, run_id="alsa")
+    assert result.counts["input"] == len(ALSA) and result.counts["accepted"] == len(ALSA) and result.counts["rejected"] == 0
+
+
+@pytest.mark.s3
+def test_scoring_runs_against_the_s3_store(spark, speech_spec, published, s3_store):
+    store, model_version = published
+    for obj in store.list("models/kws_cnn"):  # publish the same model into the S3 store
+        if "/runs/" not in obj.key:
+            s3_store.write_bytes(obj.key, store.read_bytes(obj.key))
+    sample_data.generate_day(s3_store, speech_spec, SCORE_DATE, clips=30, seed=34, bad_files=2)
+    result = run_scoring(spark, speech_spec, s3_store, SCORE_DATE, run_id="s3")
+    assert result.manifest_uri.startswith("s3://") and result.model_version == model_version
+    prefix = layout.predictions_version_prefix("speech_commands", SCORE_DATE, result.version)
+    manifest = read_manifest(s3_store, prefix)
+    assert (manifest.counts.input, manifest.counts.accepted + manifest.counts.rejected) == (32, 32)
+    verify_files(s3_store, prefix, manifest)
+
+
+def test_the_model_as_a_spark_sql_function(spark, speech_spec, published, tmp_path):
+    store, model_version = published
+    raw = layout.raw_date_prefix("speech_commands", SCORE_DATE)
+    folder = store.local_path(raw)
+    assert register_model_function(spark, speech_spec, store) == model_version
+    spark.read.format("binaryFile").option("pathGlobFilter", "*.wav").option("recursiveFileLookup", "true") \
+        .load(str(folder)).createOrReplaceTempView("audio")
+    rows = spark.sql("SELECT path, predict_keyword(content) AS keyword FROM audio").collect()
+    # Spark's file source hides folders starting with "_" (Hadoop's convention: _silence_/ is not
+    # read) and skips zero-byte files.
+    visible = [p for p in folder.rglob("*.wav") if not p.parent.name.startswith("_") and p.stat().st_size]
+    assert len(rows) == len(visible)
+    labelled = [r for r in rows if r.keyword is not None]
+    broken = [p for p in visible if p.name.startswith("bad") and "unknownlabel" not in p.name]
+    assert len(broken) == 4
+    assert len(labelled) == len(visible) - len(broken) and all(r.keyword in speech_spec.labels.vocabulary for r in labelled)
+    assert all(r.keyword is None for r in rows if "/bad" in r.path and "unknownlabel" not in r.path)
+
+
+def test_gpu_selection_for_spark_tasks():
+    """No GPU here: the executor settings and the address -> CUDA_VISIBLE_DEVICES logic only."""
+    from pyspark.resource import ResourceInformation
+
+    assert visible_gpus_for_task({"gpu": ResourceInformation("gpu", ["1", "3"])}) == "1,3"
+    assert visible_gpus_for_task({"gpu": ResourceInformation("gpu", [])}) is None
+    assert visible_gpus_for_task({}) is None
+    conf = gpu_executor_settings(gpus_per_executor=2, gpus_per_task=0.5)
+    assert conf["spark.executor.resource.gpu.amount"] == "2" and conf["spark.task.resource.gpu.amount"] == "0.5"
+    assert conf["spark.executor.resource.gpu.discoveryScript"].endswith("get_gpus_resources.sh")
