@@ -25,9 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from airflow.sdk import BaseOperator
+from pydantic import BaseModel, ConfigDict, Field
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER_COMMAND = ["python", "training_jobs/train.py"]  # inside the trainer image (WORKDIR /app)
@@ -153,9 +152,8 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             **kwargs,
         )
     if config.kind == "kubernetes":
-        from kubernetes.client import models as k8s
-
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+        from kubernetes.client import models as k8s
 
         limits = {"cpu": f"{config.cpus:g}", "memory": f"{config.memory_gb:g}Gi"}
         if config.gpus:

@@ -20,8 +20,8 @@ from twocluster.layout import LayoutError, check_date, check_name
 from twocluster.manifest import ManifestError
 from twocluster.registry import RegistryError
 from twocluster.scoring import ScoringError, run_scoring
-from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.sparkutil import get_spark
+from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.storage import ObjectStore, StorageError
 
 

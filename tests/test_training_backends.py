@@ -18,9 +18,8 @@ JOB = "s3://ml-store/jobs/run-7.json"
 
 
 def test_docker_backend_requests_the_gpu(monkeypatch):
-    from docker.types import DeviceRequest
-
     from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import DeviceRequest
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker-env")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-key")

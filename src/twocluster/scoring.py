@@ -171,7 +171,6 @@ def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int
 def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
           top_k: int, inference_batch_size: int):
     """Add predictions to a featurized DataFrame (rows with features)."""
-    from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
     root_uri, s3_settings = store.root_uri, store.s3_settings
