@@ -14,7 +14,7 @@ export TWOCLUSTER_STORE_URI ?= file://$(CURDIR)/.local/store
 # spark-submit must be found on PATH (the Airflow Spark provider runs the bare command).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-DAYS ?= 3
+DAYS ?= 4
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 

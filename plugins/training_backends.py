@@ -122,13 +122,19 @@ def _docker_training_operator_class():
 
         def execute(self, context):
             self._private_environment = {k: os.environ[k] for k in STORE_CREDENTIAL_VARIABLES if k in os.environ}
+            # One container name per DAG run and try: a leftover container of a killed try
+            # cannot block the retry, and `docker ps` shows which run a container belongs to.
+            ti = context.get("ti")
+            if ti is not None:
+                self.container_name = _dns_name(f"train-{ti.dag_id}-{ti.run_id}-{ti.try_number}", 128)
             return super().execute(context)
 
     return DockerTrainingOperator
 
 
-def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_uri: str, run_id: str, **kwargs) -> BaseOperator:
-    """The operator that runs one training job on the configured backend."""
+def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_uri: str, **kwargs) -> BaseOperator:
+    """The operator that runs one training job on the configured backend. ``job_spec_uri`` may be
+    a template or an XComArg (it is resolved when the task runs)."""
     args = ["--job-spec", job_spec_uri]
     if config.kind == "local":
         return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env, **kwargs)
@@ -145,10 +151,9 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             device_requests=[DeviceRequest(count=config.gpus, capabilities=[["gpu"]])] if config.gpus else None,
             cpus=config.cpus,
             mem_limit=f"{int(config.memory_gb * 1024)}m",
-            environment={**config.env, "TWOCLUSTER_RUN_ID": run_id},
+            environment=dict(config.env),
             mount_tmp_dir=False,
             auto_remove="success",
-            container_name=f"train-{run_id}"[:60],
             **kwargs,
         )
     if config.kind == "kubernetes":
@@ -160,7 +165,7 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             limits["nvidia.com/gpu"] = str(config.gpus)
         return KubernetesPodOperator(
             task_id=task_id,
-            name=_dns_name(f"train-{run_id}"),
+            name=_dns_name(f"train-{task_id}"),
             namespace=config.namespace,
             kubernetes_conn_id=config.kubernetes_conn_id,
             image=config.image,
@@ -169,11 +174,12 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             container_resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
             node_selector=config.node_selector,
             tolerations=[k8s.V1Toleration(**t.model_dump(exclude_none=True)) for t in config.tolerations],
-            env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in {**config.env, "TWOCLUSTER_RUN_ID": run_id}.items()],
+            env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in config.env.items()],
             env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=config.credentials_secret))]
             if config.credentials_secret else None,
-            labels={"app": "twocluster-trainer", "twocluster/run-id": _label_value(run_id)},
-            # A retry (or a restarted worker) re-attaches to the running pod instead of starting another.
+            # The operator adds dag_id/task_id/run_id/try labels itself; a retry (or a restarted
+            # worker) finds the running pod by them and re-attaches instead of starting another.
+            labels={"app": "twocluster-trainer"},
             durable=True,
             on_finish_action="delete_succeeded_pod",
             get_logs=True,
@@ -182,13 +188,7 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
     raise ValueError(f"unknown training backend {config.kind!r}")
 
 
-def _dns_name(value: str) -> str:
-    """Pod names: lowercase RFC 1123 labels (the operator appends a random suffix)."""
+def _dns_name(value: str, limit: int = 50) -> str:
+    """Pod and container names: lowercase RFC 1123 labels (the pod operator appends a random suffix)."""
     cleaned = "".join(c if c.isalnum() else "-" for c in value.lower())
-    return "-".join(filter(None, cleaned.split("-")))[:50]
-
-
-def _label_value(value: str) -> str:
-    """Kubernetes label values: 63 chars of [A-Za-z0-9_.-]."""
-    cleaned = "".join(c if c.isalnum() or c in "_.-" else "-" for c in value)[:63]
-    return cleaned.strip("-_.") or "run"
+    return "-".join(filter(None, cleaned.split("-")))[:limit].rstrip("-")

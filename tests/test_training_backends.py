@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_docker_backend_requests_the_gpu(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-key")
     config = TrainingBackendConfig(kind="docker", image="registry.local/twocluster-trainer:1.2", gpus=2,
                                    env={"AWS_ENDPOINT_URL_S3": "http://s3:7480"})
-    op = training_operator(config, task_id="train", job_spec_uri=JOB, run_id="run-7")
+    op = training_operator(config, task_id="train", job_spec_uri=JOB)
     assert isinstance(op, DockerOperator)
     assert op.image == "registry.local/twocluster-trainer:1.2"
     assert op.command == ["python", "training_jobs/train.py", "--job-spec", JOB]
@@ -38,10 +39,14 @@ def test_docker_backend_requests_the_gpu(monkeypatch):
     # daemon is not reachable here, so stop right after that step.
     monkeypatch.setattr(DockerOperator, "execute", lambda self, context: dict(self._private_environment))
     assert op.execute(context={}) == {"AWS_SECRET_ACCESS_KEY": "from-the-worker-env", "AWS_ACCESS_KEY_ID": "worker-key"}
+    # Each DAG run and try gets its own container name (a valid Docker name).
+    ti = SimpleNamespace(dag_id="speech_commands", run_id="scheduled__2026-11-20T00:00:00+00:00", try_number=2)
+    op.execute(context={"ti": ti})
+    assert op.container_name == "train-speech-commands-scheduled-2026-11-20t00-00-00-00-00-2"
 
 
 def test_docker_backend_without_gpu_has_no_device_request():
-    op = training_operator(TrainingBackendConfig(kind="docker", gpus=0), task_id="t", job_spec_uri=JOB, run_id="r")
+    op = training_operator(TrainingBackendConfig(kind="docker", gpus=0), task_id="t", job_spec_uri=JOB)
     assert op.device_requests is None
 
 
@@ -55,7 +60,7 @@ def test_kubernetes_backend_pod_has_gpu_limits_selector_and_tolerations():
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         credentials_secret="twocluster-store-credentials",
     )
-    op = training_operator(config, task_id="train", job_spec_uri=JOB, run_id="scheduled__2026-11-20T00:00:00+00:00")
+    op = training_operator(config, task_id="train", job_spec_uri=JOB)
     pod = op.build_pod_request_obj(context=None, dry_run=True)  # no cluster here
     assert isinstance(pod, k8s.V1Pod)
     doc = ApiClient().sanitize_for_serialization(pod)  # what the API server would receive
@@ -67,9 +72,8 @@ def test_kubernetes_backend_pod_has_gpu_limits_selector_and_tolerations():
     assert doc["spec"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
     assert container["envFrom"] == [{"secretRef": {"name": "twocluster-store-credentials"}}]
     assert doc["metadata"]["namespace"] == "ml"
-    label = doc["metadata"]["labels"]["twocluster/run-id"]
-    assert len(label) <= 63 and all(c.isalnum() or c in "_.-" for c in label)
-    assert doc["metadata"]["name"].startswith("train-scheduled-2026-11-20t00-00-00-00-00")
+    assert doc["metadata"]["labels"]["app"] == "twocluster-trainer"
+    assert doc["metadata"]["name"].startswith("train-train")
     assert op.durable
 
 
@@ -86,7 +90,7 @@ def test_local_backend_runs_the_trainer_and_fails_clearly(tmp_path):
 
     bad = tmp_path / "job.json"
     bad.write_text('{"run_id": "x"}')
-    op = training_operator(TrainingBackendConfig(), task_id="train", job_spec_uri=str(bad), run_id="x")
+    op = training_operator(TrainingBackendConfig(), task_id="train", job_spec_uri=str(bad))
     assert isinstance(op, LocalTrainingOperator)
     with pytest.raises(AirflowException, match="the trainer exited with 1"):
         op.execute(context={})

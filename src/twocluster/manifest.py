@@ -151,14 +151,15 @@ def commit_manifest(store: ObjectStore, version_prefix: str, manifest: Manifest,
     manifest create-only. Returns the manifest URI; raises :class:`CommitConflict` if another
     writer committed this version first (the caller's files were not published)."""
     if verify:
-        _check_sizes(store, version_prefix, manifest)
+        check_files_present(store, version_prefix, manifest)
     key = layout.manifest_key(version_prefix)
     if not store.put_if_absent(key, manifest.to_json()):
         raise CommitConflict(f"{store.uri(key)}: version {manifest.version} was already committed by another writer")
     return store.uri(key)
 
 
-def _check_sizes(store: ObjectStore, version_prefix: str, manifest: Manifest) -> None:
+def check_files_present(store: ObjectStore, version_prefix: str, manifest: Manifest) -> None:
+    """Every file the manifest lists is there with its recorded size (cheap: one listing)."""
     prefix = version_prefix.rstrip("/")
     actual = {o.key[len(prefix) + 1 :]: o.size for o in store.list(prefix)}
     for f in manifest.files:

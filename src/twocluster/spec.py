@@ -153,21 +153,34 @@ class Model(_Strict):
 
 
 class Retrain(_Strict):
+    """See :mod:`twocluster.retrain`."""
+
     every_days: int = Field(7, gt=0)
     min_new_examples: int = Field(2000, ge=0)
+    window_days: int = Field(28, gt=0, description="a model trains on the dates in (D - window_days, D]")
 
 
 class Scoring(_Strict):
     alias: StoreName = "production"
+    # Aliases a run may publish to / score with (an Airflow param picks one); anything else is
+    # refused before a job starts.
+    allowed_aliases: list[StoreName] = Field(default_factory=lambda: ["production"], min_length=1)
     arrow_batch_size: int = Field(256, gt=0)
     inference_batch_size: int = Field(128, gt=0)
     top_k: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _alias_allowed(self) -> Scoring:
+        if self.alias not in self.allowed_aliases:
+            raise ValueError(f"alias {self.alias!r} is not in allowed_aliases {self.allowed_aliases}")
+        return self
 
 
 class PipelineSpec(_Strict):
     name: StoreName
     schedule: str | None = "@daily"
     start_date: dt.date
+    end_date: dt.date | None = None  # no scheduled runs after this date (a retired pipeline)
     store_uri: str | None = None
     inputs: Annotated[AudioInputs | ImageInputs, Field(discriminator="kind")]
     labels: Labels

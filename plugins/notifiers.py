@@ -1,0 +1,49 @@
+"""Failure notifications for the pipeline DAGs, pluggable by configuration.
+
+The default logs the failure (task, run, try, exception and log URL) at ERROR, which every
+deployment collects. To page a team instead, point ``TWOCLUSTER_FAILURE_NOTIFIER`` at any Airflow
+notifier class (the providers ship Slack, SMTP, PagerDuty, Opsgenie, ...) with its arguments:
+
+    TWOCLUSTER_FAILURE_NOTIFIER='{"class": "airflow.providers.slack.notifications.slack.SlackNotifier",
+                                  "kwargs": {"slack_conn_id": "slack_ops", "channel": "#ml-ops",
+                                             "text": "{{ ti.dag_id }}.{{ ti.task_id }} failed: {{ exception }}"}}'
+
+Credentials stay in the notifier's Airflow connection, never in this setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from airflow.sdk import BaseNotifier
+from airflow.sdk.module_loading import import_string
+
+NOTIFIER_ENV = "TWOCLUSTER_FAILURE_NOTIFIER"
+log = logging.getLogger("twocluster.notifications")
+
+
+class LogNotifier(BaseNotifier):
+    """Log a task failure with what an operator needs to find it."""
+
+    def notify(self, context) -> None:
+        ti = context.get("ti") or context.get("task_instance")
+        log.error(
+            "FAILED %s.%s run=%s try=%s date=%s: %s (log: %s)",
+            getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?"), getattr(ti, "run_id", "?"),
+            getattr(ti, "try_number", "?"), context.get("ds"), context.get("exception"), getattr(ti, "log_url", "n/a"),
+        )
+
+
+def failure_notifier(setting: str | None = None) -> BaseNotifier:
+    """The configured notifier (``$TWOCLUSTER_FAILURE_NOTIFIER``), or :class:`LogNotifier`."""
+    setting = os.environ.get(NOTIFIER_ENV) if setting is None else setting
+    if not setting:
+        return LogNotifier()
+    try:
+        config = json.loads(setting)
+        cls = import_string(config["class"])
+        return cls(**config.get("kwargs", {}))
+    except (ValueError, KeyError, ImportError, TypeError) as e:
+        raise ValueError(f"{NOTIFIER_ENV}: cannot build the notifier from {setting!r}: {e}") from None

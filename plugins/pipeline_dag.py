@@ -1,0 +1,285 @@
+"""The pipeline DAG, built from a pipeline spec (``pipelines/<name>.yaml``).
+
+    check_params -> preprocess -> validate_dataset -> decide_retrain -+-> write_training_job -> train -> publish -+
+                    (Spark)                                           +-> training_skipped --------------------+
+                                                                      +-> no_model_yet (nothing to score with)   |
+                                                                                                          model_ready
+                                                                                                                 |
+                               summarize <- validate_predictions <- score (Spark, the published model) <--------+
+
+Parsing this file imports no Spark and no TensorFlow: the Spark jobs run through the provider's
+``SparkSubmitOperator``, training through the configured backend (``training_backends``), and
+the remaining tasks call :mod:`twocluster.orchestration`, which imports the heavy libraries
+only inside the task that needs them.
+
+Deployment configuration, never in code:
+
+* ``spark_default`` connection: the Spark master (``local[2]``, ``spark://spark-master:7077``, ...);
+* ``twocluster_store_uri`` variable (else ``$TWOCLUSTER_STORE_URI``, else the spec's
+  ``store_uri``) and the optional ``twocluster_store`` connection (an ``aws`` connection:
+  login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables);
+* ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``: the training backend as JSON
+  (:class:`training_backends.TrainingBackendConfig`; the local process when unset). It is read
+  when the DAG is parsed because it picks the operator class, so it is an environment-backed
+  variable rather than one edited in the UI;
+* pools ``spark_cluster`` and ``gpu_training``: how many Spark jobs / training jobs all runs and
+  backfills may have in flight together;
+* ``TWOCLUSTER_FAILURE_NOTIFIER``: where failures are reported (``notifiers``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, TriggerRule, get_current_context, task
+from notifiers import failure_notifier
+from training_backends import TrainingBackendConfig, training_operator
+
+from twocluster import orchestration
+from twocluster.spec import PipelineSpec, load_pipeline_spec
+from twocluster.storage import ObjectStore, S3Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STORE_URI_VARIABLE = "twocluster_store_uri"
+STORE_CONNECTION = "twocluster_store"
+TRAINING_BACKEND_ENV = "AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"
+SPARK_POOL = "spark_cluster"
+GPU_POOL = "gpu_training"
+
+# The value checks the UI form applies before a run is even created; orchestration.RunParams
+# checks the same values again with the layout's own rules when the run starts.
+VERSION_PATTERN = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+
+
+# -- run-time helpers (called inside tasks, never at parse time) ----------------------------------
+
+
+def _store(spec: PipelineSpec) -> ObjectStore:
+    from airflow.sdk import Variable
+
+    uri = spec.resolve_store_uri(Variable.get(STORE_URI_VARIABLE, default=None))
+    return ObjectStore(uri, _store_settings())
+
+
+def _store_settings() -> S3Settings | None:
+    """The ``twocluster_store`` connection if there is one, else the worker's environment."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return S3Settings.from_airflow_connection(BaseHook.get_connection(STORE_CONNECTION))
+    except AirflowNotFoundException:
+        return None
+
+
+def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
+    """Stage figures as StatsD/OpenTelemetry gauges (a no-op when metrics are off)."""
+    from airflow.sdk.observability import stats
+
+    for name, value in values.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            stats.gauge(f"{prefix}.{name}", value)
+
+
+class PipelineSparkSubmitOperator(SparkSubmitOperator):
+    """The provider's operator, plus what every job of this project needs at execute time: the
+    shared package zipped for ``--py-files`` (built once per code version) and the store's
+    credentials in the driver's environment (never in the rendered, logged command line).
+
+    Killing the task kills spark-submit (the provider's ``on_kill``); the job's Python driver
+    exits with it (``twocluster.sparkutil.exit_with_parent``), so a killed task leaves no job
+    that could commit later."""
+
+    def execute(self, context):
+        cache = Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-pyfiles"
+        from twocluster.packaging import package_zip
+
+        self.py_files = str(package_zip(cache))
+        settings = _store_settings()
+        self.env_vars = {**(self.env_vars or {}), **(settings.as_env() if settings else {})}
+        return super().execute(context)
+
+
+def _spark_args(spec_path: Path, run: dict, job: str) -> list[str]:
+    args = ["--spec", str(spec_path), "--date", run["date"], "--store", run["store_uri"], "--run-id", run["run_id"]]
+    if job == "preprocess":
+        args += ["--max-reject-rate", str(run["max_reject_rate"])]
+    elif run["model_version"]:
+        args += ["--model-version", run["model_version"]]
+    else:
+        args += ["--alias", run["model_alias"]]
+    return args
+
+
+# -- the DAG --------------------------------------------------------------------------------------
+
+
+def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
+    spec_path = Path(spec_path).resolve()
+    spec = load_pipeline_spec(spec_path)
+    backend = TrainingBackendConfig.from_json(os.environ.get(TRAINING_BACKEND_ENV))
+    dataset_asset = Asset(name=f"{spec.name}.dataset", uri=f"twocluster://datasets/{spec.name}", group="twocluster")
+    predictions_asset = Asset(name=f"{spec.name}.predictions", uri=f"twocluster://predictions/{spec.name}", group="twocluster")
+    model_alias = AssetAlias(name=f"{spec.model.name}.published")
+
+    def model_asset(alias: str) -> Asset:
+        return Asset(name=f"{spec.model.name}.{alias}", uri=f"twocluster://models/{spec.model.name}/{alias}", group="twocluster")
+
+    default_args = {
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=30),
+        "execution_timeout": dt.timedelta(minutes=10),
+        "on_failure_callback": [failure_notifier()],
+    }
+
+    with DAG(
+        dag_id=spec.name,
+        description=f"{spec.name}: Spark preprocessing -> GPU training (when due) -> gate -> Spark batch scoring",
+        schedule=CronDataIntervalTimetable(spec.schedule, timezone="UTC") if spec.schedule else None,
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        end_date=dt.datetime.combine(spec.end_date, dt.time(), tzinfo=dt.UTC) if spec.end_date else None,
+        catchup=False,
+        # One run at a time: each run's retrain decision depends on what the previous date
+        # published, so a backfill of N days trains at most the models the policy allows.
+        max_active_runs=1,
+        default_args=default_args,
+        tags=["twocluster", spec.name, "spark", "training", "scoring"],
+        params={
+            "date": Param(None, type=["null", "string"], pattern=DATE_PATTERN, title="Date to process",
+                          description="YYYY-MM-DD; empty: the run's data interval (scheduled runs and backfills)"),
+            "retrain": Param("auto", type="string", enum=["auto", "force", "never"], title="Retrain",
+                             description="auto: the retrain policy decides; force: always train; never: score with the champion"),
+            "model_alias": Param(spec.scoring.alias, type="string", enum=list(spec.scoring.allowed_aliases), title="Model alias",
+                                 description="the alias a new model is published to and scoring loads"),
+            "model_version": Param(None, type=["null", "string"], pattern=VERSION_PATTERN, title="Pin a model version",
+                                   description="score with this committed model version instead of the alias"),
+            "max_reject_rate": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Reject threshold override",
+                                     description=f"fail preprocessing above this reject rate (spec: {spec.thresholds.max_reject_rate})"),
+        },
+        doc_md=__doc__.split("Deployment configuration")[0] + f"\n\nSpec: `{spec_path.relative_to(REPO_ROOT) if spec_path.is_relative_to(REPO_ROOT) else spec_path}`.",
+    ) as dag:
+
+        @task(multiple_outputs=True, doc_md="Validate the run's parameters against the spec and the store before any job starts.")
+        def check_params() -> dict:
+            context = get_current_context()
+            store = _store(spec)
+            run = orchestration.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"))
+            run["run_id"] = context["run_id"]
+            run["training_run"] = orchestration.training_run_id(spec.name, run["date"], context["run_id"])
+            run["preprocess_args"] = _spark_args(spec_path, run, "preprocess")
+            run["score_args"] = _spark_args(spec_path, run, "score")
+            return run
+
+        run = check_params()
+
+        preprocess = PipelineSparkSubmitOperator(
+            task_id="preprocess",
+            application=str(REPO_ROOT / "spark_jobs" / "preprocess.py"),
+            application_args=run["preprocess_args"],
+            name=f"preprocess-{spec.name}",
+            conn_id="spark_default",
+            pool=SPARK_POOL,
+            execution_timeout=dt.timedelta(hours=2),
+            doc_md="Raw arrivals of the date -> features (pandas UDFs) -> TFRecords + Parquet + rejects, "
+                   "committed as a dataset version (a no-op when the inputs are unchanged).",
+        )
+
+        @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
+        def validate_dataset(run: dict) -> dict:
+            summary = orchestration.check_dataset(spec, _store(spec), run["date"], run["max_reject_rate"])
+            get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
+            _record_metrics(f"twocluster.{spec.name}.dataset", summary)
+            return summary
+
+        @task.branch(doc_md="Apply the retrain policy (twocluster.retrain): train a new model or score with the champion.")
+        def decide_retrain(run: dict) -> str:
+            decision = orchestration.decide(spec, _store(spec), run).as_dict()
+            get_current_context()["ti"].xcom_push(key="decision", value=decision)
+            print(f"retrain: {decision['retrain']}: {decision['reason']}")
+            if decision["retrain"]:
+                return "write_training_job"
+            # A pinned version can score even before anything is published.
+            return "training_skipped" if decision["can_score"] or run["model_version"] else "no_model_yet"
+
+        @task(doc_md="Write the training job spec (datasets, hyper-parameters, resources) to the store.")
+        def write_training_job(run: dict) -> str:
+            decision = get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision")
+            return orchestration.write_training_job(spec, _store(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
+
+        job_spec_uri = write_training_job(run)
+        train = training_operator(
+            backend, task_id="train", job_spec_uri=job_spec_uri, pool=GPU_POOL, execution_timeout=dt.timedelta(hours=12),
+            doc_md=f"Train on the GPU cluster ({backend.kind} backend); a retry resumes the run from its last checkpoint.",
+        )
+        skipped = EmptyOperator(task_id="training_skipped", doc_md="The policy kept the champion.")
+        no_model_yet = EmptyOperator(
+            task_id="no_model_yet",
+            doc_md="Nothing is published and the first model is still waiting for data: this run only preprocesses "
+                   "(scoring and its checks are skipped, and the summary says why).",
+        )
+
+        @task(outlets=[model_alias], execution_timeout=dt.timedelta(minutes=30),
+              doc_md="Gate the new version (load test, floor, champion) and move the alias only if it passes.")
+        def publish(run: dict) -> dict:
+            decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"])
+            if decision["published"]:
+                get_current_context()["outlet_events"][model_alias].add(
+                    model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
+            print(f"gate: {'published' if decision['published'] else 'NOT published'}: {decision['reason']}")
+            _record_metrics(f"twocluster.{spec.model.name}", {"test_accuracy": decision["test_accuracy"]})
+            return decision
+
+        published = publish(run)
+        # Joins the two branches that leave a model to score with (score itself also reads
+        # check_params' output, which would satisfy a min-one-success rule on its own).
+        model_ready = EmptyOperator(task_id="model_ready", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                                    doc_md="A model is published (or pinned): scoring can run.")
+
+        score = PipelineSparkSubmitOperator(
+            task_id="score",
+            application=str(REPO_ROOT / "spark_jobs" / "score.py"),
+            application_args=run["score_args"],
+            name=f"score-{spec.name}",
+            conn_id="spark_default",
+            pool=SPARK_POOL,
+            execution_timeout=dt.timedelta(hours=2),
+            doc_md="Score the date's raw inputs with the published model; predictions committed as a version.",
+        )
+
+        @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
+        def validate_predictions(run: dict) -> dict:
+            summary = orchestration.check_predictions(spec, _store(spec), run["date"])
+            get_current_context()["outlet_events"][predictions_asset].extra = {"date": run["date"], **summary}
+            _record_metrics(f"twocluster.{spec.name}.predictions", summary)
+            return summary
+
+        @task(trigger_rule=TriggerRule.NONE_FAILED, doc_md="One summary of the run in the log and in XCom.")
+        def summarize(run: dict, dataset: dict) -> dict:
+            ti = get_current_context()["ti"]
+            decision = ti.xcom_pull(task_ids="decide_retrain", key="decision")
+            gate = ti.xcom_pull(task_ids="publish") if decision["retrain"] else None
+            predictions = ti.xcom_pull(task_ids="validate_predictions")  # None when scoring was skipped
+            print(orchestration.SUMMARY_MARKER)
+            print(orchestration.format_summary(run, dataset, decision, gate, predictions))
+            return {"date": run["date"], "dataset": dataset, "retrain": decision, "gate": gate, "predictions": predictions}
+
+        dataset = validate_dataset(run)
+        predictions = validate_predictions(run)
+        branch = decide_retrain(run)
+        run >> preprocess >> dataset >> branch
+        branch >> job_spec_uri >> train >> published >> model_ready
+        branch >> skipped >> model_ready
+        branch >> no_model_yet
+        model_ready >> score
+        score >> predictions >> summarize(run, dataset)
+    return dag

@@ -1,0 +1,224 @@
+"""What each task of a pipeline DAG does, as plain functions of (spec, store, run parameters).
+
+The Airflow DAG (``plugins/pipeline_dag.py``) only wires these together; tests call them
+directly. Nothing here imports Airflow, Spark or TensorFlow.
+
+Every function is idempotent per date: it reads committed manifests and alias records, and the
+only things it writes (a training job spec keyed by the run, an alias record through the gate)
+are no-ops or create-only on a rerun.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from twocluster import layout, registry
+from twocluster.jobspec import Hyperparameters, Resources, TrainingJobSpec
+from twocluster.manifest import Manifest, ManifestError, check_files_present, resolve_latest
+from twocluster.retrain import RetrainDecision, RetrainMode, decide_retrain
+from twocluster.spec import PipelineSpec
+from twocluster.storage import ObjectStore
+
+SUMMARY_MARKER = "== run summary =="
+
+
+class RunParamsError(ValueError):
+    """A run parameter is invalid; raised before any job starts."""
+
+
+class CheckFailed(RuntimeError):
+    """A committed output does not pass the pipeline's checks."""
+
+
+class RunParams(BaseModel):
+    """A DAG run's parameters (Airflow ``Param``s, from the UI, the API or ``dags test -c``).
+
+    The DAG's JSON schema already rejects most bad values at trigger time; this is the second
+    line, with the layout's own checks, since every value ends up in a store key or on a
+    ``spark-submit`` command line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    date: str | None = Field(None, description="process this date instead of the run's data interval")
+    retrain: RetrainMode = "auto"
+    model_alias: str | None = None
+    model_version: str | None = None
+    max_reject_rate: float | None = Field(None, ge=0, le=1)
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else layout.check_date(v)
+
+    @field_validator("model_alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else layout.check_name(v, "model_alias")
+
+    @field_validator("model_version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else layout.check_version(v, "model_version")
+
+
+def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], interval_start: dt.datetime | None) -> dict:
+    """Validate a run's parameters against the spec and the store and return the run's settings
+    (date, alias, pinned model version, retrain mode, reject threshold)."""
+    try:
+        p = RunParams.model_validate(params)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        raise RunParamsError(f"invalid run parameters for {spec.name}: {problems}") from None
+    if p.date is not None:
+        date = p.date
+    elif interval_start is not None:
+        date = layout.check_date(interval_start.date())
+    else:
+        raise RunParamsError(f"{spec.name}: this run has no data interval; pass the date to process as the 'date' parameter")
+    if dt.date.fromisoformat(date) < spec.start_date:
+        raise RunParamsError(f"date {date} is before the pipeline's start_date {spec.start_date}")
+    alias = p.model_alias or spec.scoring.alias
+    if alias not in spec.scoring.allowed_aliases:
+        raise RunParamsError(f"model_alias {alias!r} is not one of the pipeline's aliases {spec.scoring.allowed_aliases}")
+    if p.model_version is not None:
+        try:
+            registry.read_model_manifest(store, spec.model.name, p.model_version)
+        except ManifestError as e:
+            raise RunParamsError(f"model_version {p.model_version!r} is not a committed {spec.model.name} version: {e}") from None
+    return {
+        "pipeline": spec.name,
+        "date": date,
+        "store_uri": store.root_uri,
+        "model_alias": alias,
+        "model_version": p.model_version,
+        "retrain": p.retrain,
+        "max_reject_rate": spec.thresholds.max_reject_rate if p.max_reject_rate is None else p.max_reject_rate,
+    }
+
+
+def _committed(store: ObjectStore, parent_prefix: str, what: str) -> Manifest:
+    latest = resolve_latest(store, parent_prefix)
+    if latest is None:
+        raise CheckFailed(f"no committed {what} under {store.uri(parent_prefix)}")
+    manifest = latest[1]
+    check_files_present(store, f"{parent_prefix}/{layout.version_folder(manifest.version)}", manifest)
+    return manifest
+
+
+def _summary(store: ObjectStore, prefix: str, manifest: Manifest) -> dict:
+    counts = manifest.counts
+    return {
+        "version": manifest.version,
+        "manifest_uri": store.uri(layout.manifest_key(f"{prefix}/{layout.version_folder(manifest.version)}")),
+        "input": counts.input,
+        "accepted": counts.accepted,
+        "rejected": counts.rejected,
+        "rejected_by_reason": counts.rejected_by_reason,
+        "per_split": counts.per_split,
+        "bytes": sum(f.bytes for f in manifest.files),
+        "created_at": manifest.created_at.isoformat(),
+    }
+
+
+def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_rate: float) -> dict:
+    """The date's committed dataset: its files are all there with their recorded sizes, its counts
+    reconcile (the manifest model checks ``input = accepted + rejected``), it has examples, and
+    its reject rate is within the threshold."""
+    prefix = layout.dataset_date_prefix(spec.name, date)
+    manifest = _committed(store, prefix, f"dataset for {date}")
+    if manifest.kind != "dataset":
+        raise CheckFailed(f"{store.uri(prefix)}: the newest manifest is a {manifest.kind}, not a dataset")
+    summary = _summary(store, prefix, manifest)
+    if summary["accepted"] == 0:
+        raise CheckFailed(f"the dataset for {date} ({manifest.version}) has no accepted examples (input {summary['input']})")
+    rate = summary["rejected"] / summary["input"]
+    if rate > max_reject_rate:
+        raise CheckFailed(f"the dataset for {date} rejects {rate:.1%} of its inputs, above the threshold {max_reject_rate:.1%}")
+    summary["reject_rate"] = round(rate, 4)
+    return summary
+
+
+def decide(spec: PipelineSpec, store: ObjectStore, run: dict) -> RetrainDecision:
+    return decide_retrain(store, spec, run["date"], run["retrain"], run["model_alias"])
+
+
+def training_run_id(pipeline: str, date: str, airflow_run_id: str) -> str:
+    """One training run per DAG run (a retried or cleared train task resumes this run)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.:+-]", "-", airflow_run_id)
+    return f"{pipeline}.{date}.{cleaned}"[:128]
+
+
+def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, training_run: str, gpus: int) -> str:
+    """Write the training job spec (the only thing besides the store that the GPU side gets) and
+    return its URI. Keyed by the run, so a retry rewrites the same document."""
+    if not decision["training_datasets"]:
+        raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
+    job = TrainingJobSpec(
+        run_id=training_run, pipeline=spec.name, datasets=decision["training_datasets"], model_name=spec.model.name,
+        store_uri=store.root_uri,
+        hyperparameters=Hyperparameters(epochs=spec.model.epochs, batch_size=spec.model.batch_size,
+                                        learning_rate=spec.model.learning_rate, augment=spec.model.augment),
+        seed=spec.model.seed, resources=Resources(gpus=gpus),
+    )
+    key = f"jobs/{spec.model.name}/{training_run.replace(':', '_').replace('+', '_')}.json"
+    store.write_bytes(key, job.model_dump_json(indent=2).encode())
+    return store.uri(key)
+
+
+def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: str) -> dict:
+    """Gate the model version the training run produced and publish it under ``alias`` if it
+    passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it."""
+    from twocluster.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
+    from twocluster.training import find_version_of_run
+
+    manifest = find_version_of_run(store, spec.model.name, training_run)
+    if manifest is None:
+        raise CheckFailed(f"training run {training_run} committed no {spec.model.name} version")
+    gate = spec.model.gate
+    decision = gate_and_publish(store, spec.model.name, manifest.version, alias, gate.min_test_accuracy, gate.max_regression)
+    return {**decision.__dict__, "metrics": manifest.model_extra.get("metrics", {})}
+
+
+def check_predictions(spec: PipelineSpec, store: ObjectStore, date: str) -> dict:
+    """The date's committed predictions: files present, counts reconcile, the model version
+    recorded, and one prediction row per accepted input."""
+    prefix = layout.predictions_date_prefix(spec.name, date)
+    manifest = _committed(store, prefix, f"predictions for {date}")
+    if manifest.kind != "predictions":
+        raise CheckFailed(f"{store.uri(prefix)}: the newest manifest is a {manifest.kind}, not predictions")
+    summary = _summary(store, prefix, manifest)
+    rows = sum(f.rows or 0 for f in manifest.files if f.path.endswith(".parquet") and not f.path.startswith("rejects/"))
+    if rows != summary["accepted"]:
+        raise CheckFailed(f"predictions {manifest.version} hold {rows} rows for {summary['accepted']} scored inputs")
+    extra = manifest.model_extra
+    summary.update(model=extra.get("model"), model_version=extra.get("model_version"), rows=rows,
+                   model_loads=extra.get("model_loads"), python_workers=extra.get("python_workers"))
+    return summary
+
+
+def format_summary(run: dict, dataset: dict, decision: dict, published: dict | None, predictions: dict | None) -> str:
+    lines = [
+        f"{run['pipeline']} {run['date']}",
+        f"  inputs {dataset['input']}: accepted {dataset['accepted']}, rejected {dataset['rejected']} "
+        f"{dataset['rejected_by_reason'] or ''}".rstrip(),
+        f"  dataset   v={dataset['version']}  {dataset['manifest_uri']}",
+        f"  retrain   {'yes' if decision['retrain'] else 'no'}: {decision['reason']}",
+    ]
+    if published:
+        acc = published.get("test_accuracy")
+        verdict = "published" if published["published"] else "NOT published"
+        lines.append(f"  model     {published['model']} v={published['version']} test accuracy "
+                     f"{'n/a' if acc is None else f'{acc:.3f}'}: {verdict} as {published['alias']} ({published['reason']})")
+    if predictions is None:
+        lines.append("  scoring   skipped: no model is published yet")
+    else:
+        lines += [
+            f"  scored by {predictions['model']} v={predictions['model_version']} ({predictions['model_loads']} model load(s), "
+            f"{predictions['python_workers']} Python worker(s))",
+            f"  predictions {predictions['rows']} rows, v={predictions['version']}  {predictions['manifest_uri']}",
+        ]
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""The pipeline DAG run for real: `airflow dags test` end to end, refused parameters, and a
+backfill of three dates executed by Airflow's own scheduler (`airflow standalone` on loopback).
+
+Everything is real: Airflow 3 on SQLite, spark-submit on local Spark, the local training backend
+(a child process running the trainer), the gate, and a local folder as the store. The DAG is
+built by the project's factory from a small variant of the speech_commands spec (fewer epochs,
+a gate floor of 0, a two-day cadence) so the suite stays quick; the integrity tests cover the
+shipped DAG file itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from twocluster import layout, registry, sample_data
+from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
+from twocluster.manifest import list_committed_versions, read_manifest
+from twocluster.spec import load_pipeline_spec
+from twocluster.storage import ObjectStore
+
+pytestmark = pytest.mark.slow
+D0, D1, D2, D3 = (dt.date(2026, 10, 5) + dt.timedelta(days=d) for d in range(4))
+DAG_ID = "kws_e2e"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = yaml.safe_load((REPO_ROOT / "pipelines" / "speech_commands.yaml").read_text())
+    data.update(name=DAG_ID, start_date=D0.isoformat(), end_date=D3.isoformat())
+    data["model"].update(epochs=3, gate={"min_test_accuracy": 0.0, "max_regression": 1.0})
+    data["retrain"] = {"every_days": 2, "min_new_examples": 1000, "window_days": 28}
+    spec_path = root / f"{DAG_ID}.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+    dags = root / "dags"
+    dags.mkdir()
+    (dags / f"{DAG_ID}.py").write_text(
+        '"""Airflow DAG for the tests."""\nfrom pipeline_dag import build_pipeline_dag\n\n'
+        f"dag = build_pipeline_dag({str(spec_path)!r})\n"
+    )
+    spec = load_pipeline_spec(spec_path)
+    store = ObjectStore((root / "store").as_uri())
+    sample_data.generate(store, spec, [D0, D1, D2, D3], clips_per_day=100, seed=5, bad_files_per_day=1)
+    env = airflow_env(root / "airflow", store.root_uri, dags_folder=dags, spark_master="local[2]")
+    env["TWOCLUSTER_WORK_DIR"] = str(root / "work")
+    prepare(env)
+    return SimpleNamespace(root=root, spec=spec, store=store, env=env)
+
+
+def _dags_test(pipeline, conf: dict, log_name: str) -> tuple[int, str]:
+    log = pipeline.root / f"{log_name}.log"
+    with log.open("w") as out:
+        result = airflow(pipeline.env, "dags", "test", DAG_ID, "-c", json.dumps(conf), stdout=out, stderr=out, timeout=900)
+    return result.returncode, log.read_text(errors="replace")
+
+
+def _versions(store: ObjectStore, parent: str) -> list[str]:
+    return list_committed_versions(store, parent)
+
+
+def _asset_events(pipeline) -> list[tuple[str, dict]]:
+    db = sqlite3.connect(pipeline.root / "airflow" / "airflow.db")
+    rows = db.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id ORDER BY e.id").fetchall()
+    db.close()
+    return [(name, json.loads(extra) if isinstance(extra, str) else extra) for name, extra in rows]
+
+
+def test_dag_test_runs_the_whole_pipeline(pipeline):
+    spec, store = pipeline.spec, pipeline.store
+    code, log = _dags_test(pipeline, {"date": D0.isoformat(), "retrain": "force"}, "dags-test-d0")
+    assert code == 0 and "state=success" in [line for line in log.splitlines() if "DagRun Finished" in line][-1], log[-5000:]
+
+    (dataset_version,) = _versions(store, layout.dataset_date_prefix(spec.name, D0))
+    dataset = read_manifest(store, layout.dataset_version_prefix(spec.name, D0, dataset_version))
+    assert dataset.counts.input == 101 and dataset.counts.accepted + dataset.counts.rejected == 101
+
+    (model_version,) = _versions(store, layout.model_versions_prefix(spec.model.name))
+    model = registry.read_model_manifest(store, spec.model.name, model_version)
+    assert model.lineage.run_id.startswith(f"{DAG_ID}.{D0}.manual__")
+    assert model.lineage.inputs == [store.uri(layout.manifest_key(layout.dataset_version_prefix(spec.name, D0, dataset_version)))]
+    assert registry.resolve_alias(store, spec.model.name, "production").version == model_version
+
+    (pred_version,) = _versions(store, layout.predictions_date_prefix(spec.name, D0))
+    predictions = read_manifest(store, layout.predictions_version_prefix(spec.name, D0, pred_version))
+    assert predictions.model_extra["model_version"] == model_version
+    assert predictions.counts.input == 101 and predictions.counts.accepted == dataset.counts.accepted
+
+    assert "== run summary ==" in log and f"retrain   yes: forced by the run's parameters" in log
+    events = dict(_asset_events(pipeline))
+    assert events[f"{DAG_ID}.dataset"]["version"] == dataset_version
+    assert events[f"{spec.model.name}.production"]["version"] == model_version
+    assert events[f"{DAG_ID}.predictions"]["model_version"] == model_version
+
+
+@pytest.mark.parametrize("conf", [
+    {"date": f"{D1}; touch /tmp/pwned"},
+    {"date": D1.isoformat(), "model_alias": "../production"},
+    {"date": D1.isoformat(), "model_version": "../../models"},
+])
+def test_bad_params_are_refused_before_any_job_runs(pipeline, conf):
+    before = pipeline.store.list("datasets") + pipeline.store.list("models")
+    code, log = _dags_test(pipeline, conf, "dags-test-bad")
+    assert code != 0 or "state=failed" in log
+    assert "spark-submit" not in log.lower().replace("spark_submit", "")
+    assert "ParamValidationError" in log or "invalid run parameters" in log, log[-3000:]
+    assert pipeline.store.list("datasets") + pipeline.store.list("models") == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_backfill_of_three_dates_through_the_scheduler(pipeline):
+    """D1..D3 after the forced D0 model: D1 keeps the champion (1 day old, 100 new examples),
+    D2 retrains (2 days: the cadence), D3 keeps the new champion."""
+    spec, store = pipeline.spec, pipeline.store
+    port = _free_port()
+    env = {**pipeline.env, "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"}
+    log = (pipeline.root / "standalone.log").open("w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/v2"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if _get(f"{api}/dags/{DAG_ID}").get("dag_id") == DAG_ID:
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, (pipeline.root / "standalone.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "the API server or the DAG never came up"
+            time.sleep(2)
+
+        # The REST API applies the params' schema: a shell metacharacter never reaches a task.
+        bad = urllib.request.Request(f"{api}/dags/{DAG_ID}/dagRuns", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"logical_date": None, "conf": {"date": "2026-10-06;id"}}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=10)
+        assert refused.value.code == 400 and "date" in refused.value.read().decode()
+
+        created = airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", D1.isoformat(),
+                          "--to-date", D3.isoformat(), capture_output=True, text=True, timeout=120)
+        assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
+
+        deadline = time.monotonic() + 1200
+        while True:
+            runs = _get(f"{api}/dags/{DAG_ID}/dagRuns?run_type=backfill&limit=10")["dag_runs"]
+            states = sorted((r["logical_date"][:10], r["state"]) for r in runs)
+            if len(runs) == 3 and all(s in ("success", "failed") for _, s in states):
+                break
+            assert time.monotonic() < deadline, f"backfill did not finish: {states}"
+            time.sleep(5)
+        assert states == [(D1.isoformat(), "success"), (D2.isoformat(), "success"), (D3.isoformat(), "success")]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+    for day in (D1, D2, D3):
+        assert len(_versions(store, layout.predictions_date_prefix(spec.name, day))) == 1, day
+    models = [registry.read_model_manifest(store, spec.model.name, v) for v in _versions(store, layout.model_versions_prefix(spec.model.name))]
+    assert [m.lineage.run_id.split(".")[1] for m in models] == [D0.isoformat(), D2.isoformat()], "exactly the retrains the policy allows"
+    assert "backfill__" in models[1].lineage.run_id and len(models[1].lineage.inputs) == 3
+    d3 = read_manifest(store, layout.predictions_version_prefix(spec.name, D3, _versions(store, layout.predictions_date_prefix(spec.name, D3))[0]))
+    assert d3.model_extra["model_version"] == models[1].version
