@@ -17,7 +17,8 @@ Deployment configuration, never in code:
 * ``spark_default`` connection: the Spark master (``local[2]``, ``spark://spark-master:7077``, ...);
 * ``twocluster_store_uri`` variable (else ``$TWOCLUSTER_STORE_URI``, else the spec's
   ``store_uri``) and the optional ``twocluster_store`` connection (an ``aws`` connection:
-  login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables);
+  login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables),
+  and ``twocluster_store_spark`` for the Spark drivers where they get credentials of their own;
 * ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``: the training backend as JSON
   (:class:`training_backends.TrainingBackendConfig`; the local process when unset). It is read
   when the DAG is parsed because it picks the operator class, so it is an environment-backed
@@ -48,6 +49,7 @@ from twocluster.storage import ObjectStore, S3Settings
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STORE_URI_VARIABLE = "twocluster_store_uri"
 STORE_CONNECTION = "twocluster_store"
+SPARK_STORE_CONNECTION = "twocluster_store_spark"
 TRAINING_BACKEND_ENV = "AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"
 SPARK_POOL = "spark_cluster"
 GPU_POOL = "gpu_training"
@@ -68,15 +70,18 @@ def _store(spec: PipelineSpec) -> ObjectStore:
     return ObjectStore(uri, _store_settings())
 
 
-def _store_settings() -> S3Settings | None:
-    """The ``twocluster_store`` connection if there is one, else the worker's environment."""
+def _store_settings(*conn_ids: str) -> S3Settings | None:
+    """The first of these connections that exists (default ``twocluster_store``), else ``None``:
+    the worker's own ``AWS_*`` environment."""
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    try:
-        return S3Settings.from_airflow_connection(BaseHook.get_connection(STORE_CONNECTION))
-    except AirflowNotFoundException:
-        return None
+    for conn_id in conn_ids or (STORE_CONNECTION,):
+        try:
+            return S3Settings.from_airflow_connection(BaseHook.get_connection(conn_id))
+        except AirflowNotFoundException:
+            continue
+    return None
 
 
 def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
@@ -102,7 +107,9 @@ class PipelineSparkSubmitOperator(SparkSubmitOperator):
         from twocluster.packaging import package_zip
 
         self.py_files = str(package_zip(cache))
-        settings = _store_settings()
+        # The Spark driver writes datasets and predictions: it gets the Spark side's credentials
+        # where the deployment separates them.
+        settings = _store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         self.env_vars = {**(self.env_vars or {}), **(settings.as_env() if settings else {})}
         return super().execute(context)
 

@@ -60,6 +60,9 @@ class TrainingBackendConfig(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
     credentials_secret: str | None = Field(None, description="Kubernetes secret with the AWS_* variables for the store")
+    # docker: the Airflow connection (type aws) holding the trainer's own store credentials;
+    # unset: the worker's AWS_* variables are handed over
+    credentials_conn_id: str | None = None
     # every backend: non-secret environment for the trainer (e.g. AWS_ENDPOINT_URL_S3, TWOCLUSTER_WORK_DIR)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -120,8 +123,20 @@ def _docker_training_operator_class():
         at execute time as private (never rendered or logged) environment, so they are neither in
         the DAG file nor in the serialized DAG."""
 
+        def __init__(self, *, credentials_conn_id: str | None = None, **kwargs):
+            super().__init__(**kwargs)
+            self.credentials_conn_id = credentials_conn_id
+
         def execute(self, context):
-            self._private_environment = {k: os.environ[k] for k in STORE_CREDENTIAL_VARIABLES if k in os.environ}
+            if self.credentials_conn_id:
+                from airflow.sdk import BaseHook
+
+                from twocluster.storage import S3Settings
+
+                settings = S3Settings.from_airflow_connection(BaseHook.get_connection(self.credentials_conn_id))
+                self._private_environment = {k: v for k, v in settings.as_env().items() if k in STORE_CREDENTIAL_VARIABLES}
+            else:
+                self._private_environment = {k: os.environ[k] for k in STORE_CREDENTIAL_VARIABLES if k in os.environ}
             # One container name per DAG run and try: a leftover container of a killed try
             # cannot block the retry, and `docker ps` shows which run a container belongs to.
             ti = context.get("ti")
@@ -154,6 +169,7 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             environment=dict(config.env),
             mount_tmp_dir=False,
             auto_remove="success",
+            credentials_conn_id=config.credentials_conn_id,
             **kwargs,
         )
     if config.kind == "kubernetes":

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -53,14 +54,17 @@ def missing_commands() -> list[str]:
 class LocalRGW:
     """Start and stop a single-node Ceph cluster with an S3 gateway under ``workdir``."""
 
-    def __init__(self, workdir: str | os.PathLike[str], memstore_bytes: int = 4 << 30):
+    def __init__(self, workdir: str | os.PathLike[str], memstore_bytes: int = 4 << 30, *, port: int | None = None,
+                 bind: str = "127.0.0.1", access_key: str | None = None, secret_key: str | None = None):
         self.workdir = Path(workdir).resolve()
         self.memstore_bytes = memstore_bytes
         self.mon_port = _free_port()
-        self.rgw_port = _free_port()
+        self.rgw_port = port or _free_port()
+        self.bind = bind
         self.endpoint_url = f"http://127.0.0.1:{self.rgw_port}"
-        self.access_key = "LOCALRGW" + secrets.token_hex(6).upper()
-        self.secret_key = secrets.token_urlsafe(30)
+        # Random keys unless given (the compose stack passes its own from the environment).
+        self.access_key = access_key or "LOCALRGW" + secrets.token_hex(6).upper()
+        self.secret_key = secret_key or secrets.token_urlsafe(30)
         self._procs: list[subprocess.Popen] = []
 
     @property
@@ -105,10 +109,7 @@ class LocalRGW:
             self._wait(lambda: json.loads(self._ceph("osd", "stat", "-f", "json", deadline=deadline))["num_up_osds"] == 1, deadline, "the OSD to come up")
             self._spawn("radosgw", "-f", "-c", str(self.conf), "-n", "client.admin")
             self._wait(self._rgw_answers, deadline, f"radosgw to answer on {self.endpoint_url}")
-            self._run(
-                "radosgw-admin", "-c", str(self.conf), "user", "create", "--uid=tests", "--display-name=tests",
-                f"--access-key={self.access_key}", f"--secret-key={self.secret_key}",
-            )
+            self.add_user("tests", self.access_key, self.secret_key)
         except BaseException:
             self.stop()
             raise
@@ -125,14 +126,21 @@ class LocalRGW:
                 proc.wait()
         self._procs.clear()
 
-    def create_bucket(self, name: str) -> None:
+    def add_user(self, uid: str, access_key: str, secret_key: str) -> None:
+        """An S3 user (bucket policies name it as ``arn:aws:iam:::user/<uid>``)."""
+        self._run("radosgw-admin", "-c", str(self.conf), "user", "create", f"--uid={uid}", f"--display-name={uid}",
+                  f"--access-key={access_key}", f"--secret-key={secret_key}")
+
+    def client(self):
         import boto3
 
         s = self.s3_settings
-        client = boto3.client(
+        return boto3.client(
             "s3", endpoint_url=s.endpoint_url, region_name=s.region, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key
         )
-        client.create_bucket(Bucket=name)
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -177,7 +185,7 @@ mon data = {d}/mon/$cluster-$id
 osd data = {d}/osd/$cluster-$id
 
 [client]
-rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw frontends = beast endpoint={self.bind}:{self.rgw_port}
 rgw data = {d}/rgw
 """
         )
@@ -222,10 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a local Ceph RGW S3 server on 127.0.0.1 until interrupted.")
     parser.add_argument("--dir", default=".local/rgw", help="working folder (wiped on start)")
     parser.add_argument("--bucket", default="twocluster", help="bucket to create")
+    parser.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
+    parser.add_argument("--bind", default="127.0.0.1", help="S3 address (0.0.0.0 in a container)")
+    parser.add_argument("--user", action="append", default=[], metavar="NAME",
+                        help="also create user NAME with keys from $S3_<NAME>_ACCESS_KEY / $S3_<NAME>_SECRET_KEY (repeatable)")
+    parser.add_argument("--bucket-policy", default=None, help="JSON bucket policy to apply (limits what each user may do)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    with LocalRGW(args.dir) as rgw:
+    admin = (os.environ.get("S3_ADMIN_ACCESS_KEY"), os.environ.get("S3_ADMIN_SECRET_KEY"))
+    with LocalRGW(args.dir, port=args.port, bind=args.bind, access_key=admin[0], secret_key=admin[1]) as rgw:
         rgw.create_bucket(args.bucket)
+        for name in args.user:
+            keys = [os.environ.get(f"S3_{name.upper()}_{k}_KEY") for k in ("ACCESS", "SECRET")]
+            if not all(keys):
+                raise SystemExit(f"--user {name}: set S3_{name.upper()}_ACCESS_KEY and S3_{name.upper()}_SECRET_KEY")
+            rgw.add_user(name, *keys)
+        if args.bucket_policy:
+            # The policy names the bucket as $bucket, so one file serves any bucket name.
+            policy = string.Template(Path(args.bucket_policy).read_text()).substitute(bucket=args.bucket)
+            rgw.client().put_bucket_policy(Bucket=args.bucket, Policy=policy)
         print(f"# local RGW up in {time.perf_counter() - started:.1f}s; export these to use it:")
         for key, value in rgw.s3_settings.as_env().items():
             print(f"export {key}={value}")

@@ -1,0 +1,157 @@
+"""The compose stack, validated as far as this machine allows: no Docker daemon runs here, so
+the stack is never started. Docker Compose itself (Debian's docker-compose, installed by
+`make test`) validates and resolves the file offline; the tests then check its structure, that
+the images install from the lock, and that no credential is written in the repository. The
+stack's S3 set-up (users, bucket policy, the one-shot check) runs for real against the local
+Ceph RGW, the same server the S3 image runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twocluster.devtools import s3_check
+from twocluster.devtools.local_s3 import LocalRGW
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_RUNNING_WITHOUT_HEALTHCHECK: set[str] = set()
+ONE_SHOT = {"airflow-init", "s3-init"}
+
+
+def _lock_version(package: str) -> str:
+    match = re.search(rf"^{re.escape(package)}==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M)
+    assert match, f"{package} is not pinned in requirements.lock"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is missing (make test installs Debian's docker-compose)"
+    result = subprocess.run([exe, "-f", "docker-compose.yml", "--env-file", ".env.example", "config"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_validation_catches_a_broken_file(tmp_path):
+    broken = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    broken["services"]["airflow-scheduler"]["depends_on"]["no-such-service"] = {"condition": "service_healthy"}
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken))
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env.example")
+    result = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "--env-file", ".env.example", "config", "-q"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no-such-service" in result.stderr
+
+
+def test_every_service_is_healthchecked_or_one_shot(compose):
+    services = compose["services"]
+    expected = {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                "airflow-triggerer", "spark-master", "spark-worker-1", "spark-worker-2", "s3", "s3-init", "trainer"}
+    assert expected <= set(services)
+    for name, service in services.items():
+        if name in ONE_SHOT or name == "trainer":
+            assert service.get("restart", "no") == "no", name
+        else:
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+
+
+def test_airflow_services_wait_for_init_and_init_waits_for_postgres(compose):
+    services = compose["services"]
+    assert services["airflow-init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+        assert services[name]["image"] == services["airflow-init"]["image"]
+    assert services["airflow-scheduler"]["depends_on"]["s3-init"]["condition"] == "service_completed_successfully"
+    assert services["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    for worker in ("spark-worker-1", "spark-worker-2"):
+        assert services[worker]["depends_on"]["spark-master"]["condition"] == "service_healthy"
+        assert services[worker]["image"] == services["spark-master"]["image"], "one Spark image for master and workers"
+
+
+def test_connections_and_gpu_reservation(compose):
+    import json
+
+    env = compose["services"]["airflow-scheduler"]["environment"]
+    spark = json.loads(env["AIRFLOW_CONN_SPARK_DEFAULT"])
+    assert (spark["host"], spark["port"]) == ("spark://spark-master", 7077)
+    backend = json.loads(env["AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"])
+    assert backend["kind"] == "docker" and backend["gpus"] == 1 and backend["credentials_conn_id"] == "twocluster_store_trainer"
+    assert "/var/run/docker.sock" in " ".join(map(str, compose["services"]["airflow-scheduler"]["volumes"]))
+    (device,) = compose["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and int(device["count"]) == 1
+    # Each component gets its own store user.
+    workers = compose["services"]["spark-worker-1"]["environment"]
+    trainer = compose["services"]["trainer"]["environment"]
+    store = json.loads(env["AIRFLOW_CONN_TWOCLUSTER_STORE"])
+    assert len({workers["AWS_ACCESS_KEY_ID"], trainer["AWS_ACCESS_KEY_ID"], store["login"]}) == 3
+
+
+def test_the_backend_config_in_compose_is_valid(compose):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "plugins"))
+    from training_backends import TrainingBackendConfig
+
+    env = compose["services"]["airflow-scheduler"]["environment"]
+    config = TrainingBackendConfig.model_validate(json.loads(env["AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"]))
+    assert config.network_mode == "twocluster" == next(iter(compose["networks"].values()))["name"]
+
+
+def test_images_install_the_locked_versions():
+    airflow = (ROOT / "docker" / "airflow" / "Dockerfile").read_text()
+    spark = (ROOT / "docker" / "spark" / "Dockerfile").read_text()
+    trainer = (ROOT / "training_jobs" / "Dockerfile").read_text()
+    s3 = (ROOT / "docker" / "s3" / "Dockerfile").read_text()
+    assert f"ARG AIRFLOW_VERSION={_lock_version('apache-airflow')}" in airflow
+    assert f"ARG TF_VERSION={_lock_version('tensorflow-cpu')}" in trainer
+    for text in (airflow, spark, trainer, s3):
+        assert "requirements.lock" in text
+    # Spark: pyspark comes from the lock (-c pins it), and nothing else installs a Spark.
+    assert re.search(r"pip install[^\n]*-c requirements\.lock[\s\\]+pyspark", spark)
+    assert _lock_version("pyspark") == "4.2.0" and "FROM apache/spark" not in spark
+
+
+def test_no_literal_credentials_in_the_stack():
+    text = (ROOT / "docker-compose.yml").read_text()
+    for line in text.splitlines():
+        for key, value in re.findall(r'"?(\w*(?:PASSWORD|SECRET|ACCESS_KEY|login|password)\w*)"?\s*[:=]\s*"?([^",}\s]+)', line):
+            assert value.startswith("${"), f"literal credential for {key}: {line.strip()}"
+    example = (ROOT / ".env.example").read_text()
+    for key, value in re.findall(r"^(\w*(?:PASSWORD|SECRET|_KEY)\w*)=(.*)$", example, re.M):
+        assert value == "" or value.startswith("CHANGE-ME"), f".env.example sets a real-looking {key}"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
+    """The S3 image's set-up for real: users from the environment, the bucket policy, s3-init."""
+    keys = {f"S3_{u}_{k}_KEY": f"{u}-{k}-{i}".lower() for i, u in enumerate(("AIRFLOW", "SPARK", "TRAINER")) for k in ("ACCESS", "SECRET")}
+    for k, v in keys.items():
+        monkeypatch.setenv(k, v)
+    import string
+
+    with LocalRGW(tmp_path / "rgw") as rgw:
+        rgw.create_bucket("stack")
+        for user in ("airflow", "spark", "trainer"):
+            rgw.add_user(user, keys[f"S3_{user.upper()}_ACCESS_KEY"], keys[f"S3_{user.upper()}_SECRET_KEY"])
+        policy = string.Template((ROOT / "docker" / "s3" / "bucket-policy.json").read_text()).substitute(bucket="stack")
+        rgw.client().put_bucket_policy(Bucket="stack", Policy=policy)
+        assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "30"]) == 0
+
+        spark = s3_check._client(rgw.endpoint_url, "spark")
+        spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json", Body=b"{}")
+        trainer = s3_check._client(rgw.endpoint_url, "trainer")
+        trainer.put_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json", Body=b"{}")
+        airflow = s3_check._client(rgw.endpoint_url, "airflow")
+        airflow.put_object(Bucket="stack", Key="models/m/aliases/production/r.json", Body=b"{}")
+        assert airflow.get_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json")["Body"].read() == b"{}"
+
+        # Without the policy, s3-init refuses to let the stack start.
+        rgw.client().delete_bucket_policy(Bucket="stack")
+        assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "5"]) == 1
