@@ -61,27 +61,128 @@ def _timed(fn: Callable[[], int]) -> float:
     return n / (time.perf_counter() - t)
 
 
+# -- shared set-up -------------------------------------------------------------------------------
+
+
+class BenchContext:
+    """What the figures share: one local[2] Spark session, a store with a generated day of
+    arrivals, its featurized rows (cached), the committed dataset and a trained, committed model."""
+
+    def __init__(self, workdir: Path, clips: int, repeats: int, quick: bool):
+        from twocluster import sample_data
+        from twocluster.features import featurizer_for
+        from twocluster.spec import default_spec_path, load_pipeline_spec
+        from twocluster.storage import ObjectStore
+
+        self.workdir, self.clips, self.repeats, self.quick = workdir, clips, repeats, quick
+        self.scale_repeats = 1 if quick else 2
+        self.orchestration_repeats = 1 if quick else 2
+        self.spec = load_pipeline_spec(default_spec_path())
+        if quick:  # a short training run keeps the quick bench quick; the full run trains as specified
+            self.spec = self.spec.model_copy(update={"model": self.spec.model.model_copy(update={"epochs": 3})})
+        self.store = ObjectStore((workdir / "store").as_uri())
+        self.date = dt.date(2026, 1, 1)
+        self.featurizer = featurizer_for(self.spec.featurizer)
+        sample_data.generate_day(self.store, self.spec, self.date, clips=clips, seed=5, bad_files=0)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        self._spark = None
+        self._featurized = None
+        self._dataset_uri = None
+        self._model = None
+        self._fresh = 0
+
+    @property
+    def spark(self):
+        from twocluster.sparkutil import get_spark
+
+        if self._spark is None:
+            self._spark = get_spark("bench", master="local[2]", arrow_batch_rows=64)
+        return self._spark
+
+    @property
+    def featurized(self):
+        from pyspark import StorageLevel
+
+        from twocluster.preprocess import featurize, list_inputs
+
+        if self._featurized is None:
+            inputs, _, _ = list_inputs(self.store, self.spec, self.date)
+            frame = self.spark.createDataFrame(inputs).repartition(self.spark.sparkContext.defaultParallelism * 2)
+            self._featurized = featurize(frame, self.spec, self.store).persist(StorageLevel.MEMORY_AND_DISK)
+            self._featurized.count()
+        return self._featurized
+
+    @property
+    def dataset_manifest_uri(self) -> str:
+        from twocluster.preprocess import run_preprocess
+
+        if self._dataset_uri is None:
+            self._dataset_uri = run_preprocess(self.spark, self.spec, self.store, self.date, run_id="bench").manifest_uri
+        return self._dataset_uri
+
+    @property
+    def model_version(self) -> tuple[str, str]:
+        from twocluster import registry
+        from twocluster.jobspec import Hyperparameters, TrainingJobSpec
+        from twocluster.training import run_training
+
+        if self._model is None:
+            m = self.spec.model
+            job = TrainingJobSpec(run_id="bench", pipeline=self.spec.name, datasets=[self.dataset_manifest_uri], model_name=m.name,
+                                  store_uri=self.store.root_uri, hyperparameters=Hyperparameters(epochs=m.epochs, batch_size=m.batch_size,
+                                                                                                learning_rate=m.learning_rate))
+            result = run_training(job, self.workdir / "train")
+            registry.publish_alias(self.store, m.name, self.spec.scoring.alias, result.version, reason="bench")
+            self._model = (m.name, result.version)
+        return self._model
+
+    @property
+    def model_manifest(self):
+        from twocluster import registry
+
+        return registry.read_model_manifest(self.store, *self.model_version)
+
+    def fresh_store_with(self, day: dt.date):
+        """A new store holding only ``day``'s arrivals (a copy), so a job run on it does its full
+        work instead of finding a committed version with the same inputs."""
+        from twocluster import layout
+        from twocluster.storage import ObjectStore
+
+        self._fresh += 1
+        store = ObjectStore((self.workdir / f"store-{self._fresh}").as_uri())
+        prefix = layout.raw_date_prefix(self.spec.name, day)
+        for obj in self.store.list(prefix):
+            store.write_bytes(obj.key, self.store.read_bytes(obj.key))
+        return store
+
+    def publish_into(self, store) -> None:
+        """Copy the trained model version and its alias into ``store``."""
+        from twocluster import layout
+
+        name, version = self.model_version
+        for prefix in (layout.model_version_prefix(name, version), layout.model_alias_prefix(name, self.spec.scoring.alias)):
+            for obj in self.store.list(prefix):
+                if not store.exists(obj.key):
+                    store.write_bytes(obj.key, self.store.read_bytes(obj.key))
+
+    def close(self) -> None:
+        if self._spark is not None:
+            self._spark.stop()
+
+
 # -- featurization -------------------------------------------------------------------------------
 
 
-def featurize_figures(repeats: int, clips: int, workdir: Path) -> list[Figure]:
+def featurize_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark.sql.functions import udf
 
-    from twocluster import sample_data
-    from twocluster.features import featurizer_for
     from twocluster.preprocess import FEATURIZED_SCHEMA, featurize, list_inputs
-    from twocluster.sparkutil import get_spark
-    from twocluster.spec import default_spec_path, load_pipeline_spec
     from twocluster.storage import ObjectStore
 
-    spec = load_pipeline_spec(default_spec_path())
-    store = ObjectStore((workdir / "store").as_uri())
-    date = dt.date(2026, 1, 1)
-    sample_data.generate_day(store, spec, date, clips=clips, seed=5, bad_files=0)
-    inputs, _, _ = list_inputs(store, spec, date)
+    spec, store = ctx.spec, ctx.store
+    inputs, _, _ = list_inputs(store, spec, ctx.date)
     keys = list(inputs["key"])
-
-    featurizer = featurizer_for(spec.featurizer)
+    featurizer = ctx.featurizer
 
     def single_process() -> int:
         # The baseline a user would write: one loop over the files, same featurizer, same batches.
@@ -89,8 +190,7 @@ def featurize_figures(repeats: int, clips: int, workdir: Path) -> list[Figure]:
             featurizer.featurize_many([store.read_bytes(k) for k in keys[i : i + 64]])
         return len(keys)
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = get_spark("bench-featurize", master="local[2]")
+    spark = ctx.spark
     frame = spark.createDataFrame(inputs).repartition(spark.sparkContext.defaultParallelism * 2).cache()
     frame.count()
 
@@ -116,11 +216,11 @@ def featurize_figures(repeats: int, clips: int, workdir: Path) -> list[Figure]:
     spark_pandas_udf()
     spark_row_udf()
     base, project, row = [], [], []
-    for _ in range(repeats):
+    for _ in range(ctx.repeats):
         base.append(_timed(single_process))
         project.append(_timed(spark_pandas_udf))
         row.append(_timed(spark_row_udf))
-    spark.stop()
+    frame.unpersist()
 
     featurize_ratio = _median(project) / _median(base)
     row_ratio = _median(project) / _median(row)
@@ -131,6 +231,269 @@ def featurize_figures(repeats: int, clips: int, workdir: Path) -> list[Figure]:
         Figure("row_udf", "same, vs a row-at-a-time Python UDF", "clips/s", _median(project), _median(row),
                row_ratio, ">= 5", row_ratio >= 5, project, row, _spread(project), "row UDF does the same fetch + featurize per row"),
     ]
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def write_figure(ctx: BenchContext) -> Figure:
+    """TFRecord + Parquet shards written by the preprocessing job's own write step, vs a plain
+    sequential write of the same bytes, in the same number of files, to the same store."""
+    from pyspark import StorageLevel
+
+    from twocluster import layout
+    from twocluster.preprocess import shards_per_split, write_shards
+
+    spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
+    accepted = ctx.featurized.filter("reason IS NULL").drop("reason", "detail").persist(StorageLevel.MEMORY_AND_DISK)
+    per_split = {r["split"]: r["count"] for r in accepted.groupBy("split").count().collect()}
+    shards = shards_per_split(per_split, 4 * int(np.prod(featurizer.shape)) + 128, spec.output.target_shard_mb)
+
+    def project() -> tuple[float, int, int]:
+        prefix = layout.dataset_version_prefix(spec.name, ctx.date, layout.new_version_id())
+        t = time.perf_counter()
+        files = write_shards(accepted, spec, store, prefix, featurizer.feature_name, featurizer.shape, shards)
+        return time.perf_counter() - t, sum(f.bytes for f in files), len(files)
+
+    seconds, total, n_files = project()  # warm-up, and the sizes the baseline writes
+    payload = os.urandom(total // n_files)
+
+    def baseline() -> float:
+        prefix = f"bench-plain/{layout.new_version_id()}"
+        t = time.perf_counter()
+        for i in range(n_files):
+            store.write_bytes(f"{prefix}/part-{i}", payload)
+        return time.perf_counter() - t
+
+    runs, base = [], []
+    for _ in range(ctx.repeats):
+        runs.append(total / 1e6 / project()[0])
+        base.append(len(payload) * n_files / 1e6 / baseline())
+    accepted.unpersist()
+    ratio = _median(runs) / _median(base)
+    return Figure("write", "TFRecord (GZIP) + Parquet shards, Spark write step", "MB/s", _median(runs), _median(base), ratio,
+                  ">= 0.5", ratio >= 0.5, runs, base, _spread(runs),
+                  f"{n_files} files, {total / 1e6:.1f} MB; baseline: the same bytes written sequentially with store.write_bytes")
+
+
+# -- training input pipeline ---------------------------------------------------------------------
+
+
+def input_pipeline_figure(ctx: BenchContext) -> Figure:
+    """Training step time with the trainer's tf.data pipeline over staged TFRecord shards, vs the
+    same model on the same examples from an in-memory dataset."""
+    import keras
+    import tensorflow as tf
+
+    from twocluster.jobspec import TrainingJobSpec
+    from twocluster.training import build_model, make_dataset, stage_datasets
+
+    job = TrainingJobSpec(run_id="bench", pipeline=ctx.spec.name, datasets=[ctx.dataset_manifest_uri], model_name="bench",
+                          store_uri=ctx.store.root_uri)
+    data = stage_datasets(job, ctx.workdir / "staged")
+    batch = ctx.spec.model.batch_size
+    arrays = [(x.numpy(), y.numpy()) for x, y in make_dataset(data, "train", batch, training=False, seed=1)]
+    x_all, y_all = np.concatenate([a for a, _ in arrays]), np.concatenate([b for _, b in arrays])
+    epochs = 3
+
+    def fit_seconds(dataset) -> float:
+        keras.utils.set_random_seed(1)
+        model = build_model(data.feature_shape, len(data.vocabulary), x_all[:256])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        t = time.perf_counter()
+        model.fit(dataset, epochs=epochs, verbose=0)
+        return (time.perf_counter() - t) / (epochs * int(np.ceil(len(x_all) / batch)))
+
+    def project() -> float:  # a fresh pipeline each time: the first epoch reads and parses the shards
+        return fit_seconds(make_dataset(data, "train", batch, training=True, seed=1, augment=False, shuffle_buffer=4096))
+
+    def baseline() -> float:
+        ds = tf.data.Dataset.from_tensor_slices((x_all, y_all)).cache().shuffle(4096, seed=1).batch(batch).prefetch(tf.data.AUTOTUNE)
+        return fit_seconds(ds)
+
+    project(), baseline()
+    runs, base = [], []
+    for _ in range(ctx.repeats):
+        runs.append(project() * 1000)
+        base.append(baseline() * 1000)
+    ratio = _median(runs) / _median(base)
+    return Figure("input_pipeline", "training step time, tf.data from staged TFRecords (3 epochs, fresh pipeline)", "ms/step",
+                  _median(runs), _median(base), ratio, "<= 1.1", ratio <= 1.1, runs, base, _spread(runs),
+                  f"{len(x_all)} train examples, batch {batch}; baseline: the same arrays from memory")
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+
+def score_figures(ctx: BenchContext) -> list[Figure]:
+    """The scoring job's iterator UDF (model loaded once per Python worker) over featurized rows,
+    vs single-process model.predict on the same features, and vs a UDF that loads the model in
+    every batch."""
+    import keras
+    from pyspark import StorageLevel
+    from pyspark.sql.functions import pandas_udf
+
+    from twocluster.gate import stage_model
+    from twocluster.scoring import PREDICTION_SCHEMA, predict_batch, score
+
+    spec, store = ctx.spec, ctx.store
+    model_name, version = ctx.model_version
+    manifest = ctx.model_manifest
+    vocabulary, shape = manifest.model_extra["label_vocabulary"], list(ctx.featurizer.shape)
+    rows = ctx.featurized.filter("reason IS NULL").select("path", "source_id", "features").persist(StorageLevel.MEMORY_AND_DISK)
+    n = rows.count()
+    features = np.stack([np.asarray(r.features, np.float32) for r in rows.select("features").collect()]).reshape(n, *shape)
+    local = stage_model(store, model_name, version, ctx.workdir / "model-local")
+    top_k, batch_size = spec.scoring.top_k, spec.scoring.inference_batch_size
+
+    def project() -> float:
+        t = time.perf_counter()
+        score(rows, store, model_name, version, vocabulary, shape, top_k, batch_size).write.format("noop").mode("overwrite").save()
+        return n / (time.perf_counter() - t)
+
+    def baseline() -> float:
+        t = time.perf_counter()
+        model = keras.models.load_model(local / "model.keras")
+        predict_batch(model, features, vocabulary, top_k, batch_size)
+        return n / (time.perf_counter() - t)
+
+    model_path = str(local / "model.keras")
+
+    @pandas_udf(PREDICTION_SCHEMA)
+    def naive_udf(features_col):  # a Series -> DataFrame UDF: the model is loaded for every Arrow batch
+        import keras as k
+
+        m = k.models.load_model(model_path)
+        x = np.stack(features_col.to_numpy()).astype(np.float32).reshape(len(features_col), *shape)
+        out = predict_batch(m, x, vocabulary, top_k, batch_size)
+        out["load_id"] = "naive"
+        return out
+
+    def naive() -> float:
+        t = time.perf_counter()
+        rows.withColumn("_p", naive_udf("features")).select("path", "_p.*").write.format("noop").mode("overwrite").save()
+        return n / (time.perf_counter() - t)
+
+    project(), baseline(), naive()
+    runs, base, naive_runs = [], [], []
+    for _ in range(ctx.repeats):
+        runs.append(project())
+        base.append(baseline())
+        naive_runs.append(naive())
+    rows.unpersist()
+    ratio, naive_ratio = _median(runs) / _median(base), _median(runs) / _median(naive_runs)
+    return [
+        Figure("score", "Spark scoring, iterator UDF (model cached per Python worker)", "clips/s", _median(runs), _median(base),
+               ratio, ">= 0.7", ratio >= 0.7, runs, base, _spread(runs),
+               f"{n} featurized clips; baseline: load + model.predict in one process"),
+        Figure("score_naive", "same, vs a UDF loading the model in every batch", "clips/s", _median(runs), _median(naive_runs),
+               naive_ratio, ">= 10", naive_ratio >= 10, runs, naive_runs, _spread(runs),
+               f"Arrow batches of {spec.scoring.arrow_batch_size} rows"),
+    ]
+
+
+# -- scaling -------------------------------------------------------------------------------------
+
+
+def scale_figures(ctx: BenchContext) -> list[Figure]:
+    """Whole preprocessing and scoring jobs (run_preprocess / run_scoring, as spark-submit runs
+    them) at 1x and 4x the data: time ratio, and the driver's peak memory ratio."""
+    from twocluster import sample_data
+    from twocluster.preprocess import run_preprocess
+    from twocluster.scoring import run_scoring
+
+    small_date, big_date = dt.date(2026, 1, 2), ctx.date
+    sample_data.generate_day(ctx.store, ctx.spec, small_date, clips=ctx.clips // 4, seed=7, bad_files=0)
+    pre = {small_date: [], big_date: []}
+    sco = {small_date: [], big_date: []}
+    for i in range(ctx.scale_repeats + 1):
+        for day in (small_date, big_date):
+            store = ctx.fresh_store_with(day)  # nothing committed there: the jobs do their full work
+            t = time.perf_counter()
+            run_preprocess(ctx.spark, ctx.spec, store, day, run_id=f"bench-{i}")
+            t_pre = time.perf_counter() - t
+            ctx.publish_into(store)
+            t = time.perf_counter()
+            run_scoring(ctx.spark, ctx.spec, store, day, run_id=f"bench-{i}")
+            t_sco = time.perf_counter() - t
+            if i:  # the first round warms the workers
+                pre[day].append(t_pre)
+                sco[day].append(t_sco)
+    figures = []
+    for fid, what, times in (("scale_preprocess", "preprocess job time, 4x data / 1x", pre),
+                             ("scale_score", "scoring job time, 4x data / 1x", sco)):
+        ratio = _median(times[big_date]) / _median(times[small_date])
+        figures.append(Figure(fid, what, "s", _median(times[big_date]), _median(times[small_date]), ratio, "<= 4.4", ratio <= 4.4,
+                              times[big_date], times[small_date], _spread(times[big_date]),
+                              f"{ctx.clips // 4} vs {ctx.clips} clips, Spark local[2], the same session"))
+    figures.append(memory_figure(ctx, small_date, big_date))
+    return figures
+
+
+def memory_figure(ctx: BenchContext, small_date: dt.date, big_date: dt.date) -> Figure:
+    """Peak RSS of the preprocessing job's driver (spark-submit: the driver JVM and the Python
+    driver; the largest process) at 4x the data vs 1x."""
+    import subprocess
+
+    root = HERE.parent
+    peaks = {}
+    for day in (small_date, big_date):
+        store = ctx.fresh_store_with(day)
+        code = (
+            "import resource, subprocess, sys; "
+            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        cmd = [sys.executable, "-c", code, str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+               str(root / "spark_jobs" / "preprocess.py"), "--spec", str(root / "pipelines" / "speech_commands.yaml"),
+               "--date", day.isoformat(), "--store", store.root_uri]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable}).stdout.split()
+        assert out and out[0] == "0", f"spark-submit failed: {out}"
+        peaks[day] = int(out[1]) / 1024
+    ratio = peaks[big_date] / peaks[small_date]
+    return Figure("scale_memory", "preprocess driver peak RSS, 4x data / 1x", "MiB", peaks[big_date], peaks[small_date], ratio,
+                  "<= 1.2", ratio <= 1.2, [peaks[big_date]], [peaks[small_date]], 0.0,
+                  "largest process of the spark-submit tree (driver JVM or Python driver); one run each")
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def orchestration_figure(ctx: BenchContext) -> Figure:
+    """`airflow dags test` of the whole DAG (preprocess, forced training, gate, scoring) on the
+    embedded default: wall time divided by the sum of the three jobs' own task durations."""
+    import re
+    import subprocess
+
+    from twocluster.devtools.airflow_local import airflow_env, prepare
+
+    root = HERE.parent
+    store = ctx.fresh_store_with(ctx.date)
+    env = airflow_env(ctx.workdir / "airflow", store.root_uri, spark_master="local[2]")
+    env["TWOCLUSTER_WORK_DIR"] = str(ctx.workdir / "work")
+    prepare(env)
+    ratios, walls, jobs = [], [], []
+    stamp = re.compile(r"^(\S+Z) .*\[DAG TEST\] (starting|end) task task_id=(\w+)")
+    ctx.publish_into(store)  # a champion to score with, whatever the gate decides about the forced model
+    for _ in range(ctx.orchestration_repeats):
+        t = time.perf_counter()
+        out = subprocess.run([str(Path(sys.executable).parent / "airflow"), "dags", "test", "speech_commands", "-c",
+                              json.dumps({"date": ctx.date.isoformat(), "retrain": "force"})],
+                             env=env, capture_output=True, text=True, cwd=root)
+        wall = time.perf_counter() - t
+        assert out.returncode == 0 and "== run summary ==" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+        marks: dict[tuple[str, str], float] = {}
+        for line in out.stdout.splitlines():
+            if m := stamp.match(line):
+                marks[(m.group(3), m.group(2))] = dt.datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+        job_seconds = sum(marks[(task, "end")] - marks[(task, "starting")] for task in ("preprocess", "train", "score"))
+        walls.append(wall)
+        jobs.append(job_seconds)
+        ratios.append(wall / job_seconds)
+    ratio = _median(ratios)
+    return Figure("orchestration", "airflow dags test wall time / the jobs' own task time", "s", _median(walls), _median(jobs),
+                  ratio, "<= 1.25", ratio <= 1.25, walls, jobs, _spread(walls),
+                  f"{ctx.clips} clips, forced retrain ({ctx.spec.model.epochs} epochs); jobs = preprocess + train + score tasks")
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -180,16 +543,37 @@ def write_report(figures: list[Figure], quick: bool, started: float) -> str:
     return table
 
 
+FIGURES = {
+    "featurize": featurize_figures,
+    "write": write_figure,
+    "input_pipeline": input_pipeline_figure,
+    "score": score_figures,
+    "scale": scale_figures,
+    "orchestration": orchestration_figure,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=sorted(FIGURES), help="run only these groups")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     repeats, clips = (2, 400) if args.quick else (5, 2400)
+    figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        figures = featurize_figures(repeats, clips, Path(tmp))
-    print(write_report(figures, args.quick, started))
-    np.set_printoptions()
+        ctx = BenchContext(Path(tmp), clips, repeats, args.quick)
+        try:
+            for name, fn in FIGURES.items():
+                if args.only and name not in args.only:
+                    continue
+                t = time.perf_counter()
+                result = fn(ctx)
+                figures += result if isinstance(result, list) else [result]
+                print(f"# {name}: {time.perf_counter() - t:.0f}s", flush=True)
+        finally:
+            ctx.close()
+    print(write_report(figures, args.quick or bool(args.only), started))
     return 0
 
 
