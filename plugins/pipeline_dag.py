@@ -1,6 +1,6 @@
 """The pipeline DAG, built from a pipeline spec (``pipelines/<name>.yaml``).
 
-    check_params -> preprocess -> validate_dataset -> decide_retrain -+-> write_training_job -> train -> publish -+
+    check_params -> preprocess -> validate_dataset -> wait_for_earlier_dates -> decide_retrain -+-> write_training_job -> train -> publish -+
                     (Spark)                                           +-> training_skipped --------------------+
                                                                       +-> no_model_yet (nothing to score with)   |
                                                                                                           model_ready
@@ -38,7 +38,7 @@ from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, TriggerRule, get_current_context, task
+from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, PokeReturnValue, TriggerRule, get_current_context, task
 from notifiers import failure_notifier
 from training_backends import TrainingBackendConfig, training_operator
 
@@ -98,9 +98,9 @@ class PipelineSparkSubmitOperator(SparkSubmitOperator):
     shared package zipped for ``--py-files`` (built once per code version) and the store's
     credentials in the driver's environment (never in the rendered, logged command line).
 
-    Killing the task kills spark-submit (the provider's ``on_kill``); the job's Python driver
-    exits with it (``twocluster.sparkutil.exit_with_parent``), so a killed task leaves no job
-    that could commit later."""
+    Killing the task kills spark-submit (the provider's ``on_kill``); the job's Python driver,
+    blocked in its calls into that JVM, fails with it before it reaches the commit, so a killed
+    task leaves no job that could commit later (tests/dags/test_spark_task_kill.py)."""
 
     def execute(self, context):
         cache = Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-pyfiles"
@@ -156,8 +156,10 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
         end_date=dt.datetime.combine(spec.end_date, dt.time(), tzinfo=dt.UTC) if spec.end_date else None,
         catchup=False,
-        # One run at a time: each run's retrain decision depends on what the previous date
-        # published, so a backfill of N days trains at most the models the policy allows.
+        # One scheduled run at a time: each run's retrain decision depends on what the previous
+        # date published. Backfills bring their own max_active_runs; wait_for_earlier_dates keeps
+        # their model decisions in date order, so a backfill of N days trains only what the
+        # policy allows.
         max_active_runs=1,
         default_args=default_args,
         tags=["twocluster", spec.name, "spark", "training", "scoring"],
@@ -207,6 +209,21 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
             _record_metrics(f"twocluster.{spec.name}.dataset", summary)
             return summary
+
+        @task.sensor(mode="reschedule", poke_interval=15, timeout=dt.timedelta(hours=12).total_seconds(),
+                     doc_md="Wait while a run for an earlier date of the window is still queued or running: each "
+                            "retrain decision needs the previous dates' models published. A backfill may run "
+                            "several dates at once (its own max_active_runs); their preprocessing overlaps, "
+                            "their model decisions go in date order.")
+        def wait_for_earlier_dates(run: dict) -> PokeReturnValue:
+            ti = get_current_context()["ti"]
+            day = dt.date.fromisoformat(run["date"])
+            earlier = [dt.datetime.combine(day - dt.timedelta(days=d), dt.time(), tzinfo=dt.UTC)
+                       for d in range(1, spec.retrain.window_days + 1)]
+            active = ti.get_dr_count(dag_id=ti.dag_id, logical_dates=earlier, states=["queued", "running"])
+            if active:
+                print(f"{active} run(s) for earlier dates still active; waiting")
+            return PokeReturnValue(is_done=active == 0)
 
         @task.branch(doc_md="Apply the retrain policy (twocluster.retrain): train a new model or score with the champion.")
         def decide_retrain(run: dict) -> str:
@@ -283,7 +300,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         dataset = validate_dataset(run)
         predictions = validate_predictions(run)
         branch = decide_retrain(run)
-        run >> preprocess >> dataset >> branch
+        run >> preprocess >> dataset >> wait_for_earlier_dates(run) >> branch
         branch >> job_spec_uri >> train >> published >> model_ready
         branch >> skipped >> model_ready
         branch >> no_model_yet

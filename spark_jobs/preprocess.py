@@ -17,7 +17,7 @@ import uuid
 
 from twocluster.layout import LayoutError, check_date
 from twocluster.preprocess import PreprocessError, run_preprocess
-from twocluster.sparkutil import exit_with_parent, get_spark
+from twocluster.sparkutil import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.storage import ObjectStore, StorageError
 
@@ -36,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    exit_with_parent()
     try:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))

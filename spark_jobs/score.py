@@ -20,7 +20,7 @@ from twocluster.layout import LayoutError, check_date, check_name
 from twocluster.manifest import ManifestError
 from twocluster.registry import RegistryError
 from twocluster.scoring import ScoringError, run_scoring
-from twocluster.sparkutil import exit_with_parent, get_spark
+from twocluster.sparkutil import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.storage import ObjectStore, StorageError
 
@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default=None, help="Spark master when not run by spark-submit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    exit_with_parent()
     try:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 
 SPARK_SETTINGS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -58,21 +56,3 @@ def gpu_executor_settings(gpus_per_executor: int = 1, gpus_per_task: float = 1.0
         "spark.task.resource.gpu.amount": f"{gpus_per_task:g}",
     }
 
-
-def exit_with_parent(poll_seconds: float = 0.5) -> None:
-    """Exit this process as soon as its parent is gone.
-
-    Under spark-submit, a PySpark job's Python driver is a child of the spark-submit JVM. When
-    that JVM is killed (Airflow's ``on_kill`` on a killed or timed-out task sends it SIGKILL), the
-    Python driver would otherwise live on until its next call into the JVM, and this project's
-    commit step (writing the manifest) is pure Python: an orphaned driver could commit after its
-    task was killed. The watchdog makes a killed task's job stop writing within ``poll_seconds``."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_seconds)
-            if os.getppid() != parent:
-                os._exit(137)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -85,7 +85,7 @@ def test_pipeline_dag_shape_pools_and_operators():
 
     (dag,) = [d for d in _all_dags() if d.dag_id == "speech_commands"]
     assert {t.task_id for t in dag.tasks} == {
-        "check_params", "preprocess", "validate_dataset", "decide_retrain", "write_training_job", "train", "publish",
+        "check_params", "preprocess", "validate_dataset", "wait_for_earlier_dates", "decide_retrain", "write_training_job", "train", "publish",
         "training_skipped", "no_model_yet", "model_ready", "score", "validate_predictions", "summarize",
     }
     for task_id in ("preprocess", "score"):
@@ -97,6 +97,9 @@ def test_pipeline_dag_shape_pools_and_operators():
     assert dag.get_task("model_ready").upstream_task_ids == {"publish", "training_skipped"}
     assert dag.get_task("score").upstream_task_ids == {"check_params", "model_ready"}
     assert dag.get_task("decide_retrain").downstream_task_ids == {"write_training_job", "training_skipped", "no_model_yet"}
+    # Model decisions go in date order even when a backfill runs several dates at once.
+    assert dag.get_task("decide_retrain").upstream_task_ids == {"check_params", "wait_for_earlier_dates"}
+    assert dag.get_task("wait_for_earlier_dates").mode == "reschedule"
     assert dag.timetable.expression == "0 0 * * *"  # @daily, with data intervals (a run processes its interval's date)
 
 
