@@ -63,6 +63,23 @@ DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
 # -- run-time helpers (called inside tasks, never at parse time) ----------------------------------
 
 
+def _no_retry(fn):
+    """Bad parameters and failed data checks are not transient: fail the task at once instead of
+    retrying it with backoff (what Airflow does for any other error)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return fn(*args, **kwargs)
+        except (orchestration.RunParamsError, orchestration.CheckFailed) as e:
+            raise AirflowFailException(str(e)) from e
+
+    return wrapper
+
+
 def _store(spec: PipelineSpec) -> ObjectStore:
     from airflow.sdk import Variable
 
@@ -179,6 +196,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
     ) as dag:
 
         @task(multiple_outputs=True, doc_md="Validate the run's parameters against the spec and the store before any job starts.")
+        @_no_retry
         def check_params() -> dict:
             context = get_current_context()
             store = _store(spec)
@@ -204,6 +222,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         )
 
         @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
+        @_no_retry
         def validate_dataset(run: dict) -> dict:
             summary = orchestration.check_dataset(spec, _store(spec), run["date"], run["max_reject_rate"])
             get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
@@ -236,6 +255,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             return "training_skipped" if decision["can_score"] or run["model_version"] else "no_model_yet"
 
         @task(doc_md="Write the training job spec (datasets, hyper-parameters, resources) to the store.")
+        @_no_retry
         def write_training_job(run: dict) -> str:
             decision = get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision")
             return orchestration.write_training_job(spec, _store(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
@@ -254,6 +274,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         @task(outlets=[model_alias], execution_timeout=dt.timedelta(minutes=30),
               doc_md="Gate the new version (load test, floor, champion) and move the alias only if it passes.")
+        @_no_retry
         def publish(run: dict) -> dict:
             decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"])
             if decision["published"]:
@@ -281,6 +302,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         )
 
         @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
+        @_no_retry
         def validate_predictions(run: dict) -> dict:
             summary = orchestration.check_predictions(spec, _store(spec), run["date"])
             get_current_context()["outlet_events"][predictions_asset].extra = {"date": run["date"], **summary}
