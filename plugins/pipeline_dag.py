@@ -42,7 +42,7 @@ from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param
 from notifiers import failure_notifier
 from training_backends import TrainingBackendConfig, training_operator
 
-from twocluster import orchestration
+from twocluster import layout, orchestration
 from twocluster.spec import PipelineSpec, load_pipeline_spec
 from twocluster.storage import ObjectStore, S3Settings
 
@@ -54,10 +54,6 @@ TRAINING_BACKEND_ENV = "AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"
 SPARK_POOL = "spark_cluster"
 GPU_POOL = "gpu_training"
 
-# The value checks the UI form applies before a run is even created; orchestration.RunParams
-# checks the same values again with the layout's own rules when the run starts.
-VERSION_PATTERN = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
-DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
 
 
 # -- run-time helpers (called inside tasks, never at parse time) ----------------------------------
@@ -181,13 +177,13 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         default_args=default_args,
         tags=["twocluster", spec.name, "spark", "training", "scoring"],
         params={
-            "date": Param(None, type=["null", "string"], pattern=DATE_PATTERN, title="Date to process",
+            "date": Param(None, type=["null", "string"], pattern=layout.DATE_PATTERN, title="Date to process",
                           description="YYYY-MM-DD; empty: the run's data interval (scheduled runs and backfills)"),
             "retrain": Param("auto", type="string", enum=["auto", "force", "never"], title="Retrain",
                              description="auto: the retrain policy decides; force: always train; never: score with the champion"),
             "model_alias": Param(spec.scoring.alias, type="string", enum=list(spec.scoring.allowed_aliases), title="Model alias",
                                  description="the alias a new model is published to and scoring loads"),
-            "model_version": Param(None, type=["null", "string"], pattern=VERSION_PATTERN, title="Pin a model version",
+            "model_version": Param(None, type=["null", "string"], pattern=layout.VERSION_PATTERN, title="Pin a model version",
                                    description="score with this committed model version instead of the alias"),
             "max_reject_rate": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Reject threshold override",
                                      description=f"fail preprocessing above this reject rate (spec: {spec.thresholds.max_reject_rate})"),
@@ -209,17 +205,20 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         run = check_params()
 
-        preprocess = PipelineSparkSubmitOperator(
-            task_id="preprocess",
-            application=str(REPO_ROOT / "spark_jobs" / "preprocess.py"),
-            application_args=run["preprocess_args"],
-            name=f"preprocess-{spec.name}",
-            conn_id="spark_default",
-            pool=SPARK_POOL,
-            execution_timeout=dt.timedelta(hours=2),
-            doc_md="Raw arrivals of the date -> features (pandas UDFs) -> TFRecords + Parquet + rejects, "
-                   "committed as a dataset version (a no-op when the inputs are unchanged).",
-        )
+        def spark_job(job: str, doc_md: str) -> PipelineSparkSubmitOperator:
+            return PipelineSparkSubmitOperator(
+                task_id=job,
+                application=str(REPO_ROOT / "spark_jobs" / f"{job}.py"),
+                application_args=run[f"{job}_args"],
+                name=f"{job}-{spec.name}",
+                conn_id="spark_default",
+                pool=SPARK_POOL,
+                execution_timeout=dt.timedelta(hours=2),
+                doc_md=doc_md,
+            )
+
+        preprocess = spark_job("preprocess", "Raw arrivals of the date -> features (pandas UDFs) -> TFRecords + Parquet + "
+                                             "rejects, committed as a dataset version (a no-op when the inputs are unchanged).")
 
         @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
         @_no_retry
@@ -290,16 +289,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         model_ready = EmptyOperator(task_id="model_ready", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
                                     doc_md="A model is published (or pinned): scoring can run.")
 
-        score = PipelineSparkSubmitOperator(
-            task_id="score",
-            application=str(REPO_ROOT / "spark_jobs" / "score.py"),
-            application_args=run["score_args"],
-            name=f"score-{spec.name}",
-            conn_id="spark_default",
-            pool=SPARK_POOL,
-            execution_timeout=dt.timedelta(hours=2),
-            doc_md="Score the date's raw inputs with the published model; predictions committed as a version.",
-        )
+        score = spark_job("score", "Score the date's raw inputs with the published model; predictions committed as a version.")
 
         @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
         @_no_retry

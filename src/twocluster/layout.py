@@ -19,9 +19,13 @@ import secrets
 MANIFEST_NAME = "_MANIFEST.json"
 VERSION_FOLDER_PREFIX = "v="
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Also the JSON-schema patterns of the DAGs' params, so the UI refuses what the layout would.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
 # Sortable by time, unique across concurrent writers: 20261122T013000Z-1a2b3c4d
-_VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+VERSION_PATTERN = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_VERSION_RE = re.compile(VERSION_PATTERN)
 
 
 class LayoutError(ValueError):
@@ -43,7 +47,7 @@ def check_date(value: str | dt.date, what: str = "date") -> str:
     if isinstance(value, dt.date):
         return value.isoformat()
     try:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        if not re.fullmatch(DATE_PATTERN, value):
             raise ValueError
         return dt.date.fromisoformat(value).isoformat()
     except (TypeError, ValueError):
