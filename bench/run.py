@@ -406,7 +406,8 @@ def scale_figures(ctx: BenchContext) -> list[Figure]:
     sample_data.generate_day(ctx.store, ctx.spec, small_date, clips=ctx.clips // 4, seed=7, bad_files=0)
     pre = {small_date: [], big_date: []}
     sco = {small_date: [], big_date: []}
-    for i in range(ctx.scale_repeats + 1):
+    warmup_rounds = 0 if ctx.quick else 1  # quick: the earlier figures already warmed the workers
+    for i in range(warmup_rounds + ctx.scale_repeats):
         for day in (small_date, big_date):
             store = ctx.fresh_store_with(day)  # nothing committed there: the jobs do their full work
             t = time.perf_counter()
@@ -416,7 +417,7 @@ def scale_figures(ctx: BenchContext) -> list[Figure]:
             t = time.perf_counter()
             run_scoring(ctx.spark, ctx.spec, store, day, run_id=f"bench-{i}")
             t_sco = time.perf_counter() - t
-            if i:  # the first round warms the workers
+            if i >= warmup_rounds:
                 pre[day].append(t_pre)
                 sco[day].append(t_sco)
     figures = []
