@@ -123,15 +123,12 @@ class BenchContext:
     @property
     def model_version(self) -> tuple[str, str]:
         from twocluster import registry
-        from twocluster.jobspec import Hyperparameters, TrainingJobSpec
+        from twocluster.orchestration import training_job
         from twocluster.training import run_training
 
         if self._model is None:
             m = self.spec.model
-            job = TrainingJobSpec(run_id="bench", pipeline=self.spec.name, datasets=[self.dataset_manifest_uri], model_name=m.name,
-                                  store_uri=self.store.root_uri, hyperparameters=Hyperparameters(epochs=m.epochs, batch_size=m.batch_size,
-                                                                                                learning_rate=m.learning_rate))
-            result = run_training(job, self.workdir / "train")
+            result = run_training(training_job(self.spec, "bench", [self.dataset_manifest_uri], self.store.root_uri), self.workdir / "train")
             registry.publish_alias(self.store, m.name, self.spec.scoring.alias, result.version, reason="bench")
             self._model = (m.name, result.version)
         return self._model

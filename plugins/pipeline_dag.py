@@ -31,6 +31,7 @@ Deployment configuration, never in code:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ from notifiers import failure_notifier
 from training_backends import TrainingBackendConfig, training_operator
 
 from twocluster import layout, orchestration
+from twocluster.retrain import decide_retrain as decide_retrain_policy
 from twocluster.spec import PipelineSpec, load_pipeline_spec
 from twocluster.storage import ObjectStore, S3Settings
 
@@ -62,7 +64,6 @@ GPU_POOL = "gpu_training"
 def _no_retry(fn):
     """Bad parameters and failed data checks are not transient: fail the task at once instead of
     retrying it with backoff (what Airflow does for any other error)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -245,7 +246,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         @task.branch(doc_md="Apply the retrain policy (twocluster.retrain): train a new model or score with the champion.")
         def decide_retrain(run: dict) -> str:
-            decision = orchestration.decide(spec, _store(spec), run).as_dict()
+            decision = decide_retrain_policy(_store(spec), spec, run["date"], run["retrain"], run["model_alias"]).as_dict()
             get_current_context()["ti"].xcom_push(key="decision", value=decision)
             print(f"retrain: {decision['retrain']}: {decision['reason']}")
             if decision["retrain"]:

@@ -19,7 +19,6 @@ from twocluster.devtools import s3_check
 from twocluster.devtools.local_s3 import LocalRGW
 
 ROOT = Path(__file__).resolve().parents[1]
-LONG_RUNNING_WITHOUT_HEALTHCHECK: set[str] = set()
 ONE_SHOT = {"airflow-init", "s3-init"}
 
 

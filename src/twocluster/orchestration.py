@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from twocluster import layout, registry
 from twocluster.jobspec import Hyperparameters, Resources, TrainingJobSpec
 from twocluster.manifest import Manifest, ManifestError, check_files_present, resolve_latest
-from twocluster.retrain import RetrainDecision, RetrainMode, decide_retrain
+from twocluster.retrain import RetrainMode
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore
 
@@ -142,14 +142,20 @@ def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_
     return summary
 
 
-def decide(spec: PipelineSpec, store: ObjectStore, run: dict) -> RetrainDecision:
-    return decide_retrain(store, spec, run["date"], run["retrain"], run["model_alias"])
-
-
 def training_run_id(pipeline: str, date: str, airflow_run_id: str) -> str:
     """One training run per DAG run (a retried or cleared train task resumes this run)."""
     cleaned = re.sub(r"[^A-Za-z0-9_.:+-]", "-", airflow_run_id)
     return f"{pipeline}.{date}.{cleaned}"[:128]
+
+
+def training_job(spec: PipelineSpec, training_run: str, datasets: list[str], store_uri: str, gpus: int = 0) -> TrainingJobSpec:
+    """The training job spec for the pipeline's model (hyper-parameters and seed from the spec)."""
+    m = spec.model
+    return TrainingJobSpec(
+        run_id=training_run, pipeline=spec.name, datasets=datasets, model_name=m.name, store_uri=store_uri,
+        hyperparameters=Hyperparameters(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate, augment=m.augment),
+        seed=m.seed, resources=Resources(gpus=gpus),
+    )
 
 
 def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, training_run: str, gpus: int) -> str:
@@ -157,13 +163,7 @@ def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, t
     return its URI. Keyed by the run, so a retry rewrites the same document."""
     if not decision["training_datasets"]:
         raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
-    job = TrainingJobSpec(
-        run_id=training_run, pipeline=spec.name, datasets=decision["training_datasets"], model_name=spec.model.name,
-        store_uri=store.root_uri,
-        hyperparameters=Hyperparameters(epochs=spec.model.epochs, batch_size=spec.model.batch_size,
-                                        learning_rate=spec.model.learning_rate, augment=spec.model.augment),
-        seed=spec.model.seed, resources=Resources(gpus=gpus),
-    )
+    job = training_job(spec, training_run, decision["training_datasets"], store.root_uri, gpus)
     key = f"jobs/{spec.model.name}/{training_run.replace(':', '_').replace('+', '_')}.json"
     store.write_bytes(key, job.model_dump_json(indent=2).encode())
     return store.uri(key)
