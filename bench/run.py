@@ -129,7 +129,8 @@ class BenchContext:
         if self._model is None:
             m = self.spec.model
             result = run_training(training_job(self.spec, "bench", [self.dataset_manifest_uri], self.store.root_uri), self.workdir / "train")
-            registry.publish_alias(self.store, m.name, self.spec.scoring.alias, result.version, reason="bench")
+            alias = registry.read_alias(self.store, m.name, self.spec.scoring.alias)
+            registry.move_alias(self.store, m.name, self.spec.scoring.alias, result.version, expected=alias, reason="bench")
             self._model = (m.name, result.version)
         return self._model
 
@@ -239,7 +240,7 @@ def write_figure(ctx: BenchContext) -> Figure:
     from pyspark import StorageLevel
 
     from twocluster import layout
-    from twocluster.preprocess import shards_per_split, write_shards
+    from twocluster.preprocess import promote_staged, shards_per_split, write_shards
 
     spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
     accepted = ctx.featurized.filter("reason IS NULL").drop("reason", "detail").persist(StorageLevel.MEMORY_AND_DISK)
@@ -247,9 +248,12 @@ def write_figure(ctx: BenchContext) -> Figure:
     shards = shards_per_split(per_split, 4 * int(np.prod(featurizer.shape)) + 128, spec.output.target_shard_mb)
 
     def project() -> tuple[float, int, int]:
-        prefix = layout.dataset_version_prefix(spec.name, ctx.date, layout.new_version_id())
+        version = layout.new_version_id()
+        prefix = layout.dataset_version_prefix(spec.name, ctx.date, version)
+        staging = layout.staging_prefix(layout.dataset_date_prefix(spec.name, ctx.date), version)
         t = time.perf_counter()
-        files = write_shards(accepted, spec, store, prefix, featurizer.feature_name, featurizer.shape, shards)
+        files, staged = write_shards(accepted, spec, store, prefix, staging, featurizer.feature_name, featurizer.shape, shards)
+        promote_staged(store, files, staged, prefix, staging)  # part of the commit protocol's write path
         return time.perf_counter() - t, sum(f.bytes for f in files), len(files)
 
     seconds, total, n_files = project()  # warm-up, and the sizes the baseline writes
@@ -336,7 +340,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
     spec, store = ctx.spec, ctx.store
     model_name, version = ctx.model_version
     manifest = ctx.model_manifest
-    vocabulary, shape = manifest.model_extra["label_vocabulary"], list(ctx.featurizer.shape)
+    vocabulary, shape = manifest.label_vocabulary, list(ctx.featurizer.shape)
     rows = ctx.featurized.filter("reason IS NULL").select("path", "source_id", "features").persist(StorageLevel.MEMORY_AND_DISK)
     n = rows.count()
     features = np.stack([np.asarray(r.features, np.float32) for r in rows.select("features").collect()]).reshape(n, *shape)

@@ -273,14 +273,15 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         )
 
         @task(outlets=[model_alias], execution_timeout=dt.timedelta(minutes=30),
-              doc_md="Gate the new version (load test, floor, champion) and move the alias only if it passes.")
+              doc_md="Gate the new version (load test; it and the champion measured on the same test data; floor; "
+                     "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
         def publish(run: dict) -> dict:
             decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"])
             if decision["published"]:
                 get_current_context()["outlet_events"][model_alias].add(
                     model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
-            print(f"gate: {'published' if decision['published'] else 'NOT published'}: {decision['reason']}")
+            print(f"gate: {decision['outcome']}: {decision['reason']}")
             _record_metrics(f"twocluster.{spec.model.name}", {"test_accuracy": decision["test_accuracy"]})
             return decision
 

@@ -16,6 +16,7 @@ import sys
 import uuid
 
 from twocluster.layout import LayoutError, check_date
+from twocluster.manifest import ManifestError
 from twocluster.preprocess import PreprocessError, run_preprocess
 from twocluster.sparkutil import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
         result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate)
-    except (SpecError, LayoutError, StorageError, PreprocessError) as e:
+    except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 1
     print(result.to_json())

@@ -42,7 +42,8 @@ def store(request: pytest.FixtureRequest) -> ObjectStore:
 
 @pytest.fixture(scope="session")
 def spark():
-    """One local Spark for the session (2 cores, like the machine)."""
+    """One local Spark for the session (2 cores, like the machine). Failed tasks are retried
+    (``local[2,3]``), as on a cluster: a job must survive a failed task attempt."""
     import os
     import sys
 
@@ -50,7 +51,7 @@ def spark():
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from twocluster.sparkutil import get_spark
 
-    session = get_spark("twocluster-tests", master="local[2]")
+    session = get_spark("twocluster-tests", master="local[2,3]")
     yield session
     session.stop()
 

@@ -128,5 +128,5 @@ def test_preprocess_job_runs_an_image_pipeline(spark, file_store):
     manifest = read_manifest(file_store, layout.dataset_version_prefix("digits", date, result.version))
     assert (manifest.counts.input, manifest.counts.accepted, manifest.counts.rejected) == (151, 150, 1)
     assert manifest.counts.rejected_by_reason == {"undecodable": 1}
-    assert manifest.feature_spec["features"]["image"] == {"dtype": "float32", "shape": [16, 16, 1]}
-    assert manifest.feature_spec["label_vocabulary"] == [str(d) for d in range(10)]
+    assert manifest.feature_spec.features["image"].model_dump() == {"dtype": "float32", "shape": [16, 16, 1]}
+    assert manifest.feature_spec.label_vocabulary == [str(d) for d in range(10)]

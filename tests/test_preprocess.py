@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from twocluster import layout, sample_data
-from twocluster.manifest import list_committed_versions, read_manifest, verify_files
+from twocluster.manifest import DatasetManifest, read_manifest, scan_location, unlisted_files, verify_files
 from twocluster.preprocess import RejectRateExceeded, run_preprocess
 from twocluster.storage import ObjectStore
 
@@ -28,6 +27,10 @@ BAD_EXPECTED = {  # the generator's broken arrivals and the reason each must get
     "unknownlabel": "unknown_label",
     "toolong": "too_long",
 }
+
+
+def list_committed_versions(store: ObjectStore, location: str) -> list[str]:
+    return [v.version for v in scan_location(store, location).versions]
 
 
 def _arrive(store: ObjectStore, spec, date=DATE, clips=90, bad=6) -> None:
@@ -63,21 +66,14 @@ def test_tfrecords_read_back_with_tf_data(committed, speech_spec):
     import tensorflow as tf
 
     store, _, prefix, manifest = committed
-    fspec = manifest.feature_spec["tfrecord"]["features"]
-    shape = fspec["log_mel"]["shape"]
+    shape = manifest.feature_spec.tfrecord.features["log_mel"].shape
     assert shape == [97, 40]
-    parse_spec = {
-        "log_mel": tf.io.FixedLenFeature(shape, tf.float32),
-        "label": tf.io.FixedLenFeature([], tf.string),
-        "label_id": tf.io.FixedLenFeature([], tf.int64),
-        "source_id": tf.io.FixedLenFeature([], tf.string),
-    }
-    vocabulary = manifest.feature_spec["label_vocabulary"]
+    parse_spec = manifest.feature_spec.tfrecord.parse_spec(["log_mel", "label", "label_id", "source_id"])
+    vocabulary = manifest.feature_spec.label_vocabulary
     seen: dict[str, int] = {}
-    for f in manifest.files:
-        if f.model_extra.get("kind") != "tfrecord":
-            continue
-        split = f.path.split("/")[1]
+    for f in manifest.tfrecord_files():
+        split = f.split
+        assert f.path.split("/")[1] == split
         path = store.local_path(f"{prefix}/{f.path}")
         n = 0
         for record in tf.data.TFRecordDataset([str(path)], compression_type="GZIP"):
@@ -109,13 +105,24 @@ def test_parquet_holds_the_same_rows_and_prunes_by_split(committed):
 
 def test_manifest_records_feature_spec_and_lineage(committed, speech_spec):
     _, result, _, manifest = committed
-    assert manifest.feature_spec["features"]["log_mel"] == {"dtype": "float32", "shape": [97, 40]}
-    assert manifest.feature_spec["params"]["sample_rate"] == 16000
-    assert manifest.feature_spec["label_vocabulary"] == speech_spec.labels.vocabulary
+    assert isinstance(manifest, DatasetManifest)
+    assert manifest.feature_spec.features["log_mel"].model_dump() == {"dtype": "float32", "shape": [97, 40]}
+    assert manifest.feature_spec.params["sample_rate"] == 16000
+    assert manifest.feature_spec.label_vocabulary == speech_spec.labels.vocabulary
+    assert manifest.feature_spec.featurizer_code == manifest.lineage.code["featurizer"]
+    assert set(manifest.lineage.code) == {"featurizer", "preprocess", "package"}
     assert manifest.lineage.run_id == "test-run"
     assert manifest.lineage.inputs[0].endswith("raw/speech_commands/date=2026-11-18")
-    assert manifest.lineage.model_extra["input_fingerprint"].startswith("sha256:")
-    assert manifest.model_extra["ignored_files"] == 1  # the _ARRIVED.json marker
+    assert manifest.lineage.input_fingerprint.startswith("sha256:")
+    assert manifest.ignored_files == 1  # the _ARRIVED.json marker
+    assert {"list", "featurize", "write"} <= set(manifest.seconds)
+
+
+def test_the_version_folder_holds_exactly_the_manifests_files(committed):
+    store, _, prefix, manifest = committed
+    assert unlisted_files(store, prefix, manifest) == []
+    date_prefix = prefix.rsplit("/", 1)[0]
+    assert store.list(f"{date_prefix}/_staging") == [] and store.list(f"{date_prefix}/_inflight") == []
 
 
 def test_rerun_with_unchanged_inputs_is_a_no_op_and_new_arrivals_make_a_new_version(committed, spark, speech_spec):
@@ -130,7 +137,7 @@ def test_rerun_with_unchanged_inputs_is_a_no_op_and_new_arrivals_make_a_new_vers
     newer = run_preprocess(spark, speech_spec, store, DATE, run_id="late-arrival", max_reject_rate=0.2)
     assert newer.status == "committed" and newer.version != first.version
     assert newer.counts["input"] == first.counts["input"] + 1
-    assert list_committed_versions(store, parent) == sorted([first.version, newer.version])
+    assert list_committed_versions(store, parent) == [first.version, newer.version]
 
 
 def _first_good_clip(store, spec) -> str:
@@ -145,7 +152,7 @@ def test_too_many_rejects_fails_after_writing_the_report_and_commits_nothing(spa
     parent = layout.dataset_date_prefix(speech_spec.name, DATE)
     assert list_committed_versions(file_store, parent) == []
     reports = file_store.list(parent, suffixes=("rejects.parquet",))
-    assert len(reports) == 1
+    assert len(reports) == 1 and "/_staging/" in reports[0].key  # for people; never inside a version folder
     assert pq.read_table(file_store.local_path(reports[0].key)).num_rows == 6
 
 
@@ -166,6 +173,7 @@ def test_runs_against_the_s3_store(spark, speech_spec, s3_store):
     manifest = read_manifest(s3_store, prefix)
     assert (manifest.counts.input, manifest.counts.accepted, manifest.counts.rejected) == (46, 40, 6)
     verify_files(s3_store, prefix, manifest)
+    assert unlisted_files(s3_store, prefix, manifest) == []
 
 
 def _spark_submit_env() -> dict[str, str]:
@@ -178,8 +186,26 @@ def test_entry_point_help():
     assert out.returncode == 0 and "--date" in out.stdout and "--store" in out.stdout
 
 
-def test_a_killed_run_leaves_no_visible_version_and_the_rerun_succeeds(speech_spec, file_store):
-    """spark-submit for real, killed with SIGKILL once it has started writing the dataset."""
+def _check_committed_versions(store: ObjectStore, parent: str) -> list[str]:
+    """Every committed version verifies, and reading its folders gives exactly the manifest's rows."""
+    versions = list_committed_versions(store, parent)
+    for version in versions:
+        prefix = f"{parent}/v={version}"
+        manifest = read_manifest(store, prefix)
+        verify_files(store, prefix, manifest)
+        assert unlisted_files(store, prefix, manifest) == []
+        if manifest.counts.accepted:
+            assert pq.read_table(store.local_path(f"{prefix}/parquet")).num_rows == manifest.counts.accepted
+    return versions
+
+
+@pytest.mark.slow
+def test_ten_kills_at_random_moments_never_leave_a_partial_version(speech_spec, file_store):
+    """spark-submit for real, SIGKILLed (the whole process group: driver JVM and Python workers)
+    ten times at random moments; after each kill no partial version is visible and every
+    committed one reads back as its manifest says. Then a rerun commits and the next is a no-op."""
+    import random
+
     _arrive(file_store, speech_spec, clips=60, bad=1)
     cmd = [
         "spark-submit", "--master", "local[2]", str(ROOT / "spark_jobs" / "preprocess.py"),
@@ -187,22 +213,75 @@ def test_a_killed_run_leaves_no_visible_version_and_the_rerun_succeeds(speech_sp
         "--store", file_store.root_uri,
     ]
     parent = layout.dataset_date_prefix(speech_spec.name, DATE)
-    proc = subprocess.Popen(cmd, env=_spark_submit_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not file_store.list(parent) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert file_store.list(parent), "the killed run had written data files"
-    assert list_committed_versions(file_store, parent) == []
+    rng = random.Random(12)
+    delays = []
+    for _ in range(10):
+        proc = subprocess.Popen(cmd, env=_spark_submit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        delays.append(rng.uniform(2.0, 16.0))
+        try:
+            proc.wait(timeout=delays[-1])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _check_committed_versions(file_store, parent)
+    assert file_store.list(parent), f"no kill (after {delays}) came late enough to find data written"
 
     rerun = subprocess.run(cmd, env=_spark_submit_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    versions = list_committed_versions(file_store, parent)
-    assert len(versions) == 1
-    manifest = read_manifest(file_store, f"{parent}/v={versions[0]}")
-    assert manifest.counts.input == 61
-    verify_files(file_store, f"{parent}/v={versions[0]}", manifest)
+    versions = _check_committed_versions(file_store, parent)
+    assert versions and read_manifest(file_store, f"{parent}/v={versions[-1]}").counts.input == 61
+    again = subprocess.run(cmd, env=_spark_submit_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and '"status": "unchanged"' in again.stdout, again.stdout[-2000:]
+    assert _check_committed_versions(file_store, parent) == versions
+
+
+def _read_parquet_folder(store: ObjectStore, folder: str):
+    if store.local_path() is not None:
+        return pq.read_table(store.local_path(folder))
+    return pq.read_table(store._path(folder), filesystem=store.fs)
+
+
+def test_a_failed_first_task_attempt_leaves_no_stray_shards(spark, speech_spec, store, tmp_path):
+    """Defect 3: every write task's first attempt fails right after its first file; Spark retries
+    it. The version folder holds exactly the manifest's files, and reading the folder with
+    pyarrow (and Spark) gives exactly the manifest's rows, no duplicates."""
+    _arrive(store, speech_spec, clips=80, bad=0)
+    failed = tmp_path / "failed-attempts"
+    failed.mkdir()
+    failed_dir = str(failed)
+
+    def fail_first_attempt(rel: str) -> None:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        if context.attemptNumber() == 0:
+            Path(failed_dir, f"partition-{context.partitionId()}").write_text(rel)
+            raise RuntimeError(f"injected: the first attempt dies after writing {rel}")
+
+    result = run_preprocess(spark, speech_spec, store, DATE, run_id="flaky", max_reject_rate=0.2, after_write=fail_first_attempt)
+    assert len(list(failed.iterdir())) >= 1, "no first attempt failed"
+    prefix = layout.dataset_version_prefix(speech_spec.name, DATE, result.version)
+    manifest = read_manifest(store, prefix)
+    assert unlisted_files(store, prefix, manifest) == []
+    verify_files(store, prefix, manifest)
+    table = _read_parquet_folder(store, f"{prefix}/parquet")
+    assert table.num_rows == manifest.counts.accepted == 80
+    assert len(set(table["path"].to_pylist())) == 80
+    if store.local_path() is not None:  # Spark reads s3:// only through S3A, which is not installed here
+        assert spark.read.parquet(str(store.local_path(f"{prefix}/parquet"))).count() == 80
+    tfrecord_rows = sum(f.rows for f in manifest.tfrecord_files())
+    assert tfrecord_rows == 80
+
+
+def test_a_featurizer_change_reprocesses_and_an_unrelated_change_does_not(spark, speech_spec, file_store, monkeypatch):
+    """Defect 4: the dataset fingerprint covers the content of the code that shapes it."""
+    import twocluster.preprocess as preprocess
+
+    _arrive(file_store, speech_spec, clips=30, bad=0)
+    first = run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-1")
+    real = preprocess.code_hashes()
+    monkeypatch.setattr(preprocess, "code_hashes", lambda: {**real, "trainer": "sha256:" + "a" * 64, "scoring": "sha256:" + "b" * 64})
+    assert run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-2").status == "unchanged"
+    monkeypatch.setattr(preprocess, "code_hashes", lambda: {**real, "featurizer": "sha256:" + "c" * 64})
+    changed = run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-3")
+    assert changed.status == "committed" and changed.version != first.version

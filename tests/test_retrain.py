@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from test_manifest import FEATURES
 
 from twocluster import layout, registry
-from twocluster.manifest import Counts, Lineage, Manifest, commit_manifest
+from twocluster.manifest import Counts, DatasetManifest, Lineage, ModelManifest, ModelMetrics, commit_version
 from twocluster.orchestration import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id
 from twocluster.retrain import committed_datasets, decide_retrain
 from twocluster.storage import ObjectStore
@@ -21,22 +22,24 @@ def _dataset(store: ObjectStore, spec, day: dt.date, accepted: int, rejected: in
     prefix = layout.dataset_version_prefix(spec.name, day, version)
     store.write_bytes(f"{prefix}/parquet/part-0.parquet", b"x" * 10)
     if commit:
-        manifest = Manifest(
-            kind="dataset", version=version, created_at=dt.datetime.now(dt.UTC),
+        manifest = DatasetManifest(
+            version=version, created_at=dt.datetime.now(dt.UTC),
             files=[{"path": "parquet/part-0.parquet", "bytes": 10, "checksum": "sha256:" + "0" * 64}],
             counts=Counts(input=accepted + rejected, accepted=accepted, rejected=rejected),
-            lineage=Lineage(code_version="test", run_id="test"),
+            lineage=Lineage(code_version="test", run_id="test"), feature_spec=FEATURES, pipeline=spec.name, date=day,
         )
-        commit_manifest(store, prefix, manifest)
+        commit_version(store, layout.dataset_date_prefix(spec.name, day), manifest)
     return store.uri(layout.manifest_key(prefix))
 
 
 def _champion(store: ObjectStore, spec, trained_on: list[str], alias: str = "production") -> str:
     version = layout.new_version_id()
-    manifest = Manifest(kind="model", version=version, created_at=dt.datetime.now(dt.UTC), files=[],
-                        lineage=Lineage(inputs=trained_on, code_version="test", run_id=f"run-{version}"))
-    commit_manifest(store, layout.model_version_prefix(spec.model.name, version), manifest)
-    registry.publish_alias(store, spec.model.name, alias, version)
+    manifest = ModelManifest(version=version, created_at=dt.datetime.now(dt.UTC), files=[], model=spec.model.name,
+                             lineage=Lineage(inputs=trained_on, code_version="test", run_id=f"run-{version}"), feature_spec=FEATURES,
+                             metrics=ModelMetrics(train_accuracy=1, validation_accuracy=1, test_accuracy=1, test_loss=0, test_examples=1))
+    commit_version(store, layout.model_versions_prefix(spec.model.name), manifest)
+    state = registry.read_alias(store, spec.model.name, alias)
+    registry.move_alias(store, spec.model.name, alias, version, expected=state)
     return version
 
 

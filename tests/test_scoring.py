@@ -13,9 +13,16 @@ from twocluster import layout, registry, sample_data
 from twocluster.features import featurizer_for
 from twocluster.gate import gate_and_publish
 from twocluster.jobspec import TrainingJobSpec
-from twocluster.manifest import read_manifest, verify_files
+from twocluster.manifest import read_manifest, unlisted_files, verify_files
 from twocluster.preprocess import run_preprocess
-from twocluster.scoring import FeatureSpecMismatch, predict_batch, register_model_function, run_scoring, visible_gpus_for_task
+from twocluster.scoring import (
+    FeatureSpecMismatch,
+    FeaturizerCodeChanged,
+    predict_batch,
+    register_model_function,
+    run_scoring,
+    visible_gpus_for_task,
+)
 from twocluster.sparkutil import gpu_executor_settings
 from twocluster.storage import ObjectStore
 from twocluster.training import run_training
@@ -51,8 +58,9 @@ def test_predictions_match_model_predict_outside_spark(spark, speech_spec, publi
     prefix, manifest, table = _predictions(store, result)
     c = manifest.counts
     assert (c.input, c.accepted, c.rejected) == (66, 61, 5)  # the unknown-label file is scored, not rejected
-    assert manifest.model_extra["model_version"] == model_version
+    assert manifest.model_version == model_version
     verify_files(store, prefix, manifest)
+    assert unlisted_files(store, prefix, manifest) == []
     rows = {r["path"]: r for r in table.to_pylist()}
     assert {"path", "predicted_label", "confidence", "top_labels", "top_probabilities", "model_version", "scored_at", "run_id"} <= set(table.column_names)
 
@@ -87,7 +95,7 @@ def test_the_model_loads_at_most_once_per_python_worker(spark, speech_spec, publ
     _, manifest, _ = _predictions(store, result)
     assert manifest.counts.accepted == 120
     assert 1 <= result.model_loads <= result.python_workers <= 2, (result.model_loads, result.python_workers)
-    assert manifest.model_extra["model_loads"] == result.model_loads
+    assert manifest.model_loads == result.model_loads
 
 
 def test_nothing_published_is_a_clear_error(spark, speech_spec, file_store):
@@ -99,9 +107,28 @@ def test_feature_spec_mismatch_fails_before_reading_data(spark, speech_spec, pub
     store, _ = published
     other = speech_spec.model_copy(update={"featurizer": speech_spec.featurizer.model_copy(update={"num_mel_bins": 64})})
     missing_date = dt.date(2030, 1, 1)  # no data at all: the error must come first
-    with pytest.raises(FeatureSpecMismatch, match=r"features \(names, dtypes, shapes\).*\[97, 40\].*\[97, 64\].*featurizer.num_mel_bins: model 40, job 64"):
+    with pytest.raises(FeatureSpecMismatch, match=r"features \(names, dtypes, shapes\).*\[97, 40\].*\[97, 64\].*featurizer.num_mel_bins: 40 vs 64"):
         run_scoring(spark, other, store, missing_date, run_id="mismatch")
     assert not store.list(layout.predictions_date_prefix("speech_commands", missing_date))
+
+
+def test_a_featurizer_code_change_refuses_or_warns_per_spec(spark, speech_spec, published, monkeypatch):
+    """Defect 4: the job's featurizer code differs from the one the model's data was made with."""
+    import twocluster.features as features
+
+    store, model_version = published
+    changed = {**features.code_hashes(), "featurizer": "sha256:" + "f" * 64}
+    monkeypatch.setattr(features, "code_hashes", lambda: changed)
+    date = dt.date(2026, 11, 14)
+    with pytest.raises(FeaturizerCodeChanged, match=f"model kws_cnn version {model_version} was trained on data featurized by"):
+        run_scoring(spark, speech_spec, store, date, run_id="code-changed")
+    assert not store.list(layout.predictions_date_prefix("speech_commands", date))
+    lenient = speech_spec.model_copy(update={"scoring": speech_spec.scoring.model_copy(update={"on_featurizer_change": "warn"})})
+    sample_data.generate_day(store, speech_spec, date, clips=10, seed=34)
+    result = run_scoring(spark, lenient, store, date, run_id="code-changed")
+    assert result.status == "committed" and "featurizer code" in result.warnings[0]
+    _, manifest, _ = _predictions(store, result)
+    assert manifest.lineage.params["warnings"] == result.warnings
 
 
 @pytest.mark.skipif(not ALSA, reason="alsa-utils is not installed (make test installs it)")

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from twocluster import layout, registry, sample_data
+from twocluster.commitlog import AliasMoved, CommitLog
 from twocluster.gate import gate_and_publish
 from twocluster.jobspec import JobSpecError, TrainingJobSpec, load_job_spec, parse_job_spec
-from twocluster.manifest import Manifest, ManifestError, commit_manifest, describe_files, list_committed_versions, read_manifest
+from twocluster.manifest import ManifestError, ModelManifest, commit_version, describe_files, read_manifest
 from twocluster.preprocess import run_preprocess
 from twocluster.storage import ObjectStore
 from twocluster.training import TrainingError, run_training, stage_datasets, strategy_kind
@@ -69,9 +70,15 @@ def test_model_version_holds_everything_a_consumer_needs(trained, speech_spec):
     assert sum(map(sum, confusion)) == metrics["test_examples"]
     assert set(metrics["per_class_recall"]) == set(speech_spec.labels.vocabulary)
     assert json.loads(store.read_bytes(f"{prefix}/labels.json")) == speech_spec.labels.vocabulary
-    assert manifest.feature_spec["features"]["log_mel"]["shape"] == [97, 40]
+    assert isinstance(manifest, ModelManifest)
+    assert manifest.feature_spec.features["log_mel"].shape == [97, 40]
     assert manifest.lineage.inputs == [manifest_uri]
-    assert manifest.lineage.model_extra["dataset_versions"] == [manifest_uri.split("/v=")[1].split("/")[0]]
+    assert manifest.lineage.dataset_versions == [manifest_uri.split("/v=")[1].split("/")[0]]
+    # The featurizer code of its training data travels with the model (scoring compares it).
+    dataset_manifest = read_manifest(ObjectStore(manifest_uri.rsplit("/", 1)[0]), "")
+    assert manifest.feature_spec.featurizer_code == dataset_manifest.feature_spec.featurizer_code
+    assert set(manifest.lineage.code) == {"trainer", "package"}
+    assert manifest.metrics.test_accuracy == result.metrics["test_accuracy"]
 
 
 def test_exported_saved_model_serves(trained, tmp_path):
@@ -102,28 +109,111 @@ def test_gate_publishes_refuses_worse_and_resolves_newest_valid(trained, dataset
     floor = gate_and_publish(store, "kws_cnn", first.version, "production", min_test_accuracy=0.999, max_regression=0.02)
     assert not floor.published and "below the floor 0.999" in floor.reason
     ok = gate_and_publish(store, "kws_cnn", first.version, "production", min_test_accuracy=0.3, max_regression=0.02)
-    assert ok.published and "first model" in ok.reason
+    assert ok.published and "first model" in ok.reason and ok.alias_entry == 1
+    assert ok.test_accuracy == pytest.approx(first.metrics["test_accuracy"], abs=1e-6)  # measured again, same data
     assert registry.require_alias(store, "kws_cnn", "production").version == first.version
+    again = gate_and_publish(store, "kws_cnn", first.version, "production", min_test_accuracy=0.3, max_regression=0.02)
+    assert again.outcome == "already_published" and not again.published
 
-    # A worse challenger: one epoch of training.
+    # A worse challenger: one epoch of training. Both are measured on its test split.
     worse = run_training(_job(store, manifest_uri, "run-worse", epochs=1), tmp_path)
     assert worse.metrics["test_accuracy"] < first.metrics["test_accuracy"] - 0.05
     refused = gate_and_publish(store, "kws_cnn", worse.version, "production", min_test_accuracy=0.0, max_regression=0.02)
     assert not refused.published and f"below the champion {first.version}" in refused.reason
+    assert refused.champion_test_accuracy is not None and refused.champion_recorded_test_accuracy is not None
     assert registry.require_alias(store, "kws_cnn", "production").version == first.version
 
-    # A record pointing at a version that was never committed is skipped; the newest valid wins.
+    # An entry pointing at a version that was never committed is skipped; the newest valid wins.
     ghost = layout.new_version_id()
-    store.put_if_absent(
-        f"{layout.model_alias_prefix('kws_cnn', 'production')}/29991231T000000000000Z-000000-{ghost}.json",
-        registry.AliasRecord(model="kws_cnn", alias="production", version=ghost, published_at=dt.datetime(2999, 12, 31, tzinfo=dt.UTC)).model_dump_json().encode(),
-    )
-    assert registry.require_alias(store, "kws_cnn", "production").version == first.version
-    # An explicit lower-quality publish (allowed regression) moves the alias to the newer record.
+    location = layout.model_alias_prefix("kws_cnn", "production")
+    assert CommitLog(store, location).append_at(2, AliasMoved(seq=2, model="kws_cnn", alias="production", version=ghost))
+    state = registry.read_alias(store, "kws_cnn", "production")
+    assert state.version == first.version and state.position == 2 and "not a valid committed version" in state.skipped[0].problem
+    # An explicit lower-quality publish (allowed regression) moves the alias past it.
     lenient = gate_and_publish(store, "kws_cnn", worse.version, "production", min_test_accuracy=0.0, max_regression=1.0)
-    assert lenient.published
-    assert registry.require_alias(store, "kws_cnn", "production").version == worse.version
-    assert [r.version for r in registry.alias_history(store, "kws_cnn", "production")] == [first.version, worse.version, ghost]
+    assert lenient.published and lenient.alias_entry == 3
+    state = registry.read_alias(store, "kws_cnn", "production")
+    assert state.version == worse.version and [e.version for e in state.history] == [first.version, worse.version]
+    assert state.previous_version() == first.version
+    assert lenient.champion_version == first.version
+
+
+def _gates_released_together(store, versions: list[str], alias: str) -> list:
+    """Run one gate per version in threads; both decide on the same alias state, then race."""
+    import threading
+
+    barrier = threading.Barrier(len(versions))
+    waited: set[int] = set()
+    results: list = [None] * len(versions)
+
+    def run(i: int) -> None:
+        def line_up(_state) -> None:
+            if i not in waited:  # only the first decision waits; a re-decision goes straight on
+                waited.add(i)
+                barrier.wait(timeout=300)
+
+        results[i] = gate_and_publish(store, "kws_cnn", versions[i], alias, 0.0, 0.02, before_move=line_up)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(versions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_two_gates_of_one_version_publish_it_exactly_once(trained):
+    """Defect 5: the DAG's gate and training_jobs/publish.py (or a backfill and a manual run) gate
+    the same version at once: exactly one moves the alias; the other reports it did not."""
+    store, _, first = trained
+    results = _gates_released_together(store, [first.version, first.version], "race-same")
+    assert sorted(r.outcome for r in results) == ["already_published", "published"]
+    snapshot = CommitLog(store, layout.model_alias_prefix("kws_cnn", "race-same")).read()
+    assert [(e.seq, e.version) for e in snapshot.entries] == [(1, first.version)]
+
+
+def test_two_gates_racing_leave_the_better_model_published(trained, dataset, tmp_path):
+    """Defect 5: two candidates decided against the same (empty) alias; the compare-and-set lets
+    one move it, the other re-decides against the new champion. Whatever the order, the better
+    model ends up published, and every gate that reports "published" moved the alias."""
+    store, manifest_uri, first = trained
+    worse = run_training(_job(store, manifest_uri, "run-worse-race", epochs=1), tmp_path)
+    results = _gates_released_together(store, [first.version, worse.version], "race")
+    state = registry.read_alias(store, "kws_cnn", "race")
+    assert state.version == first.version
+    assert max(r.decisions for r in results) == 2, "the gate that lost the race decided again"
+    moved = [e.version for e in state.history]
+    assert [r.version for r in results if r.published] == [v for v in [first.version, worse.version] if v in moved]
+    assert len(moved) == sum(r.published for r in results)
+    loser = next(r for r in results if r.decisions == 2)
+    assert loser.champion_version == next(r.version for r in results if r.decisions == 1)
+
+
+def test_malformed_alias_entries_are_skipped_and_reported(trained):
+    """Defect 6: a naive timestamp, a version like "latest", another model's entry and garbage
+    in an alias's log stop nothing; the valid entries resolve and the rest are reported."""
+    store, _, first = trained
+    location = layout.model_alias_prefix("kws_cnn", "malformed")
+    log = CommitLog(store, location)
+    assert log.append_at(1, AliasMoved(seq=1, model="kws_cnn", alias="malformed", version=first.version))
+    valid = json.loads(store.read_bytes(layout.log_entry_key(location, 1)))
+    bad = [
+        {**valid, "seq": 2, "written_at": "2026-11-21T12:00:00"},  # naive: accepted, never used to order
+        {**valid, "seq": 3, "version": "latest"},
+        {**valid, "seq": 4, "model": "other_model"},
+        {**valid, "seq": 5, "alias": "production"},
+        "not even an object",
+    ]
+    for seq, doc in enumerate(bad, start=2):
+        store.write_bytes(layout.log_entry_key(location, seq), json.dumps(doc).encode())
+    state = registry.read_alias(store, "kws_cnn", "malformed")
+    assert state.version == first.version and state.position == 6
+    problems = sorted(s.problem for s in state.skipped)
+    assert len(problems) == 4 and any("kws_cnn:production but sits under kws_cnn:malformed" in p for p in problems)
+    assert any("other_model" in p for p in problems) and any("version" in p for p in problems)
+    # Gating still works past them.
+    decision = gate_and_publish(store, "kws_cnn", first.version, "malformed", 0.0, 0.02)
+    assert decision.outcome == "already_published"
 
 
 def test_gate_refuses_a_model_that_does_not_load(trained):
@@ -136,7 +226,8 @@ def test_gate_refuses_a_model_that_does_not_load(trained):
             store.copy(obj.key, dst + obj.key[len(src) :])
     store.write_bytes(f"{dst}/model.keras", b"PK\x03\x04 not a keras archive")
     good = read_manifest(store, src)
-    commit_manifest(store, dst, Manifest(**{**good.model_dump(), "version": broken_version, "files": describe_files(store, dst)}))
+    commit_version(store, layout.model_versions_prefix("kws_cnn"),
+                   good.model_copy(update={"version": broken_version, "files": describe_files(store, dst)}))
     decision = gate_and_publish(store, "kws_cnn", broken_version, "canary", min_test_accuracy=0.0, max_regression=1.0)
     assert not decision.published and "failed its load test" in decision.reason
     assert registry.resolve_alias(store, "kws_cnn", "canary") is None
@@ -147,7 +238,7 @@ def test_a_wrong_checksum_fails_before_training(dataset, tmp_path):
     folder = manifest_uri.rsplit("/", 1)[0]
     version_store = ObjectStore(folder)
     manifest = read_manifest(version_store, "")
-    shard = next(f for f in manifest.files if f.model_extra.get("kind") == "tfrecord")
+    shard = manifest.tfrecord_files()[0]
     # A copy of the dataset whose shard was altered after the manifest recorded it.
     copy_version = layout.new_version_id()
     copy_prefix = layout.dataset_version_prefix("speech_commands", DATE, copy_version)
@@ -157,12 +248,11 @@ def test_a_wrong_checksum_fails_before_training(dataset, tmp_path):
     data = bytearray(store.read_bytes(f"{copy_prefix}/{shard.path}"))
     data[-5] ^= 0xFF
     store.write_bytes(f"{copy_prefix}/{shard.path}", bytes(data))
-    commit_manifest(store, copy_prefix, manifest.model_copy(update={"version": copy_version}))
+    commit_version(store, layout.dataset_date_prefix("speech_commands", DATE), manifest.model_copy(update={"version": copy_version}))
     job = _job(store, store.uri(layout.manifest_key(copy_prefix)), "run-bad-checksum")
     with pytest.raises(ManifestError, match=rf"{shard.path}: checksum sha256:\w+ does not match"):
         run_training(job, tmp_path)
-    runs = [read_manifest(store, layout.model_version_prefix("kws_cnn", v)).lineage.run_id
-            for v in list_committed_versions(store, layout.model_versions_prefix("kws_cnn"))]
+    runs = [v.manifest.lineage.run_id for v in registry.model_versions(store, "kws_cnn").versions]
     assert "run-bad-checksum" not in runs
     assert not store.list("models/kws_cnn/runs/run-bad-checksum"), "no checkpoint: training never started"
 
@@ -178,7 +268,7 @@ def test_bad_specs_and_manifests_fail_clearly(dataset, tmp_path):
     with pytest.raises(JobSpecError, match="cannot read the training job spec"):
         load_job_spec(str(tmp_path / "missing.json"))
     missing = manifest_uri.replace("/v=", "/v=20000101T000000Z-00000000-gone/v=")
-    with pytest.raises(ManifestError, match="no manifest"):
+    with pytest.raises(ManifestError, match="is not committed"):
         stage_datasets(_job(store, missing, "x"), tmp_path)
     with pytest.raises(TrainingError, match="no examples in split 'holdout'"):
         stage_datasets(_job(store, manifest_uri, "x", test_split="holdout"), tmp_path)

@@ -1,9 +1,13 @@
 """Gate and publish: the step between training and serving.
 
-Loads the new model version back from the store exactly as a consumer would, checks that it
-reproduces the trainer's outputs on a recorded batch (a load test), compares its test metrics
-with an absolute floor and with the current champion, and only then moves the alias. A model
-that fails any check is not published, and the decision says why.
+Loads the new model version back from the store exactly as a consumer would (every file verified
+against its manifest's checksums), checks that it reproduces the trainer's outputs on a recorded
+batch (a load test), evaluates it **and the current champion on the same test data** (the
+candidate's test split), compares with an absolute floor and with the champion, and only then
+moves the alias, as a compare-and-set on the alias's commit log: if another gate (a backfill next
+to a manual run, the DAG next to ``training_jobs/publish.py``) moved it in between, the decision
+is made again against the new champion. The result is read back: ``published`` is true only if
+the alias now points at this version because of this call.
 """
 
 from __future__ import annotations
@@ -11,35 +15,56 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from twocluster import layout, registry
-from twocluster.manifest import ManifestError, verify_files
 from twocluster.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
+MAX_DECISIONS = 10  # re-decisions after lost compare-and-sets before giving up
+
+Outcome = Literal["published", "already_published", "refused"]
+
+
+class GateError(RuntimeError):
+    pass
+
 
 @dataclass
 class GateDecision:
-    published: bool
+    outcome: Outcome
     model: str
     version: str
     alias: str
     reason: str
-    test_accuracy: float | None = None
+    test_accuracy: float | None = None  # measured now, on the candidate's test split
+    recorded_test_accuracy: float | None = None  # what the trainer recorded
+    test_examples: int | None = None
     champion_version: str | None = None
-    champion_test_accuracy: float | None = None
+    champion_test_accuracy: float | None = None  # measured now, on the same data
+    champion_recorded_test_accuracy: float | None = None
+    alias_entry: int | None = None  # the alias log entry this gate wrote or found
+    decisions: int = 0  # how many times it decided (more than 1: it lost a race and re-decided)
+
+    @property
+    def published(self) -> bool:
+        return self.outcome == "published"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "published": self.published}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps(self.as_dict())
 
 
 def stage_model(store: ObjectStore, model: str, version: str, into: Path) -> Path:
-    """Download a committed model version (every file verified against its manifest)."""
+    """Download a committed model version, every file verified against its manifest's checksum."""
     prefix = layout.model_version_prefix(model, version)
     manifest = registry.read_model_manifest(store, model, version)
     folder = into / version
@@ -47,15 +72,18 @@ def stage_model(store: ObjectStore, model: str, version: str, into: Path) -> Pat
         manifest.files, store.download_many([(f"{prefix}/{f.path}", folder / f.path) for f in manifest.files]), strict=True
     ):
         if checksum != f.checksum:
-            raise ManifestError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
+            raise GateError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
     return folder
 
 
-def load_test(model_dir: Path, atol: float = 1e-3) -> None:
-    """The exported model must load and reproduce the trainer's logits on the recorded batch."""
+def load_model(model_dir: Path):
     import keras
 
-    model = keras.models.load_model(model_dir / "model.keras")
+    return keras.models.load_model(model_dir / "model.keras")
+
+
+def load_test(model, model_dir: Path, atol: float = 1e-3) -> None:
+    """The exported model must load and reproduce the trainer's logits on the recorded batch."""
     probe = np.load(model_dir / "load_test.npz")
     logits = model.predict(probe["inputs"], verbose=0)
     if logits.shape != probe["logits"].shape or not np.all(np.isfinite(logits)):
@@ -65,6 +93,20 @@ def load_test(model_dir: Path, atol: float = 1e-3) -> None:
         raise ValueError(f"the reloaded model's logits differ from the trainer's by up to {worst:.2e}")
 
 
+def accuracy_on(model, data, split: str, batch_size: int = 256) -> tuple[float, int]:
+    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.StagedData`)."""
+    from twocluster.training import make_dataset
+
+    correct = total = 0
+    for x, y in make_dataset(data, split, batch_size, training=False, seed=0):
+        predicted = np.argmax(model.predict_on_batch(x), axis=-1)
+        correct += int(np.sum(predicted == y.numpy()))
+        total += len(predicted)
+    if total == 0:
+        raise GateError(f"the {split!r} split is empty")
+    return correct / total, total
+
+
 def gate_and_publish(
     store: ObjectStore,
     model: str,
@@ -72,39 +114,87 @@ def gate_and_publish(
     alias: str,
     min_test_accuracy: float,
     max_regression: float,
+    *,
+    run_id: str = "",
+    test_split: str = "test",
+    before_move: Callable[[registry.AliasState], None] | None = None,
 ) -> GateDecision:
-    def refuse(reason: str, **kw) -> GateDecision:
-        log.warning("not publishing %s version %s as %r: %s", model, version, alias, reason)
-        return GateDecision(False, model, version, alias, reason, **kw)
+    """Decide whether ``version`` replaces the champion under ``alias``, and move the alias if so.
 
-    try:
-        manifest = registry.read_model_manifest(store, model, version)
-        verify_files(store, layout.model_version_prefix(model, version), manifest)
-        with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
-            load_test(stage_model(store, model, version, Path(tmp)))
-    except Exception as e:  # noqa: BLE001 - any failure to load means "do not publish"
-        return refuse(f"the model failed its load test: {e}")
+    ``before_move`` is called with the alias state the decision was made on, just before the
+    compare-and-set (tests use it to line two gates up)."""
 
-    accuracy = float(manifest.model_extra.get("metrics", {}).get("test_accuracy", float("nan")))
-    if not accuracy >= min_test_accuracy:
-        return refuse(f"test accuracy {accuracy:.3f} is below the floor {min_test_accuracy:.3f}", test_accuracy=accuracy)
+    def decision(outcome: Outcome, reason: str, **kw) -> GateDecision:
+        (log.info if outcome != "refused" else log.warning)("%s %s version %s as %r: %s", outcome, model, version, alias, reason)
+        return GateDecision(outcome, model, version, alias, reason, **kw)
 
-    champion = registry.resolve_alias(store, model, alias)
-    champion_accuracy = None
-    if champion is not None:
-        if champion.version == version:
-            return GateDecision(True, model, version, alias, "already published", accuracy, version, accuracy)
-        champion_manifest = registry.read_model_manifest(store, model, champion.version)
-        champion_accuracy = float(champion_manifest.model_extra.get("metrics", {}).get("test_accuracy", 0.0))
-        if accuracy < champion_accuracy - max_regression:
-            return refuse(
-                f"test accuracy {accuracy:.3f} is more than {max_regression:.3f} below the champion "
-                f"{champion.version}'s {champion_accuracy:.3f}",
-                test_accuracy=accuracy, champion_version=champion.version, champion_test_accuracy=champion_accuracy,
-            )
-    reason = f"test accuracy {accuracy:.3f} >= floor {min_test_accuracy:.3f}" + (
-        f" and within {max_regression:.3f} of the champion's {champion_accuracy:.3f}" if champion else " (first model)"
-    )
-    registry.publish_alias(store, model, alias, version, reason=reason, test_accuracy=accuracy)
-    log.info("published %s version %s as %r: %s", model, version, alias, reason)
-    return GateDecision(True, model, version, alias, reason, accuracy, champion.version if champion else None, champion_accuracy)
+    from twocluster.training import stage_splits
+
+    with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
+        tmp_dir = Path(tmp)
+        try:
+            candidate_manifest = registry.read_model_manifest(store, model, version, verify_checksums=True)
+            model_dir = stage_model(store, model, version, tmp_dir / "models")
+            candidate = load_model(model_dir)
+            load_test(candidate, model_dir)
+        except Exception as e:  # noqa: BLE001 - any failure to load means "do not publish"
+            return decision("refused", f"the model failed its load test: {e}")
+        recorded = candidate_manifest.metrics.test_accuracy
+        # The candidate's own test split is the common ground: the champion is measured on it too.
+        test_data = stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data")
+        accuracy, examples = accuracy_on(candidate, test_data, test_split)
+        numbers = {"test_accuracy": accuracy, "recorded_test_accuracy": recorded, "test_examples": examples}
+        if not accuracy >= min_test_accuracy:
+            return decision("refused", f"test accuracy {accuracy:.3f} is below the floor {min_test_accuracy:.3f}", **numbers)
+
+        champions: dict[str, tuple[float | None, float | None, str]] = {}  # version -> (measured, recorded, note)
+        for attempt in range(1, MAX_DECISIONS + 1):
+            state = registry.read_alias(store, model, alias)
+            if state.version == version:
+                return decision("already_published", f"{model}:{alias} already points at {version} (entry {state.current.seq})",
+                                alias_entry=state.current.seq, decisions=attempt, **numbers)
+            champion = state.version
+            if champion is not None and champion not in champions:
+                champions[champion] = _measure_champion(store, model, champion, candidate_manifest, test_data, test_split, tmp_dir)
+            measured, champion_recorded, note = champions.get(champion, (None, None, ""))
+            about_champion = {"champion_version": champion, "champion_test_accuracy": measured,
+                              "champion_recorded_test_accuracy": champion_recorded}
+            if measured is not None and accuracy < measured - max_regression:
+                return decision("refused", f"test accuracy {accuracy:.3f} is more than {max_regression:.3f} below the champion "
+                                           f"{champion}'s {measured:.3f} on the same {examples} test examples",
+                                decisions=attempt, **numbers, **about_champion)
+            if champion is None:
+                reason = f"test accuracy {accuracy:.3f} >= floor {min_test_accuracy:.3f} (first model)"
+            elif measured is None:
+                reason = f"test accuracy {accuracy:.3f} >= floor {min_test_accuracy:.3f}; {note}"
+            else:
+                reason = (f"test accuracy {accuracy:.3f} >= floor {min_test_accuracy:.3f} and within {max_regression:.3f} of the "
+                          f"champion {champion}'s {measured:.3f} on the same {examples} test examples")
+            if before_move is not None:
+                before_move(state)
+            try:
+                entry = registry.move_alias(store, model, alias, version, expected=state, reason=reason, run_id=run_id,
+                                            decision={**numbers, **about_champion})
+            except registry.AliasConflict:
+                log.info("%s:%s moved while gating %s; deciding again", model, alias, version)
+                continue
+            # Read back: report published only if the alias resolves to this version now.
+            after = registry.read_alias(store, model, alias)
+            if after.current is None or after.current.seq < entry.seq:
+                raise GateError(f"{model}:{alias}: wrote entry {entry.seq} for {version} but the alias reads {after.version}")
+            return decision("published", reason, alias_entry=entry.seq, decisions=attempt, **numbers, **about_champion)
+    raise GateError(f"{model}:{alias} kept moving while gating {version}; gave up after {MAX_DECISIONS} decisions")
+
+
+def _measure_champion(store: ObjectStore, model: str, champion: str, candidate_manifest, test_data, test_split: str,
+                      tmp_dir: Path) -> tuple[float | None, float | None, str]:
+    """The champion's accuracy on the candidate's test data (``None`` with a note when its
+    features differ, so it cannot read that data)."""
+    manifest = registry.read_model_manifest(store, model, champion, verify_checksums=True)
+    problems = manifest.feature_spec.compatible_with(candidate_manifest.feature_spec)
+    if problems:
+        return None, manifest.metrics.test_accuracy, (
+            f"the champion {champion} was trained on other features ({'; '.join(problems)}), so it cannot be measured on "
+            "this test data; only the floor applies")
+    measured, _ = accuracy_on(load_model(stage_model(store, model, champion, tmp_dir / "models")), test_data, test_split)
+    return measured, manifest.metrics.test_accuracy, ""

@@ -5,9 +5,16 @@ from a user (an Airflow param, a CLI flag) can never escape its folder.
 
     raw/<pipeline>/date=<YYYY-MM-DD>/...
     datasets/<pipeline>/date=<YYYY-MM-DD>/v=<version>/{parquet/,tfrecords/<split>/,rejects/,_MANIFEST.json}
-    models/<model>/versions/<version>/{...,_MANIFEST.json}
-    models/<model>/aliases/<alias>/<record>.json
+    models/<model>/versions/v=<version>/{...,_MANIFEST.json}
+    models/<model>/aliases/<alias>/_log/<seq>.json
     predictions/<pipeline>/date=<YYYY-MM-DD>/v=<version>/{...,_MANIFEST.json}
+
+An *output location* is a folder of versions (a dataset date, a predictions date, a model's
+``versions/``) or an alias. Each has its own commit log (``<location>/_log/<seq>.json``, see
+:mod:`twocluster.commitlog`), and the writers' scratch space next to the versions:
+
+    <location>/_staging/v=<version>/<attempt>/...   task attempts' files, promoted at commit
+    <location>/_inflight/<version>.json             a running writer's heartbeat (for GC)
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import secrets
 
 MANIFEST_NAME = "_MANIFEST.json"
 VERSION_FOLDER_PREFIX = "v="
+LOG_FOLDER = "_log"
+STAGING_FOLDER = "_staging"
+INFLIGHT_FOLDER = "_inflight"
+LOG_SEQ_DIGITS = 20  # as Delta Lake's _delta_log: names sort in commit order
 
 # Also the JSON-schema patterns of the DAGs' params, so the UI refuses what the layout would.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -125,3 +136,43 @@ def predictions_version_prefix(pipeline: str, date: str | dt.date, version: str)
 
 def manifest_key(version_prefix: str) -> str:
     return f"{version_prefix.rstrip('/')}/{MANIFEST_NAME}"
+
+
+# -- commit logs and writers' scratch space ------------------------------------------------------
+
+
+def log_prefix(location: str) -> str:
+    return f"{location.rstrip('/')}/{LOG_FOLDER}"
+
+
+def log_entry_key(location: str, seq: int) -> str:
+    if not isinstance(seq, int) or seq < 1:
+        raise LayoutError(f"commit log sequence number {seq!r} must be a positive integer")
+    return f"{log_prefix(location)}/{seq:0{LOG_SEQ_DIGITS}d}.json"
+
+
+def log_seq_from_name(name: str) -> int | None:
+    """The sequence number of a log entry's object name, or None if it is not one."""
+    stem, dot, ext = name.partition(".")
+    if ext != "json" or len(stem) != LOG_SEQ_DIGITS or not stem.isascii() or not stem.isdigit():
+        return None
+    seq = int(stem)
+    return seq if seq >= 1 else None
+
+
+def staging_prefix(location: str, version: str) -> str:
+    """Where the task attempts of a version's writer put their files before the commit promotes
+    the winning attempt's files into the version folder."""
+    return f"{location.rstrip('/')}/{STAGING_FOLDER}/{version_folder(version)}"
+
+
+def inflight_key(location: str, version: str) -> str:
+    return f"{location.rstrip('/')}/{INFLIGHT_FOLDER}/{check_version(version)}.json"
+
+
+def model_runs_prefix(model: str) -> str:
+    return f"models/{check_name(model, 'model')}/runs"
+
+
+def jobs_prefix(model: str) -> str:
+    return f"jobs/{check_name(model, 'model')}"

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from twocluster import layout, registry
 from twocluster.jobspec import Hyperparameters, Resources, TrainingJobSpec
-from twocluster.manifest import Manifest, ManifestError, check_files_present, resolve_latest
+from twocluster.manifest import DatasetManifest, ManifestError, PredictionsManifest, scan_location
 from twocluster.retrain import RetrainMode
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore
@@ -100,20 +100,22 @@ def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], 
     }
 
 
-def _committed(store: ObjectStore, parent_prefix: str, what: str) -> Manifest:
-    latest = resolve_latest(store, parent_prefix)
-    if latest is None:
-        raise CheckFailed(f"no committed {what} under {store.uri(parent_prefix)}")
-    manifest = latest[1]
-    check_files_present(store, f"{parent_prefix}/{layout.version_folder(manifest.version)}", manifest)
-    return manifest
+def _committed(store: ObjectStore, location: str, kind, what: str):
+    # Validated: manifest checksum, kind, files present; invalid newer versions are skipped.
+    state = scan_location(store, location, kind, newest_only=True)
+    if state.latest is None:
+        skipped = "".join(f"; skipped {s.uri}: {s.problem}" for s in state.skipped)
+        raise CheckFailed(f"no committed {what} under {store.uri(location)}{skipped}")
+    return state.latest
 
 
-def _summary(store: ObjectStore, prefix: str, manifest: Manifest) -> dict:
+def _summary(latest) -> dict:
+    manifest = latest.manifest
     counts = manifest.counts
     return {
         "version": manifest.version,
-        "manifest_uri": store.uri(layout.manifest_key(f"{prefix}/{layout.version_folder(manifest.version)}")),
+        "manifest_uri": latest.manifest_uri,
+        "log_entry": latest.seq,
         "input": counts.input,
         "accepted": counts.accepted,
         "rejected": counts.rejected,
@@ -128,13 +130,10 @@ def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_
     """The date's committed dataset: its files are all there with their recorded sizes, its counts
     reconcile (the manifest model checks ``input = accepted + rejected``), it has examples, and
     its reject rate is within the threshold."""
-    prefix = layout.dataset_date_prefix(spec.name, date)
-    manifest = _committed(store, prefix, f"dataset for {date}")
-    if manifest.kind != "dataset":
-        raise CheckFailed(f"{store.uri(prefix)}: the newest manifest is a {manifest.kind}, not a dataset")
-    summary = _summary(store, prefix, manifest)
+    latest = _committed(store, layout.dataset_date_prefix(spec.name, date), DatasetManifest, f"dataset for {date}")
+    summary = _summary(latest)
     if summary["accepted"] == 0:
-        raise CheckFailed(f"the dataset for {date} ({manifest.version}) has no accepted examples (input {summary['input']})")
+        raise CheckFailed(f"the dataset for {date} ({latest.version}) has no accepted examples (input {summary['input']})")
     rate = summary["rejected"] / summary["input"]
     if rate > max_reject_rate:
         raise CheckFailed(f"the dataset for {date} rejects {rate:.1%} of its inputs, above the threshold {max_reject_rate:.1%}")
@@ -164,7 +163,7 @@ def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, t
     if not decision["training_datasets"]:
         raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
     job = training_job(spec, training_run, decision["training_datasets"], store.root_uri, gpus)
-    key = f"jobs/{spec.model.name}/{training_run.replace(':', '_').replace('+', '_')}.json"
+    key = f"{layout.jobs_prefix(spec.model.name)}/{training_run.replace(':', '_').replace('+', '_')}.json"
     store.write_bytes(key, job.model_dump_json(indent=2).encode())
     return store.uri(key)
 
@@ -173,30 +172,27 @@ def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: st
     """Gate the model version the training run produced and publish it under ``alias`` if it
     passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it."""
     from twocluster.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
-    from twocluster.training import find_version_of_run
 
-    manifest = find_version_of_run(store, spec.model.name, training_run)
-    if manifest is None:
+    committed = registry.find_version_of_run(store, spec.model.name, training_run)
+    if committed is None:
         raise CheckFailed(f"training run {training_run} committed no {spec.model.name} version")
     gate = spec.model.gate
-    decision = gate_and_publish(store, spec.model.name, manifest.version, alias, gate.min_test_accuracy, gate.max_regression)
-    return {**decision.__dict__, "metrics": manifest.model_extra.get("metrics", {})}
+    decision = gate_and_publish(store, spec.model.name, committed.version, alias, gate.min_test_accuracy, gate.max_regression,
+                                run_id=training_run)
+    return {**decision.as_dict(), "metrics": committed.manifest.metrics.model_dump()}
 
 
 def check_predictions(spec: PipelineSpec, store: ObjectStore, date: str) -> dict:
     """The date's committed predictions: files present, counts reconcile, the model version
     recorded, and one prediction row per accepted input."""
-    prefix = layout.predictions_date_prefix(spec.name, date)
-    manifest = _committed(store, prefix, f"predictions for {date}")
-    if manifest.kind != "predictions":
-        raise CheckFailed(f"{store.uri(prefix)}: the newest manifest is a {manifest.kind}, not predictions")
-    summary = _summary(store, prefix, manifest)
-    rows = sum(f.rows or 0 for f in manifest.files if f.path.endswith(".parquet") and not f.path.startswith("rejects/"))
+    latest = _committed(store, layout.predictions_date_prefix(spec.name, date), PredictionsManifest, f"predictions for {date}")
+    manifest = latest.manifest
+    summary = _summary(latest)
+    rows = sum(f.rows or 0 for f in manifest.files if f.kind == "predictions")
     if rows != summary["accepted"]:
         raise CheckFailed(f"predictions {manifest.version} hold {rows} rows for {summary['accepted']} scored inputs")
-    extra = manifest.model_extra
-    summary.update(model=extra.get("model"), model_version=extra.get("model_version"), rows=rows,
-                   model_loads=extra.get("model_loads"), python_workers=extra.get("python_workers"))
+    summary.update(model=manifest.model, model_version=manifest.model_version, rows=rows,
+                   model_loads=manifest.model_loads, python_workers=manifest.python_workers)
     return summary
 
 
@@ -210,7 +206,7 @@ def format_summary(run: dict, dataset: dict, decision: dict, published: dict | N
     ]
     if published:
         acc = published.get("test_accuracy")
-        verdict = "published" if published["published"] else "NOT published"
+        verdict = {"published": "published", "already_published": "already published"}.get(published.get("outcome"), "NOT published")
         lines.append(f"  model     {published['model']} v={published['version']} test accuracy "
                      f"{'n/a' if acc is None else f'{acc:.3f}'}: {verdict} as {published['alias']} ({published['reason']})")
     if predictions is None:

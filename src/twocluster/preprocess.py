@@ -34,20 +34,22 @@ import pyarrow.parquet as pq
 
 from twocluster import layout, splits
 from twocluster.features import UNKNOWN_LABEL, Featurizer, featurizer_for
-from twocluster.manifest import Counts, Lineage, Manifest, ManifestFile, commit_manifest, resolve_latest
+from twocluster.featurespec import TensorSpec, TFRecordSpec
+from twocluster.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore, StorageError
 from twocluster.tfrecord import encode_example, tfrecord_bytes
-from twocluster.version import code_version
+from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
 
 UNREADABLE = "unreadable"  # listed, but could not be fetched
+DATASET_CODE = ("featurizer", "preprocess")  # the code components a dataset's fingerprint covers
 _FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
 
 INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split"]
 FEATURIZED_SCHEMA = "features array<float>, reason string, detail string"
-WRITTEN_SCHEMA = "kind string, split string, path string, bytes long, checksum string, rows long"
+WRITTEN_SCHEMA = "kind string, split string, path string, staged string, bytes long, checksum string, rows long"
 
 
 class PreprocessError(RuntimeError):
@@ -108,10 +110,13 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
             }
         )
         fingerprint.update(f"{rel}\0{obj.size}\0{obj.mtime_ns}\n".encode())
-    # What the output depends on besides the files: every spec section the job reads, and the code.
+    # What the output depends on besides the files: every spec section the job reads, and the
+    # content of the code that shapes a dataset (not the package version: it does not change
+    # when the code does, and it changes when unrelated code does).
     for part in (spec.inputs, spec.labels, spec.featurizer, spec.splits, spec.output):
         fingerprint.update(part.model_dump_json().encode())
-    fingerprint.update(code_version().encode())
+    for component in DATASET_CODE:
+        fingerprint.update(f"{component}={code_hashes()[component]}\n".encode())
     inputs = pd.DataFrame(rows, columns=INPUT_COLUMNS).astype({"size": "int64", "label_id": "int32"})
     return inputs, ignored, "sha256:" + fingerprint.hexdigest()
 
@@ -187,18 +192,40 @@ def shards_per_split(rows_per_split: dict[str, int], bytes_per_row: int, target_
     return {s: max(1, math.ceil(n * bytes_per_row / target)) for s, n in rows_per_split.items() if n}
 
 
-def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefix: str, feature_name: str,
-                 feature_shape: tuple[int, ...], shard_counts: dict[str, int]) -> list[ManifestFile]:
+def attempt_folder() -> str:
+    """A unique folder name for this Spark task attempt's files (partition, attempt, random)."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    where = f"p{context.partitionId():05d}-a{context.attemptNumber()}" if context else "driver"
+    return f"{where}-{uuid.uuid4().hex[:8]}"
+
+
+def promote_staged(store: ObjectStore, written: list[ManifestFile], staged: dict[str, str], version_prefix: str,
+                   staging: str, threads: int = 16) -> None:
+    """Move the winning task attempts' files from the staging area into the version folder
+    (the only writer of the version folder is the driver, so a failed, lost or speculative
+    attempt's files never land there), then drop the staging area. Files a zombie attempt writes
+    into staging later are left to garbage collection."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda f: store.promote(staged[f.path], f"{version_prefix}/{f.path}"), written))
+    store.delete_prefix(staging)
+
+
+def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefix: str, staging: str, feature_name: str,
+                 feature_shape: tuple[int, ...], shard_counts: dict[str, int],
+                 after_write=None) -> tuple[list[ManifestFile], dict[str, str]]:
     """Write accepted rows as TFRecord and Parquet shards, in parallel on the executors.
 
     Rows are hashed into ``shard_counts[split]`` shards per split and repartitioned so that each
-    shard sits in one task; the task writes it with one object-store PUT per file and reports
-    (path, bytes, checksum, rows) back, so the manifest lists exactly the files of this attempt
-    (a retried task's stray files are never listed)."""
+    shard sits in one task. Each task attempt writes its files under its own folder in
+    ``staging`` (one object-store PUT per file) and reports (path, staged key, bytes, checksum,
+    rows) back; the caller promotes exactly the reported files. ``after_write`` (tests: fault
+    injection) is called in the task after each file is written."""
     from pyspark.sql import functions as F
 
     if not shard_counts:
-        return []
+        return [], {}
     shard_of_split = F.create_map(*[x for s, n in sorted(shard_counts.items()) for x in (F.lit(s), F.lit(n))])
     keyed = accepted.withColumn("shard", F.pmod(F.xxhash64("key"), F.element_at(shard_of_split, F.col("split"))).cast("int"))
     compression = spec.output.tfrecord_compression
@@ -211,8 +238,15 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefi
         if table is None or table.num_rows == 0:
             return
         worker_store = ObjectStore(root_uri, s3_settings)
-        attempt = uuid.uuid4().hex[:8]
+        attempt = f"{staging}/{attempt_folder()}"
         written = []
+
+        def put(kind: str, split: str, rel: str, data: bytes, rows: int) -> None:
+            checksum = worker_store.write_bytes(f"{attempt}/{rel}", data)
+            written.append((kind, split, rel, f"{attempt}/{rel}", len(data), checksum, rows))
+            if after_write is not None:
+                after_write(rel)
+
         groups = table.group_by(["split", "shard"]).aggregate([]).to_pylist()
         for group in groups:
             split, shard = group["split"], group["shard"]
@@ -226,23 +260,18 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefi
                     part["source_id"].to_pylist(), part["path"].to_pylist(), strict=True,
                 )
             ]
-            rel = f"tfrecords/{split}/part-{shard:05d}-{attempt}{suffix}"
-            data = tfrecord_bytes(records, compression)
-
-            written.append(("tfrecord", split, rel, len(data), worker_store.write_bytes(f"{version_prefix}/{rel}", data), part.num_rows))
-
+            put("tfrecord", split, f"tfrecords/{split}/part-{shard:05d}{suffix}", tfrecord_bytes(records, compression), part.num_rows)
             buf = io.BytesIO()
             pq.write_table(part.drop_columns(["split", "shard", "key"]), buf, compression="zstd")
-            rel = f"parquet/split={split}/part-{shard:05d}-{attempt}.parquet"
-            data = buf.getvalue()
-            written.append(("parquet", split, rel, len(data), worker_store.write_bytes(f"{version_prefix}/{rel}", data), part.num_rows))
+            put("parquet", split, f"parquet/split={split}/part-{shard:05d}.parquet", buf.getvalue(), part.num_rows)
         yield pa.RecordBatch.from_pylist(
-            [dict(zip(["kind", "split", "path", "bytes", "checksum", "rows"], w, strict=True)) for w in written]
+            [dict(zip(["kind", "split", "path", "staged", "bytes", "checksum", "rows"], w, strict=True)) for w in written]
         )
 
     total = sum(shard_counts.values())
     result = keyed.repartition(total, "split", "shard").mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
-    return [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in result]
+    files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in result]
+    return files, {r.path: r.staged for r in result}
 
 
 def write_rejects(rejects: pd.DataFrame, store: ObjectStore, version_prefix: str) -> ManifestFile:
@@ -259,6 +288,23 @@ def write_rejects(rejects: pd.DataFrame, store: ObjectStore, version_prefix: str
 # -- the job -------------------------------------------------------------------------------------
 
 
+def dataset_feature_spec(featurizer: Featurizer, spec: PipelineSpec):
+    """The dataset's feature spec: the featurizer's, the label vocabulary, the TFRecord layout."""
+    return featurizer.feature_spec(
+        label_vocabulary=spec.labels.vocabulary,
+        tfrecord=TFRecordSpec(
+            compression=spec.output.tfrecord_compression,
+            features={
+                featurizer.feature_name: TensorSpec(dtype="float32", shape=list(featurizer.shape)),
+                "label": TensorSpec(dtype="string"),
+                "label_id": TensorSpec(dtype="int64"),
+                "source_id": TensorSpec(dtype="string"),
+                "path": TensorSpec(dtype="string"),
+            },
+        ),
+    )
+
+
 def run_preprocess(
     spark,
     spec: PipelineSpec,
@@ -266,11 +312,11 @@ def run_preprocess(
     date: str | dt.date,
     run_id: str,
     max_reject_rate: float | None = None,
+    after_write=None,
 ) -> PreprocessResult:
     """Preprocess one date and commit the dataset; a no-op if the latest committed version was
-    built from the same inputs, spec and code."""
-    from pyspark import StorageLevel
-
+    built from the same inputs, spec and code (and still verifies: a corrupt or incomplete latest
+    version is superseded by a new one). ``after_write``: see :func:`write_shards`."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     date = layout.check_date(date)
@@ -279,16 +325,25 @@ def run_preprocess(
 
     inputs, ignored, fingerprint = list_inputs(store, spec, date)
     timings["list"] = time.perf_counter() - started
-    latest = resolve_latest(store, date_prefix)
-    if latest and latest[1].lineage.model_extra.get("input_fingerprint") == fingerprint:
-        version, manifest = latest
-        log.info("date %s: inputs, spec and code unchanged since version %s; nothing to do", date, version)
-        return PreprocessResult("unchanged", spec.name, date, version,
-                                store.uri(layout.manifest_key(f"{date_prefix}/{layout.version_folder(version)}")),
-                                manifest.counts.model_dump(), ignored, time.perf_counter() - started, timings)
+    latest = resolve_latest(store, date_prefix, DatasetManifest, verify_checksums=True)
+    if latest and latest.manifest.lineage.input_fingerprint == fingerprint:
+        log.info("date %s: inputs, spec and code unchanged since version %s; nothing to do", date, latest.version)
+        return PreprocessResult("unchanged", spec.name, date, latest.version, latest.manifest_uri,
+                                latest.manifest.counts.model_dump(), ignored, time.perf_counter() - started, timings)
 
     version = layout.new_version_id()
+    with InFlight(store, date_prefix, version, run_id):
+        return _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored, fingerprint, max_reject_rate,
+                                 started, timings, after_write)
+
+
+def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored, fingerprint, max_reject_rate,
+                      started, timings, after_write) -> PreprocessResult:
+    from pyspark import StorageLevel
+
+    date_prefix = layout.dataset_date_prefix(spec.name, date)
     version_prefix = layout.dataset_version_prefix(spec.name, date, version)
+    staging = layout.staging_prefix(date_prefix, version)
     featurizer = featurizer_for(spec.featurizer)
     log.info("date %s: %d inputs (%d ignored by patterns %s) -> %s", date, len(inputs), ignored,
              spec.inputs.patterns, store.uri(version_prefix))
@@ -315,16 +370,17 @@ def run_preprocess(
         per_label={lbl: int(n) for lbl, n in summary.groupby("label")["count"].sum().items()} if len(summary) else {},
         rejected_by_reason=dict(sorted(Counter(rejects["reason"]).items())),
     )
-    if len(rejects):
-        files.append(write_rejects(rejects, store, version_prefix))
     reject_rate = counts.rejected / counts.input if counts.input else 0.0
     if reject_rate > max_reject_rate:
         if featurized is not None:
             featurized.unpersist()
+        # The report goes to the staging area: it is for people, and the version never commits.
+        report = f"{staging}/driver/rejects/rejects.parquet"
+        write_rejects(rejects, store, report.rsplit("/rejects/", 1)[0])
         raise RejectRateExceeded(
             f"date {date}: {counts.rejected} of {counts.input} inputs rejected ({reject_rate:.1%}), above the "
             f"{max_reject_rate:.1%} allowed ({dict(counts.rejected_by_reason)}); rejects report: "
-            f"{store.uri(version_prefix + '/rejects/rejects.parquet')}. The dataset was not committed."
+            f"{store.uri(report)}. The dataset was not committed."
         )
 
     if featurized is not None:
@@ -332,36 +388,28 @@ def run_preprocess(
         bytes_per_row = 4 * int(np.prod(featurizer.shape)) + 128
         shard_counts = shards_per_split(counts.per_split, bytes_per_row, spec.output.target_shard_mb)
         accepted = featurized.filter("reason IS NULL").drop("reason", "detail")
-        files += write_shards(accepted, spec, store, version_prefix, featurizer.feature_name, featurizer.shape, shard_counts)
+        written, staged = write_shards(accepted, spec, store, version_prefix, staging, featurizer.feature_name, featurizer.shape,
+                                       shard_counts, after_write)
         featurized.unpersist()
-        timings["write"] = time.perf_counter() - t
-        written_rows = sum(f.rows for f in files if f.model_extra.get("kind") == "tfrecord")
+        written_rows = sum(f.rows for f in written if f.kind == "tfrecord")
         if written_rows != counts.accepted:
             raise PreprocessError(f"wrote {written_rows} TFRecord rows but accepted {counts.accepted}; not committing")
+        promote_staged(store, written, staged, version_prefix, staging)
+        files += written
+        timings["write"] = time.perf_counter() - t
+    if len(rejects):
+        files.append(write_rejects(rejects, store, version_prefix))
 
-    manifest = Manifest(
-        kind="dataset",
+    manifest = DatasetManifest(
         version=version,
         created_at=dt.datetime.now(dt.UTC),
         files=sorted(files, key=lambda f: f.path),
         counts=counts,
-        feature_spec={
-            **featurizer.feature_spec(),
-            "label_vocabulary": spec.labels.vocabulary,
-            "tfrecord": {
-                "compression": spec.output.tfrecord_compression,
-                "features": {
-                    featurizer.feature_name: {"dtype": "float32", "shape": list(featurizer.shape)},
-                    "label": {"dtype": "string", "shape": []},
-                    "label_id": {"dtype": "int64", "shape": []},
-                    "source_id": {"dtype": "string", "shape": []},
-                    "path": {"dtype": "string", "shape": []},
-                },
-            },
-        },
+        feature_spec=dataset_feature_spec(featurizer, spec),
         lineage=Lineage(
             inputs=[store.uri(layout.raw_date_prefix(spec.name, date))],
             code_version=code_version(),
+            code={c: code_hashes()[c] for c in (*DATASET_CODE, "package")},
             run_id=run_id,
             params={"max_reject_rate": max_reject_rate, "spec": spec.model_dump(mode="json", include={"featurizer", "splits", "output", "labels"})},
             input_fingerprint=fingerprint,
@@ -369,8 +417,9 @@ def run_preprocess(
         pipeline=spec.name,
         date=date,
         ignored_files=ignored,
+        seconds={k: round(v, 3) for k, v in timings.items()},
     )
-    manifest_uri = commit_manifest(store, version_prefix, manifest)
+    manifest_uri = commit_version(store, date_prefix, manifest)
     seconds = time.perf_counter() - started
     log.info("date %s: committed %s (%s) in %.1fs", date, version, counts.model_dump(include={"input", "accepted", "rejected"}), seconds)
     return PreprocessResult("committed", spec.name, date, version, manifest_uri, counts.model_dump(), ignored, seconds, timings)

@@ -1,92 +1,107 @@
 """The model registry on the object store: model versions and published aliases.
 
-    models/<model>/versions/v=<version>/   a committed model (manifest last)
-    models/<model>/aliases/<alias>/<UTC time>-<version>.json   create-only alias records
+    models/<model>/versions/v=<version>/       a model version (manifest inside)
+    models/<model>/versions/_log/<seq>.json    its commits, in order
+    models/<model>/aliases/<alias>/_log/<seq>.json   where the alias pointed, in order
 
-Moving an alias writes a new record, never overwrites one, so history is kept and two
-publishers cannot clobber each other. The alias resolves to the newest *valid* record: one whose
-model version is committed. Scoring only ever loads through an alias (or a pinned version).
+An alias is its commit log: entry N+1 is written create-only, so moving an alias is a
+compare-and-set against the position N the mover read (:func:`move_alias`). Two gates that both
+decided to publish cannot both move it; the loser re-reads and decides again. The alias points
+at the model version of its highest entry that validates (right model and alias, a committed
+version); malformed entries are skipped and reported, never fatal. No clock orders anything.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import secrets
-
-from pydantic import BaseModel, ConfigDict
+import logging
+from dataclasses import dataclass, field
+from typing import Any
 
 from twocluster import layout
-from twocluster.manifest import Manifest, ManifestError, read_manifest
+from twocluster.commitlog import AliasMoved, CommitLog, SkippedObject
+from twocluster.manifest import (
+    CommittedVersion,
+    LocationState,
+    ManifestError,
+    ModelManifest,
+    resolve_version,
+    scan_location,
+)
 from twocluster.storage import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(LookupError):
     pass
 
 
-class AliasRecord(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class AliasConflict(RegistryError):
+    """Someone moved the alias after the caller read it."""
+
+
+def read_model_manifest(store: ObjectStore, model: str, version: str, *, verify_checksums: bool = False) -> ModelManifest:
+    """A committed model version's manifest (raises :class:`ManifestError` if it is not one)."""
+    return resolve_version(store, layout.model_versions_prefix(model), version, ModelManifest, verify_checksums=verify_checksums).manifest
+
+
+def model_versions(store: ObjectStore, model: str) -> LocationState:
+    return scan_location(store, layout.model_versions_prefix(model), ModelManifest)
+
+
+@dataclass
+class AliasState:
+    """An alias as read from its log: ``position`` is the highest entry number taken (the
+    compare-and-set expects the next one), ``current`` the entry the alias resolves to."""
 
     model: str
     alias: str
-    version: str
-    published_at: dt.datetime
-    reason: str = ""
-    previous_version: str | None = None
+    position: int = 0
+    current: AliasMoved | None = None
+    history: list[AliasMoved] = field(default_factory=list)  # valid entries, oldest first
+    skipped: list[SkippedObject] = field(default_factory=list)
+
+    @property
+    def version(self) -> str | None:
+        return self.current.version if self.current else None
+
+    def previous_version(self) -> str | None:
+        """The version the alias pointed at before its current one (for a rollback)."""
+        if self.current is None:
+            return None
+        earlier = [e.version for e in self.history if e.seq < self.current.seq and e.version != self.current.version]
+        return earlier[-1] if earlier else None
 
 
-def model_version_prefix(model: str, version: str) -> str:
-    return layout.model_version_prefix(model, version)
+def read_alias(store: ObjectStore, model: str, alias: str, committed: LocationState | None = None) -> AliasState:
+    """Read an alias's log and resolve it to its newest valid entry."""
+    location = layout.model_alias_prefix(model, alias)
+    snapshot = CommitLog(store, location).read()
+    state = AliasState(model, alias, position=snapshot.head, skipped=list(snapshot.skipped))
+    committed = committed if committed is not None else model_versions(store, model)
+    valid_versions = {v.version for v in committed.versions}
+    for entry in snapshot.entries:
+        uri = store.uri(layout.log_entry_key(location, entry.seq))
+        if not isinstance(entry, AliasMoved):
+            state.skipped.append(SkippedObject(uri, f"a {entry.op!r} entry in an alias log"))
+        elif (entry.model, entry.alias) != (model, alias):
+            state.skipped.append(SkippedObject(uri, f"names {entry.model}:{entry.alias} but sits under {model}:{alias}"))
+        elif entry.version not in valid_versions:
+            state.skipped.append(SkippedObject(uri, f"points at {model} version {entry.version}, which is not a valid committed version"))
+        else:
+            state.history.append(entry)
+    for skipped in state.skipped:
+        log.warning("alias %s:%s: skipping %s: %s", model, alias, skipped.uri, skipped.problem)
+    state.current = state.history[-1] if state.history else None
+    return state
 
 
-def read_model_manifest(store: ObjectStore, model: str, version: str) -> Manifest:
-    manifest = read_manifest(store, layout.model_version_prefix(model, version))
-    if manifest.kind != "model":
-        raise ManifestError(f"{store.uri(layout.model_version_prefix(model, version))} is a {manifest.kind}, not a model")
-    return manifest
+def resolve_alias(store: ObjectStore, model: str, alias: str) -> AliasMoved | None:
+    """The entry the alias resolves to, or ``None`` if nothing valid was ever published."""
+    return read_alias(store, model, alias).current
 
 
-def publish_alias(store: ObjectStore, model: str, alias: str, version: str, reason: str = "", **extra) -> AliasRecord:
-    """Point ``alias`` at a committed model version with a new create-only record."""
-    read_model_manifest(store, model, version)  # refuse to publish what is not committed
-    current = resolve_alias(store, model, alias)
-    now = dt.datetime.now(dt.UTC)
-    record = AliasRecord(
-        model=model, alias=alias, version=version, published_at=now, reason=reason,
-        previous_version=current.version if current else None, **extra,
-    )
-    # Time-ordered names; the random part keeps two publishers in one microsecond apart.
-    key = f"{layout.model_alias_prefix(model, alias)}/{now:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(3)}-{version}.json"
-    if not store.put_if_absent(key, record.model_dump_json(indent=2).encode()):
-        raise RegistryError(f"{store.uri(key)}: alias record already exists")
-    return record
-
-
-def alias_history(store: ObjectStore, model: str, alias: str) -> list[AliasRecord]:
-    """All records of an alias, oldest first (unreadable records are skipped)."""
-    records = []
-    for obj in store.list(layout.model_alias_prefix(model, alias), suffixes=(".json",)):
-        try:
-            records.append(AliasRecord.model_validate(json.loads(store.read_bytes(obj.key))))
-        except (ValueError, json.JSONDecodeError):
-            continue
-    return sorted(records, key=lambda r: r.published_at)
-
-
-def resolve_alias(store: ObjectStore, model: str, alias: str) -> AliasRecord | None:
-    """The newest record whose model version is committed, or ``None`` if nothing valid was
-    ever published."""
-    for record in reversed(alias_history(store, model, alias)):
-        try:
-            read_model_manifest(store, model, record.version)
-        except ManifestError:
-            continue
-        return record
-    return None
-
-
-def require_alias(store: ObjectStore, model: str, alias: str) -> AliasRecord:
+def require_alias(store: ObjectStore, model: str, alias: str) -> AliasMoved:
     record = resolve_alias(store, model, alias)
     if record is None:
         raise RegistryError(
@@ -94,3 +109,46 @@ def require_alias(store: ObjectStore, model: str, alias: str) -> AliasRecord:
             "train and publish a model first"
         )
     return record
+
+
+def move_alias(store: ObjectStore, model: str, alias: str, version: str, *, expected: AliasState, reason: str = "",
+               run_id: str = "", decision: dict[str, Any] | None = None) -> AliasMoved:
+    """Point ``alias`` at a committed ``version`` if, and only if, nobody moved it since
+    ``expected`` was read (compare-and-set on the alias log). Raises :class:`AliasConflict`
+    otherwise: read again and decide again. Raises :class:`RegistryError` for a version that is
+    not committed."""
+    try:
+        read_model_manifest(store, model, version)
+    except ManifestError as e:
+        raise RegistryError(f"cannot point {model}:{alias} at {version}: {e}") from None
+    entry = AliasMoved(seq=expected.position + 1, model=model, alias=alias, version=version,
+                       previous_version=expected.version, reason=reason, decision=decision or {}, run_id=run_id)
+    if not CommitLog(store, layout.model_alias_prefix(model, alias)).append_at(expected.position + 1, entry):
+        raise AliasConflict(f"{model}:{alias} moved after it was read at position {expected.position}")
+    log.info("%s:%s -> %s (entry %d): %s", model, alias, version, entry.seq, reason)
+    return entry
+
+
+def find_version_of_run(store: ObjectStore, model: str, run_id: str) -> CommittedVersion | None:
+    """The committed model version a training run produced, if any (newest first)."""
+    for committed in reversed(model_versions(store, model).versions):
+        if committed.manifest.lineage.run_id == run_id:
+            return committed
+    return None
+
+
+def published_versions(store: ObjectStore, model: str) -> dict[str, list[str]]:
+    """``{version: [aliases that ever pointed at it]}`` over every alias of the model."""
+    parent = f"models/{layout.check_name(model, 'model')}/aliases"
+    committed = model_versions(store, model)
+    found: dict[str, list[str]] = {}
+    for alias in store.list_folders(parent):
+        try:
+            layout.check_name(alias, "alias")
+        except layout.LayoutError:
+            continue
+        for entry in read_alias(store, model, alias, committed).history:
+            found.setdefault(entry.version, [])
+            if alias not in found[entry.version]:
+                found[entry.version].append(alias)
+    return found

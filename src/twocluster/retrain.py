@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from twocluster import layout, registry
-from twocluster.manifest import Manifest, resolve_latest
+from twocluster.manifest import DatasetManifest, ModelManifest, resolve_latest
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore
 
@@ -53,9 +53,9 @@ class RetrainDecision:
         return asdict(self)
 
 
-def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: dt.date) -> dict[str, Manifest]:
+def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: dt.date) -> dict[str, DatasetManifest]:
     """The newest committed dataset version of each date in [first, last] that has one."""
-    found: dict[str, Manifest] = {}
+    found: dict[str, DatasetManifest] = {}
     parent = f"datasets/{layout.check_name(pipeline, 'pipeline')}"
     for folder in store.list_folders(parent):
         if not folder.startswith("date="):
@@ -65,9 +65,9 @@ def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: 
         except ValueError:
             continue
         if first <= day <= last:
-            latest = resolve_latest(store, layout.dataset_date_prefix(pipeline, day))
+            latest = resolve_latest(store, layout.dataset_date_prefix(pipeline, day), DatasetManifest)
             if latest is not None:
-                found[day.isoformat()] = latest[1]
+                found[day.isoformat()] = latest.manifest
     return dict(sorted(found.items()))
 
 
@@ -75,7 +75,7 @@ def dataset_manifest_uri(store: ObjectStore, pipeline: str, date: str, version: 
     return store.uri(layout.manifest_key(layout.dataset_version_prefix(pipeline, date, version)))
 
 
-def data_through(model_manifest: Manifest) -> str | None:
+def data_through(model_manifest: ModelManifest) -> str | None:
     """The newest data date a model was trained on (from the dataset manifest URIs in its lineage)."""
     dates = [m.group(1) for uri in model_manifest.lineage.inputs if (m := _DATE_IN_KEY.search(uri))]
     return max(dates) if dates else None
@@ -101,7 +101,7 @@ def decide_retrain(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, 
     if champion is None:
         # The first model waits for as much data as a retrain needs: a model trained on a day or
         # two of data would only fail the gate.
-        available = sum(m.counts.accepted for m in window.values() if m.counts)
+        available = sum(m.counts.accepted for m in window.values())
         if available < policy.min_new_examples:
             return decide(False, f"nothing is published as {spec.model.name}:{alias} yet, and the first model waits for "
                                  f"{policy.min_new_examples} accepted examples (committed so far: {available})",
@@ -119,7 +119,7 @@ def decide_retrain(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, 
         return decide(False, f"the champion {champion.version} was trained on data through {through}, which covers {day}", **known)
 
     newer = committed_datasets(store, spec.name, through_day + dt.timedelta(days=1), day)
-    new_examples = sum(m.counts.accepted for m in newer.values() if m.counts)
+    new_examples = sum(m.counts.accepted for m in newer.values())
     known["new_examples"] = new_examples
     age = (day - through_day).days
     if age >= policy.every_days:

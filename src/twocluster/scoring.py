@@ -34,16 +34,26 @@ import pyarrow.parquet as pq
 
 from twocluster import layout, registry
 from twocluster.features import featurizer_for
-from twocluster.manifest import Counts, Lineage, Manifest, ManifestFile, commit_manifest, resolve_latest
-from twocluster.preprocess import featurize, list_inputs, write_rejects
+from twocluster.manifest import (
+    Counts,
+    InFlight,
+    Lineage,
+    ManifestFile,
+    ModelManifest,
+    PredictionsManifest,
+    commit_version,
+    resolve_latest,
+)
+from twocluster.preprocess import attempt_folder, featurize, list_inputs, promote_staged, write_rejects
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore
-from twocluster.version import code_version
+from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = "predicted_label string, confidence float, top_labels array<string>, top_probabilities array<float>, load_id string"
-WRITTEN_SCHEMA = "path string, bytes long, checksum string, rows long"
+WRITTEN_SCHEMA = "path string, staged string, bytes long, checksum string, rows long"
+PREDICTIONS_CODE = ("featurizer", "scoring")  # the code components a predictions fingerprint covers
 
 
 class ScoringError(RuntimeError):
@@ -51,6 +61,10 @@ class ScoringError(RuntimeError):
 
 
 class FeatureSpecMismatch(ScoringError):
+    pass
+
+
+class FeaturizerCodeChanged(FeatureSpecMismatch):
     pass
 
 
@@ -68,12 +82,13 @@ class ScoringResult:
     python_workers: int = 0
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- before heavy work ---------------------------------------------------------------------------
 
 
-def resolve_model(store: ObjectStore, model: str, alias: str | None, version: str | None):
+def resolve_model(store: ObjectStore, model: str, alias: str | None, version: str | None) -> tuple[str, ModelManifest]:
     """The model version to score with: a pinned version, else what the alias points at."""
     if version:
         layout.check_version(version, "model version")
@@ -82,24 +97,26 @@ def resolve_model(store: ObjectStore, model: str, alias: str | None, version: st
     return record.version, registry.read_model_manifest(store, model, record.version)
 
 
-def check_feature_spec(model_manifest: Manifest, spec: PipelineSpec) -> None:
-    """The model must have been trained on exactly what this job's featurizer produces."""
+def check_feature_spec(model_manifest: ModelManifest, spec: PipelineSpec) -> list[str]:
+    """The model must have been trained on exactly what this job's featurizer produces (raises
+    :class:`FeatureSpecMismatch`). When only the featurizer's *code* differs, the spec decides:
+    ``scoring.on_featurizer_change`` error raises, warn returns the warning to record."""
     expected = featurizer_for(spec.featurizer).feature_spec()
-    recorded = model_manifest.feature_spec or {}
-    problems = []
-    if recorded.get("kind") != expected["kind"]:
-        problems.append(f"featurizer kind: model {recorded.get('kind')!r}, job {expected['kind']!r}")
-    if recorded.get("features") != expected["features"]:
-        problems.append(f"features (names, dtypes, shapes): model {recorded.get('features')}, job {expected['features']}")
-    model_params, job_params = recorded.get("params", {}), expected["params"]
-    for key in sorted(set(model_params) | set(job_params)):
-        if key != "max_source_seconds" and model_params.get(key) != job_params.get(key):
-            problems.append(f"featurizer.{key}: model {model_params.get(key)!r}, job {job_params.get(key)!r}")
+    recorded = model_manifest.feature_spec
+    problems = recorded.compatible_with(expected)
     if problems:
         raise FeatureSpecMismatch(
-            f"model {model_manifest.model_extra.get('model')} version {model_manifest.version} does not match "
-            f"the pipeline's featurizer: " + "; ".join(problems)
+            f"model {model_manifest.model} version {model_manifest.version} does not match the pipeline's featurizer "
+            "(model vs job): " + "; ".join(problems)
         )
+    if recorded.same_code_as(expected):
+        return []
+    message = (f"model {model_manifest.model} version {model_manifest.version} was trained on data featurized by featurizer "
+               f"code {recorded.featurizer_code[:19]}, but this job's featurizer code is {expected.featurizer_code[:19]}")
+    if spec.scoring.on_featurizer_change == "error":
+        raise FeaturizerCodeChanged(f"{message}; retrain on reprocessed data, or set scoring.on_featurizer_change: warn")
+    log.warning("%s (scoring anyway: scoring.on_featurizer_change is warn)", message)
+    return [message]
 
 
 # -- the per-worker model ------------------------------------------------------------------------
@@ -190,24 +207,30 @@ def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: 
 # -- writing -------------------------------------------------------------------------------------
 
 
-def write_predictions(predictions, store: ObjectStore, version_prefix: str) -> list[ManifestFile]:
-    """Each partition writes one Parquet file with one PUT and reports it back."""
+def write_predictions(predictions, store: ObjectStore, staging: str) -> tuple[list[ManifestFile], dict[str, str]]:
+    """Each partition writes one Parquet file with one PUT into its task attempt's folder under
+    ``staging`` and reports it back; the caller promotes exactly the reported files."""
     root_uri, s3_settings = store.root_uri, store.s3_settings
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
         batch_list = list(batches)
         if not batch_list or sum(b.num_rows for b in batch_list) == 0:
             return
         table = pa.Table.from_batches(batch_list)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        rel = f"predictions/part-{uuid.uuid4().hex[:12]}.parquet"
+        context = TaskContext.get()
+        rel = f"predictions/part-{context.partitionId() if context else 0:05d}.parquet"
+        staged = f"{staging}/{attempt_folder()}/{rel}"
         data = buf.getvalue()
-        checksum = ObjectStore(root_uri, s3_settings).write_bytes(f"{version_prefix}/{rel}", data)
-        yield pa.RecordBatch.from_pylist([{"path": rel, "bytes": len(data), "checksum": checksum, "rows": table.num_rows}])
+        checksum = ObjectStore(root_uri, s3_settings).write_bytes(staged, data)
+        yield pa.RecordBatch.from_pylist([{"path": rel, "staged": staged, "bytes": len(data), "checksum": checksum, "rows": table.num_rows}])
 
     rows = predictions.mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
-    return [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in rows]
+    files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in rows]
+    return files, {r.path: r.staged for r in rows}
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -215,30 +238,40 @@ def write_predictions(predictions, store: ObjectStore, version_prefix: str) -> l
 
 def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.date, run_id: str,
                 alias: str | None = None, model_version: str | None = None) -> ScoringResult:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     started = time.perf_counter()
     date = layout.check_date(date)
     model = spec.model.name
     version, model_manifest = resolve_model(store, model, alias or spec.scoring.alias, model_version)
-    check_feature_spec(model_manifest, spec)  # before any data is read
-    vocabulary = model_manifest.model_extra.get("label_vocabulary") or model_manifest.feature_spec["label_vocabulary"]
-    featurizer = featurizer_for(spec.featurizer)
+    warnings = check_feature_spec(model_manifest, spec)  # before any data is read
     date_prefix = layout.predictions_date_prefix(spec.name, date)
 
     inputs, ignored, input_fingerprint = list_inputs(store, spec, date)
-    fingerprint = "sha256:" + hashlib.sha256(f"{input_fingerprint}\0{model}\0{version}\0{spec.scoring.model_dump_json()}".encode()).hexdigest()
-    latest = resolve_latest(store, date_prefix)
-    if latest and latest[1].lineage.model_extra.get("input_fingerprint") == fingerprint:
-        v, m = latest
-        log.info("date %s: inputs and model unchanged since predictions %s; nothing to do", date, v)
-        return ScoringResult("unchanged", spec.name, date, v, store.uri(layout.manifest_key(f"{date_prefix}/v={v}")), model, version,
-                             m.counts.model_dump(), m.model_extra.get("model_loads", 0), m.model_extra.get("python_workers", 0),
-                             time.perf_counter() - started)
+    code = "".join(f"{c}={code_hashes()[c]}\n" for c in PREDICTIONS_CODE)
+    fingerprint = "sha256:" + hashlib.sha256(
+        f"{input_fingerprint}\0{model}\0{version}\0{spec.scoring.model_dump_json()}\0{code}".encode()).hexdigest()
+    latest = resolve_latest(store, date_prefix, PredictionsManifest, verify_checksums=True)
+    if latest and latest.manifest.lineage.input_fingerprint == fingerprint:
+        m = latest.manifest
+        log.info("date %s: inputs, model and code unchanged since predictions %s; nothing to do", date, latest.version)
+        return ScoringResult("unchanged", spec.name, date, latest.version, latest.manifest_uri, model, version,
+                             m.counts.model_dump(), m.model_loads, m.python_workers, time.perf_counter() - started)
 
     out_version = layout.new_version_id()
+    with InFlight(store, date_prefix, out_version, run_id):
+        return _score_and_commit(spark, spec, store, date, run_id, alias, model_version, version, model_manifest, inputs,
+                                 ignored, fingerprint, out_version, warnings, started)
+
+
+def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, version, model_manifest, inputs, ignored,
+                      fingerprint, out_version, warnings, started) -> ScoringResult:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    model = spec.model.name
+    featurizer = featurizer_for(spec.featurizer)
+    date_prefix = layout.predictions_date_prefix(spec.name, date)
     version_prefix = layout.predictions_version_prefix(spec.name, date, out_version)
+    staging = layout.staging_prefix(date_prefix, out_version)
     files: list[ManifestFile] = []
     loads = workers = 0
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
@@ -249,8 +282,8 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
         featurized = featurized.persist(StorageLevel.MEMORY_AND_DISK)
         rejects = featurized.filter("reason IS NOT NULL").drop("features").toPandas()
         scored = score(
-            featurized.filter("reason IS NULL").select("path", "source_id", "features"), store, model, version, vocabulary,
-            list(featurizer.shape), spec.scoring.top_k, spec.scoring.inference_batch_size,
+            featurized.filter("reason IS NULL").select("path", "source_id", "features"), store, model, version,
+            model_manifest.label_vocabulary, list(featurizer.shape), spec.scoring.top_k, spec.scoring.inference_batch_size,
         ).withColumns({
             "model_version": F.lit(version),
             "scored_at": F.lit(dt.datetime.now(dt.UTC).isoformat()),
@@ -258,7 +291,9 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
         }).persist(StorageLevel.MEMORY_AND_DISK)
         load_ids = [r.load_id for r in scored.select("load_id").distinct().collect()]
         loads, workers = len(load_ids), len({lid.split("-")[0] for lid in load_ids})
-        files += write_predictions(scored.drop("load_id"), store, version_prefix)
+        written, staged = write_predictions(scored.drop("load_id"), store, staging)
+        promote_staged(store, written, staged, version_prefix, staging)
+        files += written
         accepted = sum(f.rows or 0 for f in files)
         scored.unpersist()
         featurized.unpersist()
@@ -266,27 +301,28 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
         files.append(write_rejects(rejects, store, version_prefix))
     counts = Counts(input=len(inputs), accepted=accepted, rejected=len(rejects),
                     rejected_by_reason=dict(sorted(Counter(rejects["reason"]).items())))
-    manifest = Manifest(
-        kind="predictions",
+    manifest = PredictionsManifest(
         version=out_version,
         created_at=dt.datetime.now(dt.UTC),
         files=sorted(files, key=lambda f: f.path),
         counts=counts,
-        feature_spec=model_manifest.feature_spec,
+        feature_spec=featurizer.feature_spec(label_vocabulary=model_manifest.label_vocabulary),
         lineage=Lineage(
             inputs=[store.uri(layout.raw_date_prefix(spec.name, date)), store.uri(layout.model_version_prefix(model, version))],
-            code_version=code_version(), run_id=run_id,
-            params={"alias": alias or spec.scoring.alias, "pinned_version": model_version, "scoring": spec.scoring.model_dump()},
+            code_version=code_version(), code={c: code_hashes()[c] for c in (*PREDICTIONS_CODE, "package")}, run_id=run_id,
+            params={"alias": alias or spec.scoring.alias, "pinned_version": model_version, "scoring": spec.scoring.model_dump(),
+                    "warnings": warnings},
             input_fingerprint=fingerprint,
         ),
         pipeline=spec.name, date=date, model=model, model_version=version,
         model_loads=loads, python_workers=workers, ignored_files=ignored,
+        seconds={"total": round(time.perf_counter() - started, 3)},
     )
-    uri = commit_manifest(store, version_prefix, manifest)
+    uri = commit_version(store, date_prefix, manifest)
     log.info("date %s: %d predictions by %s v=%s (%d model loads on %d Python workers) -> %s",
              date, accepted, model, version, loads, workers, uri)
     return ScoringResult("committed", spec.name, date, out_version, uri, model, version, counts.model_dump(), loads, workers,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, warnings=warnings)
 
 
 # -- SQL -----------------------------------------------------------------------------------------
@@ -305,7 +341,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
 
     version, manifest = resolve_model(store, spec.model.name, alias or spec.scoring.alias, model_version)
     check_feature_spec(manifest, spec)
-    vocabulary = manifest.model_extra.get("label_vocabulary") or manifest.feature_spec["label_vocabulary"]
+    vocabulary = manifest.label_vocabulary
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
     root_uri, s3_settings, model = store.root_uri, store.s3_settings, spec.model.name
     batch_size = spec.scoring.inference_batch_size

@@ -168,12 +168,23 @@ class Scoring(_Strict):
     arrow_batch_size: int = Field(256, gt=0)
     inference_batch_size: int = Field(128, gt=0)
     top_k: int = Field(3, gt=0)
+    # When the featurizer's code differs from the one the model's training data was made with:
+    # refuse to score (the default: features may have shifted), or score and record a warning.
+    on_featurizer_change: Literal["error", "warn"] = "error"
 
     @model_validator(mode="after")
     def _alias_allowed(self) -> Scoring:
         if self.alias not in self.allowed_aliases:
             raise ValueError(f"alias {self.alias!r} is not in allowed_aliases {self.allowed_aliases}")
         return self
+
+
+class Retention(_Strict):
+    """What `twocluster gc` keeps. It never deletes a version an alias points or pointed at, a
+    dataset in the lineage of such a model, or anything younger than the grace period."""
+
+    keep_versions: int = Field(3, ge=1, description="committed versions kept per date (datasets, predictions) and per model")
+    grace_hours: float = Field(24, gt=0, description="uncommitted or unreferenced objects younger than this are left alone")
 
 
 class PipelineSpec(_Strict):
@@ -191,6 +202,7 @@ class PipelineSpec(_Strict):
     model: Model
     retrain: Retrain = Retrain()
     scoring: Scoring = Scoring()
+    retention: Retention = Retention()
 
     @field_validator("store_uri")
     @classmethod

@@ -17,6 +17,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -303,50 +304,98 @@ class ObjectStore:
 
     # -- writes ------------------------------------------------------------------------------
 
+    def _s3_key(self, key: str) -> str:
+        """The S3 object key of a store key (validated like every other key)."""
+        return self._path(key)[len(self.bucket) + 1 :]
+
     def write_bytes(self, key: str, data: bytes) -> str:
-        """Write (or overwrite) an object; returns its checksum."""
+        """Write (or overwrite) an object whole; returns its checksum. Readers never see part of
+        it: S3 takes one PUT; locally a complete temp file is renamed into place."""
+        if self.scheme == "s3":
+            try:
+                self._s3_client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
+            except Exception as e:  # botocore's ClientError and connection errors alike
+                raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
+            return checksum_bytes(data)
         path = self._path(key)
-        if self.scheme == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-", suffix=".part")
         try:
-            with self._open_output(path) as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.replace(tmp, path)
         except OSError as e:
             raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return checksum_bytes(data)
 
     def upload_file(self, local_path: str | os.PathLike[str], key: str) -> str:
-        """Copy a local file to an object; returns its checksum."""
+        """Copy a local file to an object; returns its checksum. S3: boto3's managed transfer
+        (multipart above 8 MB), which aborts the multipart upload when a part fails, so no
+        invisible parts are left behind; locally a temp file renamed into place."""
+        checksum = checksum_local_file(local_path)
+        if self.scheme == "s3":
+            try:
+                self._s3_client.upload_file(str(local_path), self.bucket, self._s3_key(key))
+            except Exception as e:
+                raise StorageError(f"{self.uri(key)}: upload of {local_path} failed: {e}") from e
+            return checksum
         path = self._path(key)
-        hasher = _checksum_hasher()
-        if self.scheme == "file":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(local_path, "rb") as src, self._open_output(path) as dst:
-            while chunk := src.read(_COPY_CHUNK_BYTES):
-                hasher.update(chunk)
-                dst.write(chunk)
-        return format_checksum(hasher)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return checksum
+
+    def upload_stream(self, stream, key: str) -> None:
+        """Upload from a readable binary stream (S3: managed multipart transfer, aborted on
+        failure)."""
+        if self.scheme == "s3":
+            try:
+                self._s3_client.upload_fileobj(stream, self.bucket, self._s3_key(key))
+            except Exception as e:
+                raise StorageError(f"{self.uri(key)}: upload failed: {e}") from e
+            return
+        self.write_bytes(key, stream.read())
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create-only write: ``True`` if this call created the object, ``False`` if it existed.
 
         The object appears whole or not at all. S3: a conditional PUT (``If-None-Match: *``).
+        When botocore retries a conditional PUT whose first response was lost after the server
+        stored it, the retry is answered 412 for the caller's own write: on 412 the object is read
+        back and compared byte for byte, so the caller's own commit is never reported as someone
+        else's (callers make their payloads unique, e.g. with a random commit id).
         Local: the content is written to a temp file and hard-linked into place, which fails
         atomically if the name exists.
         """
         if self.scheme == "s3":
             from botocore.exceptions import ClientError
 
-            try:
-                self._s3_client.put_object(
-                    Bucket=self.bucket, Key=join_key(self._prefix, key), Body=data, IfNoneMatch="*"
-                )
-                return True
-            except ClientError as e:
-                # 412: the object exists. 409: a concurrent conditional PUT of the same key won.
-                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return False
-                raise StorageError(f"{self.uri(key)}: create-only write failed: {e}") from e
+            for attempt in range(5):
+                try:
+                    self._s3_client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data, IfNoneMatch="*")
+                    return True
+                except ClientError as e:
+                    code = e.response.get("Error", {}).get("Code")
+                    # 412: the object exists. 409: a concurrent conditional PUT of the same key
+                    # was in progress; look at what is there now.
+                    if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                        raise StorageError(f"{self.uri(key)}: create-only write failed: {e}") from e
+                try:
+                    return self.read_bytes(key) == data
+                except ObjectNotFound:
+                    time.sleep(0.05 * (attempt + 1))  # the 409 winner gave up; try again
+            raise StorageError(f"{self.uri(key)}: create-only write kept conflicting")
         path = self._path(key)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -364,6 +413,24 @@ class ObjectStore:
         finally:
             os.unlink(tmp)
 
+    def promote(self, src_key: str, dst_key: str) -> None:
+        """Move a complete object to its final key (a task attempt's file into its committed
+        version folder). Local: one atomic rename. S3: a server-side copy (multipart for large
+        objects), then the source is deleted."""
+        if self.scheme == "s3":
+            try:
+                self._s3_client.copy({"Bucket": self.bucket, "Key": self._s3_key(src_key)}, self.bucket, self._s3_key(dst_key))
+            except Exception as e:
+                raise StorageError(f"{self.uri(src_key)} -> {self.uri(dst_key)}: copy failed: {e}") from e
+            self.delete(src_key)
+            return
+        dst = self._path(dst_key)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.replace(self._path(src_key), dst)
+        except FileNotFoundError as e:
+            raise ObjectNotFound(f"{self.uri(src_key)}: no such object") from e
+
     def copy(self, src_key: str, dst_key: str) -> None:
         dst = self._path(dst_key)
         if self.scheme == "file":
@@ -378,6 +445,18 @@ class ObjectStore:
             self.fs.delete_file(self._path(key))
         except FileNotFoundError:
             pass
+
+    def remove_empty_folders(self, prefix: str) -> None:
+        """Local stores: remove ``prefix`` and its sub-folders if they hold no files (S3 has no
+        folders to remove)."""
+        if self.scheme != "file" or not prefix.strip("/"):
+            return
+        top = self._path(prefix)
+        for folder, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass  # not empty
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove everything under ``prefix`` (used to clean up an uncommitted attempt)."""

@@ -24,15 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
-from twocluster import layout
+from twocluster import layout, registry
+from twocluster.featurespec import FeatureSpec
 from twocluster.jobspec import TrainingJobSpec
-from twocluster.manifest import Lineage, Manifest, ManifestError, ManifestFile, commit_manifest, list_committed_versions, read_manifest
+from twocluster.manifest import (
+    DatasetManifest,
+    Lineage,
+    ManifestError,
+    ManifestFile,
+    ModelManifest,
+    ModelMetrics,
+    commit_version,
+    resolve_version,
+)
 from twocluster.storage import ObjectStore, split_uri
-from twocluster.version import code_version
+from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_POINTER = "LATEST.json"
+STAGE_CACHE_MAX_AGE_SECONDS = 7 * 86400  # staged datasets no job used for a week are evicted
 
 
 class TrainingError(RuntimeError):
@@ -44,59 +55,79 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class StagedData:
-    feature_name: str
-    feature_shape: list[int]
-    compression: str
-    vocabulary: list[str]
-    feature_spec: dict
+    feature_spec: FeatureSpec
     files: dict[str, list[str]]  # split -> local TFRecord paths
     rows: dict[str, int]
     dataset_versions: list[str] = field(default_factory=list)
+    featurizer_code: list[str] = field(default_factory=list)  # distinct hashes across the datasets
+
+    @property
+    def feature_name(self) -> str:
+        return self.feature_spec.feature_name
+
+    @property
+    def feature_shape(self) -> list[int]:
+        return self.feature_spec.feature_shape
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self.feature_spec.label_vocabulary
+
+    @property
+    def compression(self) -> str:
+        return self.feature_spec.tfrecord.compression
 
 
-def load_dataset_manifests(spec: TrainingJobSpec) -> list[tuple[ObjectStore, Manifest]]:
+def open_dataset_manifest(uri: str) -> tuple[ObjectStore, DatasetManifest]:
+    """A dataset by its manifest URI, only if it is committed in its date's log (not removed, the
+    manifest unchanged since the commit). Returns a store rooted at the version folder."""
+    folder, name = split_uri(uri)
+    location, version_folder = split_uri(folder)
+    version = layout.version_from_folder(version_folder)
+    if name != layout.MANIFEST_NAME or version is None:
+        raise TrainingError(f"{uri}: not a dataset manifest URI (.../v=<version>/{layout.MANIFEST_NAME})")
+    committed = resolve_version(ObjectStore(location), "", version, DatasetManifest)
+    manifest = committed.manifest
+    if manifest.feature_spec.tfrecord is None:
+        raise TrainingError(f"{uri}: the manifest records no TFRecord feature spec")
+    return ObjectStore(folder), manifest
+
+
+def load_dataset_manifests(uris: list[str], splits: list[str]) -> list[tuple[ObjectStore, DatasetManifest]]:
     """Read and cross-check every dataset manifest before anything is downloaded."""
-    loaded = []
-    for uri in spec.datasets:
-        folder, _ = split_uri(uri)
-        store = ObjectStore(folder)
-        manifest = read_manifest(store, "")
-        if manifest.kind != "dataset":
-            raise TrainingError(f"{uri}: is a {manifest.kind} manifest, not a dataset")
-        if not manifest.feature_spec or "tfrecord" not in manifest.feature_spec:
-            raise TrainingError(f"{uri}: the manifest records no TFRecord feature spec")
-        loaded.append((store, manifest))
-    first_uri, first = spec.datasets[0], loaded[0][1]
-    for uri, (_, m) in zip(spec.datasets[1:], loaded[1:], strict=True):
-        for key in ("tfrecord", "label_vocabulary", "features"):
-            if m.feature_spec.get(key) != first.feature_spec.get(key):
-                raise TrainingError(f"{uri}: feature spec '{key}' differs from {first_uri}'s; datasets cannot be mixed")
-    for split in (spec.train_split, spec.validation_split, spec.test_split):
-        if sum((m.counts.per_split.get(split, 0) for _, m in loaded)) == 0:
-            raise TrainingError(f"no examples in split {split!r} across {len(loaded)} dataset(s) {spec.datasets}")
+    loaded = [open_dataset_manifest(uri) for uri in uris]
+    first_uri, first = uris[0], loaded[0][1].feature_spec
+    for uri, (_, m) in zip(uris[1:], loaded[1:], strict=True):
+        problems = first.compatible_with(m.feature_spec)
+        if m.feature_spec.tfrecord != first.tfrecord or m.feature_spec.label_vocabulary != first.label_vocabulary:
+            problems.append("TFRecord layout or label vocabulary")
+        if problems:
+            raise TrainingError(f"{uri}: feature spec differs from {first_uri}'s ({'; '.join(problems)}); datasets cannot be mixed")
+        if not m.feature_spec.same_code_as(first):
+            raise TrainingError(
+                f"{uri} was featurized by other featurizer code ({m.feature_spec.featurizer_code[:19]}) than {first_uri} "
+                f"({first.featurizer_code[:19]}); reprocess the older dates of the window before training on them together"
+            )
+    for split in splits:
+        if sum(m.counts.per_split.get(split, 0) for _, m in loaded) == 0:
+            raise TrainingError(f"no examples in split {split!r} across {len(loaded)} dataset(s) {uris}")
     return loaded
 
 
-def stage_datasets(spec: TrainingJobSpec, cache_dir: Path, max_workers: int = 8) -> StagedData:
-    """Download the TFRecord shards the manifests list, in parallel, verifying each checksum.
-    Shards already in ``cache_dir`` with a matching checksum are not fetched again (a retry or
-    a resumed run on the same node starts at once)."""
-    loaded = load_dataset_manifests(spec)
-    first = loaded[0][1].feature_spec
-    feature_name = next(n for n in first["tfrecord"]["features"] if n not in ("label", "label_id", "source_id", "path"))
+def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, max_workers: int = 8) -> StagedData:
+    """Download the TFRecord shards of ``splits`` that the manifests list, in parallel, verifying
+    each checksum. Shards already in ``cache_dir`` with a matching checksum are not fetched again
+    (a retry or a resumed run on the same node starts at once)."""
+    loaded = load_dataset_manifests(uris, splits)
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
-    wanted = {spec.train_split, spec.validation_split, spec.test_split}
     started, fetched_bytes, reused = time.perf_counter(), 0, 0
     for store, manifest in loaded:
         todo = []
-        for f in manifest.files:
-            split = f.model_extra.get("split")
-            if f.model_extra.get("kind") != "tfrecord" or split not in wanted:
-                continue
+        for f in manifest.tfrecord_files(splits):
             local = cache_dir / manifest.version / f.path
-            files.setdefault(split, []).append(str(local))
-            rows[split] = rows.get(split, 0) + (f.rows or 0)
+            files.setdefault(f.split, []).append(str(local))
+            rows[f.split] = rows.get(f.split, 0) + (f.rows or 0)
             marker = local.with_name(local.name + ".sha256")
             if local.exists() and marker.exists() and marker.read_text() == f.checksum and local.stat().st_size == f.bytes:
                 reused += 1
@@ -110,18 +141,36 @@ def stage_datasets(spec: TrainingJobSpec, cache_dir: Path, max_workers: int = 8)
                 raise ManifestError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
             marker.write_text(checksum)
             fetched_bytes += f.bytes
+        if (cache_dir / manifest.version).exists():
+            os.utime(cache_dir / manifest.version)  # recently used: kept by prune_stage_cache
     log.info("staged %d shards (%.1f MB fetched, %d reused from %s) in %.1fs", sum(map(len, files.values())),
              fetched_bytes / 1e6, reused, cache_dir, time.perf_counter() - started)
     return StagedData(
-        feature_name=feature_name,
-        feature_shape=first["tfrecord"]["features"][feature_name]["shape"],
-        compression=first["tfrecord"]["compression"],
-        vocabulary=first["label_vocabulary"],
-        feature_spec=first,
+        feature_spec=loaded[0][1].feature_spec,
         files={s: sorted(v) for s, v in files.items()},
         rows=rows,
         dataset_versions=[m.version for _, m in loaded],
+        featurizer_code=sorted({m.feature_spec.featurizer_code for _, m in loaded}),
     )
+
+
+def stage_datasets(spec: TrainingJobSpec, cache_dir: Path, max_workers: int = 8) -> StagedData:
+    """The job's train, validation and test shards (see :func:`stage_splits`)."""
+    return stage_splits(spec.datasets, [spec.train_split, spec.validation_split, spec.test_split], cache_dir, max_workers)
+
+
+def prune_stage_cache(cache_dir: Path, keep: set[str], max_age_seconds: float) -> list[Path]:
+    """Remove staged dataset versions not in ``keep`` that no job has used for ``max_age_seconds``
+    (the trainer's local cache would otherwise grow by a dataset per day forever)."""
+    removed = []
+    if not cache_dir.is_dir():
+        return removed
+    now = time.time()
+    for entry in cache_dir.iterdir():
+        if entry.is_dir() and entry.name not in keep and now - entry.stat().st_mtime > max_age_seconds:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 # -- input pipeline ------------------------------------------------------------------------------
@@ -136,11 +185,9 @@ def make_dataset(data: StagedData, split: str, batch_size: int, *, training: boo
     files = data.files.get(split, [])
     if not files:
         raise TrainingError(f"no staged shards for split {split!r}")
-    parse_spec = {
-        data.feature_name: tf.io.FixedLenFeature(data.feature_shape, tf.float32),
-        "label_id": tf.io.FixedLenFeature([], tf.int64),
-    }
-    compression = "GZIP" if data.compression == "GZIP" else ""
+    tfrecord = data.feature_spec.tfrecord
+    parse_spec = tfrecord.parse_spec([data.feature_name, "label_id"])
+    compression = tfrecord.compression_type
 
     def parse(record):
         ex = tf.io.parse_single_example(record, parse_spec)
@@ -252,7 +299,7 @@ def build_model(input_shape: list[int], num_classes: int, normalization_sample: 
 
 def run_prefix(model: str, run_id: str) -> str:
     safe = run_id.replace(":", "_").replace("+", "_")
-    return f"models/{layout.check_name(model, 'model')}/runs/{safe}"
+    return f"{layout.model_runs_prefix(model)}/{safe}"
 
 
 def restore_checkpoint(store: ObjectStore, prefix: str, backup_dir: Path) -> int:
@@ -348,27 +395,19 @@ class TrainingResult:
     seconds: float = 0.0
 
 
-def find_version_of_run(store: ObjectStore, model: str, run_id: str) -> Manifest | None:
-    for version in reversed(list_committed_versions(store, layout.model_versions_prefix(model))):
-        manifest = read_manifest(store, layout.model_version_prefix(model, version))
-        if manifest.lineage.run_id == run_id:
-            return manifest
-    return None
-
-
 def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> TrainingResult:
     """Train, evaluate and commit one model version. Rerunning a run resumes from its last
     checkpoint; rerunning a finished run returns its version without training again."""
     started = time.perf_counter()
     store = ObjectStore(spec.store_uri)
-    done = find_version_of_run(store, spec.model_name, spec.run_id)
+    done = registry.find_version_of_run(store, spec.model_name, spec.run_id)
     if done is not None:
         log.info("run %s already produced %s version %s", spec.run_id, spec.model_name, done.version)
-        uri = store.uri(layout.manifest_key(layout.model_version_prefix(spec.model_name, done.version)))
-        return TrainingResult("already_trained", spec.model_name, done.version, uri, done.model_extra.get("metrics", {}))
+        return TrainingResult("already_trained", spec.model_name, done.version, done.manifest_uri, done.manifest.metrics.model_dump())
 
     work_dir = Path(work_dir or os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-train"
     data = stage_datasets(spec, work_dir / "datasets")  # validates the manifests first
+    prune_stage_cache(work_dir / "datasets", keep=set(data.dataset_versions), max_age_seconds=STAGE_CACHE_MAX_AGE_SECONDS)
 
     import keras
 
@@ -423,7 +462,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     probe = sample[:16]
     np.savez(out / "load_test.npz", inputs=probe, logits=model.predict(probe, verbose=0))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "feature_spec.json").write_text(json.dumps(data.feature_spec, indent=2))
+    (out / "feature_spec.json").write_text(data.feature_spec.model_dump_json(indent=2))
     (out / "labels.json").write_text(json.dumps(data.vocabulary))
     (out / "job_spec.json").write_text(spec.model_dump_json(indent=2))
     shutil.copy(backup_dir / "history.csv", out / "history.csv")
@@ -435,8 +474,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
         ManifestFile(path=p.relative_to(out).as_posix(), bytes=p.stat().st_size, checksum=sums[f"{version_prefix}/{p.relative_to(out).as_posix()}"])
         for p in local_files
     ]
-    manifest = Manifest(
-        kind="model",
+    manifest = ModelManifest(
         version=version,
         created_at=dt.datetime.now(dt.UTC),
         files=files,
@@ -444,14 +482,15 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
         lineage=Lineage(
             inputs=spec.datasets,
             code_version=code_version(),
+            code={"trainer": code_hashes()["trainer"], "package": code_hashes()["package"]},
             run_id=spec.run_id,
             params={"hyperparameters": hp.model_dump(), "seed": spec.seed, "strategy": strategy_name},
             dataset_versions=data.dataset_versions,
         ),
         model=spec.model_name,
-        label_vocabulary=data.vocabulary,
-        metrics={k: metrics[k] for k in ("train_accuracy", "validation_accuracy", "test_accuracy", "test_loss", "test_examples")},
+        metrics=ModelMetrics(**{k: metrics[k] for k in ModelMetrics.model_fields if k in metrics}),
+        seconds={"fit": round(fit_seconds, 2), "total": round(time.perf_counter() - started, 2)},
     )
-    uri = commit_manifest(store, version_prefix, manifest)
+    uri = commit_version(store, layout.model_versions_prefix(spec.model_name), manifest)
     shutil.rmtree(out, ignore_errors=True)
     return TrainingResult("trained", spec.model_name, version, uri, metrics, resumed_from, time.perf_counter() - started)

@@ -29,7 +29,7 @@ import yaml
 
 from twocluster import layout, registry, sample_data
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
-from twocluster.manifest import list_committed_versions, read_manifest
+from twocluster.manifest import read_manifest, scan_location
 from twocluster.spec import load_pipeline_spec
 from twocluster.storage import ObjectStore
 
@@ -73,7 +73,7 @@ def _dags_test(pipeline, conf: dict, log_name: str, logical_date: dt.date) -> tu
 
 
 def _versions(store: ObjectStore, parent: str) -> list[str]:
-    return list_committed_versions(store, parent)
+    return [v.version for v in scan_location(store, parent).versions]
 
 
 def _asset_events(pipeline) -> list[tuple[str, dict]]:
@@ -100,7 +100,7 @@ def test_dag_test_runs_the_whole_pipeline(pipeline):
 
     (pred_version,) = _versions(store, layout.predictions_date_prefix(spec.name, D0))
     predictions = read_manifest(store, layout.predictions_version_prefix(spec.name, D0, pred_version))
-    assert predictions.model_extra["model_version"] == model_version
+    assert predictions.model_version == model_version
     # Scoring needs no label: the clip in an unknown label folder, rejected for training, is scored.
     assert predictions.counts.input == 101 and predictions.counts.accepted >= dataset.counts.accepted
 
@@ -198,4 +198,4 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
     assert [m.lineage.run_id.split(".")[1] for m in models] == [D0.isoformat(), D2.isoformat()], "exactly the retrains the policy allows"
     assert "backfill__" in models[1].lineage.run_id and len(models[1].lineage.inputs) == 3
     d3 = read_manifest(store, layout.predictions_version_prefix(spec.name, D3, _versions(store, layout.predictions_date_prefix(spec.name, D3))[0]))
-    assert d3.model_extra["model_version"] == models[1].version
+    assert d3.model_version == models[1].version

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from twocluster import layout, sample_data
-from twocluster.manifest import list_committed_versions
+from twocluster.manifest import scan_location
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = dt.date(2026, 11, 3)
@@ -64,7 +64,7 @@ def test_killing_the_task_stops_the_spark_job_before_it_commits(speech_spec, fil
     assert _job_processes(file_store.root_uri) == []
     time.sleep(3)
     assert file_store.list(parent), "the killed job had written data files"
-    assert list_committed_versions(file_store, parent) == [], "nothing is committed by a killed job"
+    assert scan_location(file_store, parent).versions == [], "nothing is committed by a killed job"
 
 
 def _capture(errors: list[BaseException], fn, *args) -> None:

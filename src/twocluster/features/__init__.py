@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from twocluster.featurespec import FeatureSpec, TensorSpec, TFRecordSpec
 from twocluster.spec import ImageFeaturizer as ImageFeaturizerSpec
 from twocluster.spec import LogMelFeaturizer as LogMelFeaturizerSpec
+from twocluster.version import code_hashes
 
 # Reject reasons shared by every featurizer.
 EMPTY = "empty"
@@ -54,13 +56,17 @@ class Featurizer:
         """[n, *decoded_shape] -> [n, *shape]."""
         return decoded
 
-    def feature_spec(self) -> dict:
-        """What a consumer must know to use the features (recorded in dataset and model metadata)."""
-        return {
-            "kind": self.spec.kind,
-            "features": {self.feature_name: {"dtype": "float32", "shape": list(self.shape)}},
-            "params": self.spec.model_dump(),
-        }
+    def feature_spec(self, label_vocabulary: list[str] | None = None, tfrecord: TFRecordSpec | None = None) -> FeatureSpec:
+        """What a consumer must know to use the features (recorded in dataset, model and
+        predictions manifests), including the hash of the featurizer's code."""
+        return FeatureSpec(
+            kind=self.spec.kind,
+            features={self.feature_name: TensorSpec(dtype="float32", shape=list(self.shape))},
+            params=self.spec.model_dump(mode="json"),
+            featurizer_code=code_hashes()["featurizer"],
+            label_vocabulary=label_vocabulary or [],
+            tfrecord=tfrecord,
+        )
 
     def featurize_one(self, data: bytes) -> np.ndarray:
         return self.transform(self.decode(data)[None, ...])[0]

@@ -1,0 +1,220 @@
+"""Garbage collection of the store: what no reader can reach and no writer is still writing.
+
+Candidates, each with the reason it may go:
+
+* version folders never committed (a killed or failed writer), and staging areas of task attempts;
+* committed versions beyond the newest ``keep_versions`` of a date or model, unless referenced;
+  they are first retired with a ``remove`` entry in their commit log, then deleted;
+* stray files inside committed version folders (not listed by the manifest);
+* checkpoints and job specs of training runs that committed their model version;
+* heartbeats of writers that stopped beating.
+
+Never deleted: anything younger than the grace period or whose writer's heartbeat is live; a model
+version any alias points or pointed at; a dataset version in the lineage of such a model; the newest
+``keep_versions`` valid versions of every location; versions whose commit entry does not validate
+(they are reported by ``twocluster status`` for a person to look at). Ages come from the store's
+own clock (object modification times, against a probe object written now), not from the host
+running GC.
+
+:func:`plan_gc` only reads (and writes the clock probe); :func:`apply_gc` deletes what a plan lists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from twocluster import layout, registry
+from twocluster.commitlog import CommitLog, VersionCommitted, VersionRemoved
+from twocluster.manifest import scan_location
+from twocluster.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+_DATE_VERSION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/v=([^/]+)/")
+
+
+@dataclass
+class Deletion:
+    prefix: str  # a folder (everything under it goes) or one object key
+    what: str
+    reason: str
+    objects: int = 0
+    bytes: int = 0
+    retire: tuple[str, str] | None = None  # (location, version): append a remove entry first
+    unless_committed: tuple[str, str] | None = None  # (location, version): re-checked right before deleting
+
+
+@dataclass
+class GcPlan:
+    store_uri: str
+    grace_hours: float
+    keep_versions: int
+    deletions: list[Deletion] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)  # notable things left alone, and why
+
+    @property
+    def bytes(self) -> int:
+        return sum(d.bytes for d in self.deletions)
+
+    def as_dict(self) -> dict:
+        return {"store": self.store_uri, "grace_hours": self.grace_hours, "keep_versions": self.keep_versions,
+                "bytes": self.bytes, "deletions": [asdict(d) for d in self.deletions], "kept": self.kept}
+
+
+def store_now_ns(store: ObjectStore) -> int:
+    """The store's clock: the modification time of a probe object written now."""
+    key = f"_gc/clock-{uuid.uuid4().hex}"
+    store.write_bytes(key, b"")
+    try:
+        return next(o.mtime_ns for o in store.list("_gc", recursive=False) if o.key == key)
+    finally:
+        store.delete(key)
+
+
+class _Planner:
+    def __init__(self, store: ObjectStore, keep_versions: int, grace: dt.timedelta):
+        self.store = store
+        self.keep_versions = keep_versions
+        self.now_ns = store_now_ns(store)
+        self.grace_ns = int(grace.total_seconds() * 1e9)
+        self.plan = GcPlan(store.root_uri, grace.total_seconds() / 3600, keep_versions)
+
+    def young(self, objects) -> bool:
+        return any(o.mtime_ns is not None and self.now_ns - o.mtime_ns < self.grace_ns for o in objects)
+
+    def delete(self, prefix: str, objects, what: str, reason: str, retire: tuple[str, str] | None = None,
+               unless_committed: tuple[str, str] | None = None) -> None:
+        if not objects and retire is None:
+            return
+        self.plan.deletions.append(Deletion(prefix, what, reason, len(objects), sum(o.size for o in objects), retire, unless_committed))
+
+    def keep(self, uri: str, reason: str) -> None:
+        self.plan.kept.append({"uri": uri, "reason": reason})
+
+    def live_writers(self, location: str) -> set[str]:
+        """Versions whose writer's heartbeat is younger than the grace period; stale heartbeats go."""
+        live = set()
+        for marker in self.store.list(f"{location}/{layout.INFLIGHT_FOLDER}", recursive=False):
+            version = marker.key.rsplit("/", 1)[-1].removesuffix(".json")
+            if self.young([marker]):
+                live.add(version)
+            else:
+                self.delete(marker.key, [marker], "heartbeat", "the writer stopped beating longer ago than the grace period")
+        return live
+
+    def location(self, location: str, protected: set[str], what: str) -> list:
+        """Plan one location (a dataset or predictions date, or a model's versions)."""
+        state = scan_location(self.store, location)
+        entries = CommitLog(self.store, location).read().entries
+        in_log = {e.version for e in entries if isinstance(e, VersionCommitted)}
+        removed = {e.version for e in entries if isinstance(e, VersionRemoved)}
+        live = self.live_writers(location)
+        valid = [v.version for v in state.versions]
+        keep_newest = set(valid[-self.keep_versions:])
+
+        for folder in self.store.list_folders(location):
+            version = layout.version_from_folder(folder)
+            if version is None:
+                continue
+            prefix = f"{location}/{folder}"
+            objects = self.store.list(prefix)
+            if version in removed:
+                self.delete(prefix, objects, what, "retired by an earlier gc (files left behind)")
+            elif version not in in_log:
+                if version in live:
+                    self.keep(self.store.uri(prefix), "uncommitted, but its writer's heartbeat is live")
+                elif self.young(objects):
+                    self.keep(self.store.uri(prefix), "uncommitted, younger than the grace period")
+                else:
+                    self.delete(prefix, objects, what, "never committed: an abandoned write", unless_committed=(location, version))
+            elif version not in valid:
+                self.keep(self.store.uri(prefix), "its commit does not validate (see twocluster status); left for a person")
+            elif version in keep_newest:
+                committed = state.find(version)
+                listed = {f.path for f in committed.manifest.files} | {layout.MANIFEST_NAME}
+                strays = [o for o in objects if o.key[len(prefix) + 1:] not in listed]
+                for stray in strays:
+                    if not self.young([stray]):
+                        self.delete(stray.key, [stray], f"{what} stray file", "inside a committed version but not in its manifest")
+            elif version in protected:
+                self.keep(self.store.uri(prefix), "referenced by a published model or an alias")
+            else:
+                self.delete(prefix, objects, what, f"older than the newest {self.keep_versions} committed versions",
+                            retire=(location, version))
+
+        for folder in self.store.list_folders(f"{location}/{layout.STAGING_FOLDER}"):
+            version = layout.version_from_folder(folder)
+            prefix = f"{location}/{layout.STAGING_FOLDER}/{folder}"
+            objects = self.store.list(prefix)
+            if version in live or self.young(objects):
+                self.keep(self.store.uri(prefix), "staging area of a writer that may still be running")
+            else:
+                self.delete(prefix, objects, f"{what} staging", "task attempts' files of a finished or abandoned write")
+        return state.versions
+
+
+def plan_gc(store: ObjectStore, *, keep_versions: int = 3, grace: dt.timedelta = dt.timedelta(hours=24)) -> GcPlan:
+    planner = _Planner(store, keep_versions, grace)
+    protected_datasets: set[tuple[str, str]] = set()  # (date, version)
+
+    for model in store.list_folders("models"):
+        try:
+            layout.check_name(model, "model")
+        except layout.LayoutError:
+            continue
+        published = registry.published_versions(store, model)
+        versions = planner.location(layout.model_versions_prefix(model), set(published), "model version")
+        finished_runs = set()
+        for committed in versions:
+            finished_runs.add(committed.manifest.lineage.run_id.replace(":", "_").replace("+", "_"))
+            if committed.version in published:
+                for uri in committed.manifest.lineage.inputs:
+                    if match := _DATE_VERSION.search(uri):
+                        protected_datasets.add(match.groups())
+        for run in store.list_folders(layout.model_runs_prefix(model)):
+            prefix = f"{layout.model_runs_prefix(model)}/{run}"
+            objects = store.list(prefix)
+            if run in finished_runs and not planner.young(objects):
+                planner.delete(prefix, objects, "training checkpoints", "the run committed its model version")
+        for job in store.list(layout.jobs_prefix(model), recursive=False):
+            run = job.key.rsplit("/", 1)[-1].removesuffix(".json")
+            if run in finished_runs and not planner.young([job]):
+                planner.delete(job.key, [job], "training job spec", "the run committed its model version (a copy is in it)")
+
+    for kind in ("datasets", "predictions"):
+        for pipeline in store.list_folders(kind):
+            for folder in store.list_folders(f"{kind}/{pipeline}"):
+                if not folder.startswith("date="):
+                    continue
+                date = folder[len("date="):]
+                location = f"{kind}/{pipeline}/{folder}"
+                protected = {v for d, v in protected_datasets if d == date} if kind == "datasets" else set()
+                planner.location(location, protected, kind.rstrip("s") if kind == "datasets" else kind)
+    return planner.plan
+
+
+def apply_gc(store: ObjectStore, plan: GcPlan) -> int:
+    """Delete what ``plan`` lists (retiring committed versions in their logs first); returns the
+    number of objects deleted."""
+    deleted = 0
+    for d in plan.deletions:
+        if d.unless_committed is not None:
+            location, version = d.unless_committed
+            if any(isinstance(e, VersionCommitted) and e.version == version for e in CommitLog(store, location).read().entries):
+                log.warning("gc: %s was committed after the plan was made; left alone", store.uri(d.prefix))
+                continue
+        if d.retire is not None:
+            location, version = d.retire
+            CommitLog(store, location).append(
+                lambda seq, v=version, r=d.reason: VersionRemoved(seq=seq, version=v, reason=f"gc: {r}", run_id="twocluster-gc"))
+        keys = [d.prefix] if store.exists(d.prefix) else [o.key for o in store.list(d.prefix)]
+        for key in keys:
+            store.delete(key)
+            deleted += 1
+        store.remove_empty_folders(d.prefix.rsplit("/", 1)[0] if len(keys) == 1 and keys[0] == d.prefix else d.prefix)
+        log.info("gc: deleted %s (%s: %s)", store.uri(d.prefix), d.what, d.reason)
+    return deleted
