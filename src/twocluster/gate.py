@@ -141,8 +141,11 @@ def gate_and_publish(
             return decision("refused", f"the model failed its load test: {e}")
         recorded = candidate_manifest.metrics.test_accuracy
         # The candidate's own test split is the common ground: the champion is measured on it too.
-        test_data = stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data")
-        accuracy, examples = accuracy_on(candidate, test_data, test_split)
+        try:
+            test_data = stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data")
+            accuracy, examples = accuracy_on(candidate, test_data, test_split)
+        except Exception as e:  # noqa: BLE001 - no trustworthy measurement means "do not publish"
+            return decision("refused", f"its test data could not be read and verified: {e}")
         numbers = {"test_accuracy": accuracy, "recorded_test_accuracy": recorded, "test_examples": examples}
         if not accuracy >= min_test_accuracy:
             return decision("refused", f"test accuracy {accuracy:.3f} is below the floor {min_test_accuracy:.3f}", **numbers)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== done in {time.perf_counter() - started:.0f}s. Everything is under {store.root_uri}:")
     for what in ("datasets", "models", "predictions"):
         print(f"  {store.uri(what)}/")
+    print(f"What is committed and published: .venv/bin/twocluster status --store {store.root_uri}")
     return 0
 
 

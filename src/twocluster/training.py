@@ -29,6 +29,7 @@ from twocluster.featurespec import FeatureSpec
 from twocluster.jobspec import TrainingJobSpec
 from twocluster.manifest import (
     DatasetManifest,
+    InFlight,
     Lineage,
     ManifestError,
     ManifestFile,
@@ -468,29 +469,31 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     shutil.copy(backup_dir / "history.csv", out / "history.csv")
     plot_history(out / "history.csv", out / "training_curves.png")
 
-    local_files = [p for p in sorted(out.rglob("*")) if p.is_file()]
-    sums = store.upload_many([(p, f"{version_prefix}/{p.relative_to(out).as_posix()}") for p in local_files])
-    files = [
-        ManifestFile(path=p.relative_to(out).as_posix(), bytes=p.stat().st_size, checksum=sums[f"{version_prefix}/{p.relative_to(out).as_posix()}"])
-        for p in local_files
-    ]
-    manifest = ModelManifest(
-        version=version,
-        created_at=dt.datetime.now(dt.UTC),
-        files=files,
-        feature_spec=data.feature_spec,
-        lineage=Lineage(
-            inputs=spec.datasets,
-            code_version=code_version(),
-            code={"trainer": code_hashes()["trainer"], "package": code_hashes()["package"]},
-            run_id=spec.run_id,
-            params={"hyperparameters": hp.model_dump(), "seed": spec.seed, "strategy": strategy_name},
-            dataset_versions=data.dataset_versions,
-        ),
-        model=spec.model_name,
-        metrics=ModelMetrics(**{k: metrics[k] for k in ModelMetrics.model_fields if k in metrics}),
-        seconds={"fit": round(fit_seconds, 2), "total": round(time.perf_counter() - started, 2)},
-    )
-    uri = commit_version(store, layout.model_versions_prefix(spec.model_name), manifest)
+    # The heartbeat keeps garbage collection off the version folder while it is uploaded.
+    with InFlight(store, layout.model_versions_prefix(spec.model_name), version, spec.run_id):
+        local_files = [p for p in sorted(out.rglob("*")) if p.is_file()]
+        sums = store.upload_many([(p, f"{version_prefix}/{p.relative_to(out).as_posix()}") for p in local_files])
+        files = [
+            ManifestFile(path=p.relative_to(out).as_posix(), bytes=p.stat().st_size, checksum=sums[f"{version_prefix}/{p.relative_to(out).as_posix()}"])
+            for p in local_files
+        ]
+        manifest = ModelManifest(
+            version=version,
+            created_at=dt.datetime.now(dt.UTC),
+            files=files,
+            feature_spec=data.feature_spec,
+            lineage=Lineage(
+                inputs=spec.datasets,
+                code_version=code_version(),
+                code={"trainer": code_hashes()["trainer"], "package": code_hashes()["package"]},
+                run_id=spec.run_id,
+                params={"hyperparameters": hp.model_dump(), "seed": spec.seed, "strategy": strategy_name},
+                dataset_versions=data.dataset_versions,
+            ),
+            model=spec.model_name,
+            metrics=ModelMetrics(**{k: metrics[k] for k in ModelMetrics.model_fields if k in metrics}),
+            seconds={"fit": round(fit_seconds, 2), "total": round(time.perf_counter() - started, 2)},
+        )
+        uri = commit_version(store, layout.model_versions_prefix(spec.model_name), manifest)
     shutil.rmtree(out, ignore_errors=True)
     return TrainingResult("trained", spec.model_name, version, uri, metrics, resumed_from, time.perf_counter() - started)

@@ -110,6 +110,15 @@ def test_dag_test_runs_the_whole_pipeline(pipeline):
     assert events[f"{spec.model.name}.production"]["version"] == model_version
     assert events[f"{DAG_ID}.predictions"]["model_version"] == model_version
 
+    # What an operator sees afterwards.
+    cli = Path(sys.executable).parent / "twocluster"
+    status = json.loads(subprocess.run([str(cli), "status", "--store", store.root_uri, "--json"], capture_output=True,
+                                       text=True, check=True).stdout)
+    (row,) = status["pipelines"][DAG_ID]["dates"]
+    assert row["dataset"]["version"] == dataset_version and row["predictions"]["model_version"] == model_version
+    assert status["models"][spec.model.name]["aliases"]["production"]["version"] == model_version
+    assert status["skipped"] == []
+
 
 @pytest.mark.parametrize("conf", [
     {"date": f"{D1}; touch /tmp/pwned"},
