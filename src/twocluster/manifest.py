@@ -412,6 +412,33 @@ def resolve_latest(store: ObjectStore, location: str, kind: type[M] | None = Non
     return scan_location(store, location, kind, verify_checksums=verify_checksums, newest_only=True).latest
 
 
+class VersionIndex:
+    """A location's commits read once, validated on demand (for readers that only need a few
+    versions of a long log, e.g. the model versions an alias points at)."""
+
+    def __init__(self, store: ObjectStore, location: str, kind: type[M] | None = None):
+        self.store, self.location, self.kind = store, location.rstrip("/"), kind
+        snapshot = CommitLog(store, location).read()
+        removed = {e.version for e in snapshot.entries if isinstance(e, VersionRemoved)}
+        self._entries = {e.version: e for e in snapshot.entries if isinstance(e, VersionCommitted) and e.version not in removed}
+        self._checked: dict[str, CommittedVersion | ManifestError] = {}
+
+    def get(self, version: str) -> CommittedVersion:
+        """The committed version, validated (raises :class:`ManifestError` if it is not one)."""
+        if version not in self._checked:
+            entry = self._entries.get(version)
+            try:
+                if entry is None:
+                    raise ManifestNotFound(f"{self.store.uri(self.location)}: version {version} is not committed")
+                self._checked[version] = _validate_entry(self.store, self.location, entry, self.kind, False)
+            except ManifestError as e:
+                self._checked[version] = e
+        found = self._checked[version]
+        if isinstance(found, ManifestError):
+            raise found
+        return found
+
+
 def resolve_version(store: ObjectStore, location: str, version: str, kind: type[M] | None = None, *,
                     verify_checksums: bool = False) -> CommittedVersion:
     """A specific version, only if it is committed (in the log, not removed) and validates."""

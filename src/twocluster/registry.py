@@ -24,6 +24,7 @@ from twocluster.manifest import (
     LocationState,
     ManifestError,
     ModelManifest,
+    VersionIndex,
     resolve_version,
     scan_location,
 )
@@ -73,20 +74,31 @@ class AliasState:
         return earlier[-1] if earlier else None
 
 
-def read_alias(store: ObjectStore, model: str, alias: str, committed: LocationState | None = None) -> AliasState:
-    """Read an alias's log and resolve it to its newest valid entry."""
+def read_alias(store: ObjectStore, model: str, alias: str, committed: LocationState | VersionIndex | None = None) -> AliasState:
+    """Read an alias's log and resolve it to its newest valid entry. Only the model versions the
+    alias names are validated."""
     location = layout.model_alias_prefix(model, alias)
     snapshot = CommitLog(store, location).read()
     state = AliasState(model, alias, position=snapshot.head, skipped=list(snapshot.skipped))
-    committed = committed if committed is not None else model_versions(store, model)
-    valid_versions = {v.version for v in committed.versions}
+    if committed is None:
+        committed = VersionIndex(store, layout.model_versions_prefix(model), ModelManifest)
+    if isinstance(committed, LocationState):
+        valid = {v.version for v in committed.versions}
+        is_valid = valid.__contains__
+    else:
+        def is_valid(version: str) -> bool:
+            try:
+                committed.get(version)
+                return True
+            except ManifestError:
+                return False
     for entry in snapshot.entries:
         uri = store.uri(layout.log_entry_key(location, entry.seq))
         if not isinstance(entry, AliasMoved):
             state.skipped.append(SkippedObject(uri, f"a {entry.op!r} entry in an alias log"))
         elif (entry.model, entry.alias) != (model, alias):
             state.skipped.append(SkippedObject(uri, f"names {entry.model}:{entry.alias} but sits under {model}:{alias}"))
-        elif entry.version not in valid_versions:
+        elif not is_valid(entry.version):
             state.skipped.append(SkippedObject(uri, f"points at {model} version {entry.version}, which is not a valid committed version"))
         else:
             state.history.append(entry)
@@ -140,7 +152,7 @@ def find_version_of_run(store: ObjectStore, model: str, run_id: str) -> Committe
 def published_versions(store: ObjectStore, model: str) -> dict[str, list[str]]:
     """``{version: [aliases that ever pointed at it]}`` over every alias of the model."""
     parent = f"models/{layout.check_name(model, 'model')}/aliases"
-    committed = model_versions(store, model)
+    committed = VersionIndex(store, layout.model_versions_prefix(model), ModelManifest)
     found: dict[str, list[str]] = {}
     for alias in store.list_folders(parent):
         try:
