@@ -494,3 +494,4 @@ class InFlight:
         self._stop.set()
         self._thread.join(timeout=5)
         self.store.delete(self.key)
+        self.store.remove_empty_folders(self.key.rsplit("/", 1)[0])

@@ -210,6 +210,7 @@ def promote_staged(store: ObjectStore, written: list[ManifestFile], staged: dict
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda f: store.promote(staged[f.path], f"{version_prefix}/{f.path}"), written))
     store.delete_prefix(staging)
+    store.remove_empty_folders(staging.rsplit("/", 1)[0])
 
 
 def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefix: str, staging: str, feature_name: str,
