@@ -131,6 +131,19 @@ def join_key(*parts: str) -> str:
     return posixpath.join(*[p.strip("/") for p in parts if p and p.strip("/")]) if any(parts) else ""
 
 
+def _local_temp_file(folder: str, prefix: str) -> tuple[int, str]:
+    """A temp file in ``folder``, creating it; retried if a concurrent clean-up of empty folders
+    (:meth:`ObjectStore.remove_empty_folders`) removed it in between."""
+    for attempt in range(5):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            return tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".part")
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 class ObjectStore:
     """A ``file://`` or ``s3://`` root with key-addressed read, write, list, copy and
     create-only writes."""
@@ -319,8 +332,7 @@ class ObjectStore:
             return checksum_bytes(data)
         path = self._path(key)
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-", suffix=".part")
+        fd, tmp = _local_temp_file(folder, ".write-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -344,9 +356,7 @@ class ObjectStore:
                 raise StorageError(f"{self.uri(key)}: upload of {local_path} failed: {e}") from e
             return checksum
         path = self._path(key)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
+        fd, tmp = _local_temp_file(os.path.dirname(path), ".upload-")
         os.close(fd)
         try:
             shutil.copyfile(local_path, tmp)
@@ -398,8 +408,7 @@ class ObjectStore:
             raise StorageError(f"{self.uri(key)}: create-only write kept conflicting")
         path = self._path(key)
         folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".create-only-", suffix=".part")
+        fd, tmp = _local_temp_file(folder, ".create-only-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
