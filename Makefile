@@ -25,7 +25,7 @@ run: venv check-java
 	$(VENV_PY) -m twocluster.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
 
 test: venv check-java
-	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw aplay=alsa-utils docker-compose=docker-compose
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw aplay=alsa-utils docker-compose=docker-compose chromium=chromium
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv check-java

@@ -89,7 +89,20 @@ class AliasMoved(_Entry):
     decision: dict[str, Any] = Field(default_factory=dict, description="the gate's numbers, for the record")
 
 
-LogEntry = Annotated[VersionCommitted | VersionRemoved | AliasMoved, Field(discriminator="op")]
+class GateDecided(_Entry):
+    """A gate's decision on a model version, whatever it was (``models/<model>/gate/_log``): the
+    record the monitoring page shows next to every version, refusals included."""
+
+    op: Literal["gate"] = "gate"
+    model: str
+    alias: str
+    version: str = Field(pattern=layout.VERSION_PATTERN)
+    outcome: Literal["published", "already_published", "refused"]
+    reason: str
+    numbers: dict[str, Any] = Field(default_factory=dict)
+
+
+LogEntry = Annotated[VersionCommitted | VersionRemoved | AliasMoved | GateDecided, Field(discriminator="op")]
 _ENTRY = TypeAdapter(LogEntry)
 
 

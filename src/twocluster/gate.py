@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from twocluster import layout, registry
+from twocluster.commitlog import CommitLog, GateDecided
 from twocluster.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,11 @@ def gate_and_publish(
 
     def decision(outcome: Outcome, reason: str, **kw) -> GateDecision:
         (log.info if outcome != "refused" else log.warning)("%s %s version %s as %r: %s", outcome, model, version, alias, reason)
-        return GateDecision(outcome, model, version, alias, reason, **kw)
+        made = GateDecision(outcome, model, version, alias, reason, **kw)
+        numbers = {k: v for k, v in made.as_dict().items() if k not in ("outcome", "model", "version", "alias", "reason", "published")}
+        CommitLog(store, layout.model_gate_prefix(model)).append(lambda seq: GateDecided(
+            seq=seq, model=model, alias=alias, version=version, outcome=outcome, reason=reason, numbers=numbers, run_id=run_id))
+        return made
 
     from twocluster.training import stage_splits
 

@@ -170,6 +170,11 @@ def inflight_key(location: str, version: str) -> str:
     return f"{location.rstrip('/')}/{INFLIGHT_FOLDER}/{check_version(version)}.json"
 
 
+def model_gate_prefix(model: str) -> str:
+    """The log of every gate decision on the model's versions."""
+    return f"models/{check_name(model, 'model')}/gate"
+
+
 def model_runs_prefix(model: str) -> str:
     return f"models/{check_name(model, 'model')}/runs"
 

@@ -177,6 +177,16 @@ class ModelManifest(_ManifestBase):
         return self.feature_spec.label_vocabulary
 
 
+class PredictionSummary(_Strict):
+    """What the predictions look like, computed when they are written (the monitoring page reads
+    this instead of the Parquet files)."""
+
+    predicted_labels: dict[str, int] = Field(default_factory=dict)
+    mean_confidence: float | None = None
+    confidence_floor: float
+    below_confidence_floor: int = Field(0, ge=0)
+
+
 class PredictionsManifest(_ManifestBase):
     kind: Literal["predictions"] = "predictions"
     pipeline: str
@@ -188,6 +198,7 @@ class PredictionsManifest(_ManifestBase):
     model_loads: int = Field(0, ge=0)
     python_workers: int = Field(0, ge=0)
     ignored_files: int = Field(0, ge=0)
+    summary: PredictionSummary | None = None
 
 
 Manifest = Annotated[DatasetManifest | ModelManifest | PredictionsManifest, Field(discriminator="kind")]

@@ -41,6 +41,7 @@ from twocluster.manifest import (
     ManifestFile,
     ModelManifest,
     PredictionsManifest,
+    PredictionSummary,
     commit_version,
     resolve_latest,
 )
@@ -274,6 +275,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     staging = layout.staging_prefix(date_prefix, out_version)
     files: list[ManifestFile] = []
     loads = workers = 0
+    summary = PredictionSummary(confidence_floor=spec.scoring.confidence_floor)
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
     accepted = 0
     if len(inputs):
@@ -289,6 +291,15 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             "scored_at": F.lit(dt.datetime.now(dt.UTC).isoformat()),
             "run_id": F.lit(run_id),
         }).persist(StorageLevel.MEMORY_AND_DISK)
+        floor = spec.scoring.confidence_floor
+        by_label = scored.groupBy("predicted_label").agg(
+            F.count("*").alias("n"), F.sum("confidence").alias("confidence"),
+            F.sum((F.col("confidence") < floor).cast("int")).alias("low")).collect()
+        n_scored = sum(r.n for r in by_label)
+        summary = PredictionSummary(
+            predicted_labels={r.predicted_label: r.n for r in sorted(by_label, key=lambda r: r.predicted_label)},
+            mean_confidence=round(sum(r.confidence for r in by_label) / n_scored, 6) if n_scored else None,
+            confidence_floor=floor, below_confidence_floor=sum(r.low for r in by_label))
         load_ids = [r.load_id for r in scored.select("load_id").distinct().collect()]
         loads, workers = len(load_ids), len({lid.split("-")[0] for lid in load_ids})
         written, staged = write_predictions(scored.drop("load_id"), store, staging)
@@ -315,7 +326,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             input_fingerprint=fingerprint,
         ),
         pipeline=spec.name, date=date, model=model, model_version=version,
-        model_loads=loads, python_workers=workers, ignored_files=ignored,
+        model_loads=loads, python_workers=workers, ignored_files=ignored, summary=summary,
         seconds={"total": round(time.perf_counter() - started, 3)},
     )
     uri = commit_version(store, date_prefix, manifest)

@@ -171,6 +171,8 @@ class Scoring(_Strict):
     # When the featurizer's code differs from the one the model's training data was made with:
     # refuse to score (the default: features may have shifted), or score and record a warning.
     on_featurizer_change: Literal["error", "warn"] = "error"
+    # Predictions below this confidence are counted (the monitoring page shows their share).
+    confidence_floor: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _alias_allowed(self) -> Scoring:
@@ -185,6 +187,14 @@ class Retention(_Strict):
 
     keep_versions: int = Field(3, ge=1, description="committed versions kept per date (datasets, predictions) and per model")
     grace_hours: float = Field(24, gt=0, description="uncommitted or unreferenced objects younger than this are left alone")
+
+
+class Monitoring(_Strict):
+    """What the ops page and the health check hold the pipeline to."""
+
+    window_days: int = Field(30, gt=0, description="dates shown")
+    max_lag_days: int = Field(2, ge=0, description="newest scored date may be at most this many days old")
+    max_drift: float = Field(0.25, gt=0, le=1, description="total variation distance, predictions vs training labels")
 
 
 class PipelineSpec(_Strict):
@@ -203,6 +213,7 @@ class PipelineSpec(_Strict):
     retrain: Retrain = Retrain()
     scoring: Scoring = Scoring()
     retention: Retention = Retention()
+    monitoring: Monitoring = Monitoring()
 
     @field_validator("store_uri")
     @classmethod

@@ -48,3 +48,87 @@ def prepare(env: dict[str, str]) -> None:
         result = airflow(env, *cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """`airflow api-server` on 127.0.0.1 with the repository's plugins (the ops page among them) and
+    one admin user of the simple auth manager, whose password is written to a file only the
+    owner can read (never to a command line or a log). Used by `make ui` and the browser tests.
+
+        with ApiServer(env, home) as server:
+            server.url, server.user, server.password
+    """
+
+    def __init__(self, env: dict[str, str], home: Path, port: int | None = None, user: str = "admin", password: str | None = None):
+        import secrets
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.user = user
+        self.password = password or secrets.token_urlsafe(12)
+        self.home = Path(home)
+        passwords = self.home / "simple_auth_manager_passwords.json"
+        passwords.parent.mkdir(parents=True, exist_ok=True)
+        passwords.write_text(json.dumps({user: self.password}))
+        passwords.chmod(0o600)
+        self.env = {**env,
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{user}:admin",
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                    "AIRFLOW__API__BASE_URL": self.url,
+                    "AIRFLOW__API__HOST": "127.0.0.1",
+                    "AIRFLOW__API__PORT": str(self.port)}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> ApiServer:
+        import time
+        import urllib.request
+
+        prepare(self.env)
+        log = open(self.home / "api-server.log", "w")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "127.0.0.1",
+                                         "--port", str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"airflow api-server exited; see {self.home / 'api-server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"airflow api-server did not answer within {timeout:.0f}s; see {self.home / 'api-server.log'}")
+
+    def token(self) -> str:
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.url}/auth/token", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"username": self.user, "password": self.password}).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["access_token"]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,44 @@
+"""The ops page inside the Airflow UI: the FastAPI app of :mod:`twocluster.opsview` mounted on the
+API server at ``/twocluster``, linked from the navigation ("Browse" -> "Pipeline health").
+
+Every route requires an authenticated Airflow user (``requires_authenticated()``; a plugin's
+sub-app is public otherwise). The store is the one the DAGs use: the ``TWOCLUSTER_STORE_URI``
+environment variable, else the spec's ``store_uri``; pipelines are the specs in
+``TWOCLUSTER_PIPELINES_DIR`` (default: the repository's ``pipelines/``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from airflow.plugins_manager import AirflowPlugin
+
+URL_PREFIX = "/twocluster"
+PIPELINES_DIR = Path(os.environ.get("TWOCLUSTER_PIPELINES_DIR") or Path(__file__).resolve().parents[1] / "pipelines")
+
+
+@lru_cache(maxsize=1)
+def _app():
+    from airflow.api_fastapi.core_api.security import requires_authenticated
+
+    from twocluster.opsview import create_app, load_specs
+    from twocluster.storage import ObjectStore
+
+    def store_for(spec):
+        return ObjectStore(spec.resolve_store_uri())
+
+    return create_app(store_for, lambda: load_specs(PIPELINES_DIR), auth=requires_authenticated(), base=URL_PREFIX)
+
+
+class TwoclusterOpsPlugin(AirflowPlugin):
+    name = "twocluster_ops"
+    fastapi_apps = [{"app": _app(), "url_prefix": URL_PREFIX, "name": "twocluster ops"}]
+    external_views = [{
+        "name": "Pipeline health",
+        "href": f"{URL_PREFIX}/",
+        "destination": "nav",
+        "category": "browse",
+        "url_route": "pipeline-health",
+    }]

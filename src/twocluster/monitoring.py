@@ -1,0 +1,328 @@
+"""What an operator looks at, read from the store: the one module behind the ops page, its JSON
+endpoints, and the health check, so every number agrees with `twocluster status` (both read
+through the commit logs).
+
+Nothing is duplicated into a second database: manifests, commit logs and alias logs are the
+source of truth. Reads are parallel (object-store latency, not CPU, is the cost) and cached per
+location by the name of its newest log entry, so a page reload reads only what was committed
+since.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from twocluster import layout, registry
+from twocluster.commitlog import CommitLog, GateDecided
+from twocluster.manifest import (
+    CommittedVersion,
+    DatasetManifest,
+    LegacyLayoutError,
+    ModelManifest,
+    PredictionsManifest,
+    scan_location,
+)
+from twocluster.spec import PipelineSpec
+from twocluster.storage import ObjectStore
+
+ARRIVED_MARKER = "_ARRIVED.json"
+_READERS = 16
+
+
+class Skipped(BaseModel):
+    uri: str
+    problem: str
+
+
+class Raw(BaseModel):
+    files: int
+    bytes: int
+    complete: bool = Field(description="the arrival marker is there")
+
+
+class DatasetRow(BaseModel):
+    version: str
+    log_entry: int
+    input: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    reject_rate: float
+    per_label: dict[str, int]
+    seconds: dict[str, float]
+    manifest_uri: str
+
+
+class PredictionsRow(BaseModel):
+    version: str
+    log_entry: int
+    rows: int
+    rejected: int
+    model: str
+    model_version: str
+    predicted_labels: dict[str, int]
+    mean_confidence: float | None
+    below_confidence_floor_share: float | None
+    drift: float | None = Field(description="total variation distance to the model's training labels")
+    seconds: dict[str, float]
+    manifest_uri: str
+
+
+class DateRow(BaseModel):
+    date: dt.date
+    raw: Raw
+    dataset: DatasetRow | None
+    predictions: PredictionsRow | None
+    problems: list[str] = Field(default_factory=list, description="what an operator should look at")
+
+
+class GateRecord(BaseModel):
+    alias: str
+    outcome: str
+    reason: str
+    test_accuracy: float | None = None
+    champion_version: str | None = None
+    champion_test_accuracy: float | None = None
+    seq: int
+
+
+class ModelRow(BaseModel):
+    version: str
+    log_entry: int
+    trained_at: dt.datetime
+    trained_on: list[str]
+    dataset_versions: list[str]
+    test_accuracy: float
+    validation_accuracy: float
+    training_seconds: float | None
+    aliases: list[str]
+    gate: list[GateRecord]
+    files: list[str]
+
+
+class AliasMove(BaseModel):
+    alias: str
+    seq: int
+    version: str
+    previous_version: str | None
+    reason: str
+    written_at: dt.datetime
+
+
+class Freshness(BaseModel):
+    newest_scored_date: dt.date | None
+    lag_days: int | None
+    max_lag_days: int
+    late: bool
+
+
+class PipelineOverview(BaseModel):
+    pipeline: str
+    model: str
+    store: str
+    generated_at: dt.datetime
+    window: list[dt.date]
+    freshness: Freshness
+    max_reject_rate: float
+    max_drift: float
+    dates: list[DateRow]
+    models: list[ModelRow]
+    alias_moves: list[AliasMove]
+    aliases: dict[str, str | None]
+    skipped: list[Skipped]
+    read_seconds: float = 0.0
+
+
+def tvd(p: dict[str, int], q: dict[str, int]) -> float | None:
+    """Total variation distance between two label count distributions (0: same, 1: disjoint)."""
+    np_, nq = sum(p.values()), sum(q.values())
+    if not np_ or not nq:
+        return None
+    return round(0.5 * sum(abs(p.get(k, 0) / np_ - q.get(k, 0) / nq) for k in set(p) | set(q)), 4)
+
+
+class _LocationCache:
+    """Latest committed version per location, keyed by the location's newest log entry."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], tuple[int, Any]] = {}
+
+    def latest(self, store: ObjectStore, location: str, kind) -> tuple[CommittedVersion | None, list]:
+        head = CommitLog(store, location).head()  # one listing
+        key = (store.root_uri, location)
+        with self._lock:
+            cached = self._entries.get(key)
+        if cached is not None and cached[0] == head:
+            return cached[1]
+        try:
+            state = scan_location(store, location, kind, newest_only=True)
+            result = (state.latest, [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped])
+        except LegacyLayoutError as e:
+            result = (None, [Skipped(uri=store.uri(location), problem=str(e))])
+        if head:
+            with self._lock:
+                self._entries[key] = (head, result)
+        return result
+
+
+CACHE = _LocationCache()
+
+
+def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
+    objects = store.list(layout.raw_date_prefix(pipeline, date))
+    marker = any(o.key.endswith("/" + ARRIVED_MARKER) for o in objects)
+    data = [o for o in objects if not o.key.endswith("/" + ARRIVED_MARKER)]
+    return Raw(files=len(data), bytes=sum(o.size for o in data), complete=marker)
+
+
+def _parallel(fn: Callable, items: list) -> list:
+    with ThreadPoolExecutor(_READERS) as pool:
+        return list(pool.map(fn, items))
+
+
+def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | None = None,
+                      window_days: int | None = None) -> PipelineOverview:
+    import time
+
+    started = time.perf_counter()
+    today = today or dt.datetime.now(dt.UTC).date()
+    window_days = window_days or spec.monitoring.window_days
+    last = min(today, spec.end_date) if spec.end_date else today
+    first = max(spec.start_date, last - dt.timedelta(days=window_days - 1))
+    window = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+    skipped: list[Skipped] = []
+
+    # Models first: predictions are compared with the labels their model was trained on.
+    model = spec.model.name
+    versions = registry.model_versions(store, model)
+    skipped += [Skipped(uri=s.uri, problem=s.problem) for s in versions.skipped]
+    alias_names = sorted(set(store.list_folders(f"models/{model}/aliases")) | set(spec.scoring.allowed_aliases))
+    alias_states = {a: registry.read_alias(store, model, a, versions) for a in alias_names}
+    for state in alias_states.values():
+        skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]
+    gate_log = CommitLog(store, layout.model_gate_prefix(model)).read()
+    skipped += [Skipped(uri=s.uri, problem=s.problem) for s in gate_log.skipped]
+    gate_by_version: dict[str, list[GateRecord]] = {}
+    for entry in gate_log.entries:
+        if isinstance(entry, GateDecided):
+            gate_by_version.setdefault(entry.version, []).append(GateRecord(
+                alias=entry.alias, outcome=entry.outcome, reason=entry.reason, seq=entry.seq,
+                test_accuracy=entry.numbers.get("test_accuracy"), champion_version=entry.numbers.get("champion_version"),
+                champion_test_accuracy=entry.numbers.get("champion_test_accuracy")))
+    current = {a: s.version for a, s in alias_states.items()}
+    training_labels: dict[str, dict[str, int]] = {}
+    models = []
+    for v in versions.versions:
+        m: ModelManifest = v.manifest
+        models.append(ModelRow(
+            version=v.version, log_entry=v.seq, trained_at=m.created_at,
+            trained_on=sorted({u.split("/date=", 1)[1][:10] for u in m.lineage.inputs if "/date=" in u}),
+            dataset_versions=m.lineage.dataset_versions, test_accuracy=m.metrics.test_accuracy,
+            validation_accuracy=m.metrics.validation_accuracy, training_seconds=m.seconds.get("fit", m.metrics.training_seconds),
+            aliases=sorted(a for a, cur in current.items() if cur == v.version), gate=gate_by_version.get(v.version, []),
+            files=[f.path for f in m.files if f.path in ("training_curves.png", "metrics.json", "history.csv")]))
+    moves = sorted((AliasMove(alias=a, seq=e.seq, version=e.version, previous_version=e.previous_version, reason=e.reason,
+                              written_at=e.written_at) for a, s in alias_states.items() for e in s.history),
+                   key=lambda mv: (mv.alias, mv.seq))
+
+    def label_counts_of(model_version: str) -> dict[str, int]:
+        if model_version not in training_labels:
+            counts: dict[str, int] = {}
+            committed = versions.find(model_version)
+            for uri in committed.manifest.lineage.inputs if committed else []:
+                date = uri.split("/date=", 1)[1][:10] if "/date=" in uri else None
+                version = layout.version_from_folder(uri.rsplit("/", 2)[-2]) if "/v=" in uri else None
+                latest, _ = CACHE.latest(store, layout.dataset_date_prefix(spec.name, date), DatasetManifest) if date else (None, [])
+                if latest is not None and latest.version == version:
+                    for label, n in latest.manifest.counts.per_label.items():
+                        counts[label] = counts.get(label, 0) + n
+            training_labels[model_version] = counts
+        return training_labels[model_version]
+
+    def read_date(day: dt.date) -> tuple[DateRow, list[Skipped]]:
+        raw = _raw(store, spec.name, day)
+        dataset, skipped_d = CACHE.latest(store, layout.dataset_date_prefix(spec.name, day), DatasetManifest)
+        predictions, skipped_p = CACHE.latest(store, layout.predictions_date_prefix(spec.name, day), PredictionsManifest)
+        row = DateRow(date=day, raw=raw, dataset=None, predictions=None)
+        if dataset is not None:
+            d: DatasetManifest = dataset.manifest
+            row.dataset = DatasetRow(
+                version=dataset.version, log_entry=dataset.seq, input=d.counts.input, accepted=d.counts.accepted,
+                rejected=d.counts.rejected, rejected_by_reason=d.counts.rejected_by_reason,
+                reject_rate=round(d.counts.rejected / d.counts.input, 4) if d.counts.input else 0.0,
+                per_label=d.counts.per_label, seconds=d.seconds, manifest_uri=dataset.manifest_uri)
+        if predictions is not None:
+            p: PredictionsManifest = predictions.manifest
+            summary = p.summary
+            row.predictions = PredictionsRow(
+                version=predictions.version, log_entry=predictions.seq, rows=p.counts.accepted, rejected=p.counts.rejected,
+                model=p.model, model_version=p.model_version,
+                predicted_labels=summary.predicted_labels if summary else {},
+                mean_confidence=summary.mean_confidence if summary else None,
+                below_confidence_floor_share=(round(summary.below_confidence_floor / p.counts.accepted, 4)
+                                              if summary and p.counts.accepted else None),
+                drift=None, seconds=p.seconds, manifest_uri=predictions.manifest_uri)
+        return row, skipped_d + skipped_p
+
+    rows = []
+    for row, row_skipped in _parallel(read_date, window):
+        skipped += row_skipped
+        if row.predictions is not None and row.predictions.predicted_labels:
+            row.predictions.drift = tvd(row.predictions.predicted_labels, label_counts_of(row.predictions.model_version))
+        rows.append(row)
+
+    threshold = spec.thresholds.max_reject_rate
+    for row in rows:
+        if row.raw.files and not row.raw.complete:
+            row.problems.append("arrivals incomplete (no arrival marker)")
+        if row.dataset is None:
+            row.problems.append("no dataset committed" if row.raw.files else "no arrivals")
+        elif row.dataset.reject_rate > threshold:
+            row.problems.append(f"reject rate {row.dataset.reject_rate:.1%} above {threshold:.1%}")
+        if row.dataset is not None and row.predictions is None:
+            row.problems.append("not scored")
+        if row.predictions and row.predictions.drift is not None and row.predictions.drift > spec.monitoring.max_drift:
+            row.problems.append(f"prediction drift {row.predictions.drift:.2f} above {spec.monitoring.max_drift:.2f}")
+    scored = [r.date for r in rows if r.predictions is not None]
+    newest = max(scored) if scored else None
+    lag = (last - newest).days if newest else None
+    freshness = Freshness(newest_scored_date=newest, lag_days=lag, max_lag_days=spec.monitoring.max_lag_days,
+                          late=lag is None or lag > spec.monitoring.max_lag_days)
+    return PipelineOverview(
+        pipeline=spec.name, model=model, store=store.root_uri, generated_at=dt.datetime.now(dt.UTC), window=window,
+        freshness=freshness, max_reject_rate=threshold, max_drift=spec.monitoring.max_drift, dates=rows, models=models,
+        alias_moves=moves, aliases=current, skipped=_unique(skipped), read_seconds=round(time.perf_counter() - started, 3))
+
+
+def _unique(items: list[Skipped]) -> list[Skipped]:
+    seen, out = set(), []
+    for s in items:
+        if (s.uri, s.problem) not in seen:
+            seen.add((s.uri, s.problem))
+            out.append(s)
+    return out
+
+
+def health_problems(overview: PipelineOverview) -> list[str]:
+    """What the health check fails on: freshness beyond its limit, and dates whose reject rate or
+    drift is above threshold, each with the dates named."""
+    problems = []
+    f = overview.freshness
+    if f.late:
+        problems.append(f"{overview.pipeline}: newest scored date is {f.newest_scored_date or 'none'}"
+                        f" ({'never' if f.lag_days is None else f'{f.lag_days} days'} behind; limit {f.max_lag_days})")
+    rejecting = [str(r.date) for r in overview.dates if r.dataset and r.dataset.reject_rate > overview.max_reject_rate]
+    if rejecting:
+        problems.append(f"{overview.pipeline}: reject rate above {overview.max_reject_rate:.1%} on {', '.join(rejecting)}")
+    drifting = [str(r.date) for r in overview.dates if r.predictions and r.predictions.drift is not None
+                and r.predictions.drift > overview.max_drift]
+    if drifting:
+        problems.append(f"{overview.pipeline}: prediction drift above {overview.max_drift:.2f} on {', '.join(drifting)}")
+    return problems

@@ -1,0 +1,261 @@
+"""The ops page: a FastAPI app the Airflow API server mounts (``plugins/ops_monitoring.py``).
+
+    /                                   index of pipelines: freshness at a glance
+    /pipelines/{pipeline}               the page: freshness, volumes and rejects, models, predictions,
+                                        lineage, run timings, skipped objects
+    /pipelines/{pipeline}/dates/{date}  one date's lineage: raw -> dataset -> model -> predictions
+    /models/{model}/versions/{version}  one model version's lineage and artifacts
+    /models/{model}/versions/{version}/files/{name}   training_curves.png, metrics.json (checksum verified)
+    /api/...                            the same data as JSON
+
+Every route depends on the caller-supplied ``auth`` dependency (the plugin passes Airflow's
+``requires_authenticated()``: a plugin's sub-app is public otherwise). Everything is read through
+:mod:`twocluster.monitoring`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from html import escape
+from pathlib import Path
+
+from twocluster import charts, layout, registry
+from twocluster.manifest import ManifestError, verify_files
+from twocluster.monitoring import PipelineOverview, health_problems, pipeline_overview
+from twocluster.spec import PipelineSpec, load_pipeline_spec
+from twocluster.storage import ObjectStore
+
+ARTIFACTS = {"training_curves.png": "image/png", "metrics.json": "application/json", "history.csv": "text/csv"}
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:0;background:#f7f7f8;color:#1d1d1f}
+header{background:#017cee;color:#fff;padding:10px 20px}header a{color:#fff}
+main{padding:16px 20px;max-width:1180px}
+section{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px 16px;margin:0 0 16px}
+h1{font-size:20px;margin:0}h2{font-size:16px;margin:0 0 8px}
+table{border-collapse:collapse;font-size:12px;width:100%}th,td{border-bottom:1px solid #eee;padding:3px 6px;text-align:left}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.chip{display:inline-block;border-radius:9px;padding:0 7px;font-size:11px;color:#fff}
+.ok{background:#59a14f}.bad{background:#e15759}.warn{background:#f28e2b}.none{background:#aaa}
+.banner{padding:8px 12px;border-radius:6px;margin-bottom:12px}.banner.ok{color:#fff}.banner.bad{color:#fff}
+svg.chart{width:100%;height:auto;max-width:760px}code{font-size:11px}
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head>"
+            f"<body><header><h1>{escape(title)}</h1></header><main>{body}</main></body></html>")
+
+
+def _chip(ok: bool | None, text: str) -> str:
+    cls = "none" if ok is None else ("ok" if ok else "bad")
+    return f'<span class="chip {cls}">{escape(text)}</span>'
+
+
+def render_overview(o: PipelineOverview, base: str = "") -> str:
+    f = o.freshness
+    lag = "never scored" if f.lag_days is None else f"{f.lag_days} day(s)"
+    banner = (f'<div class="banner {"bad" if f.late else "ok"}">Newest scored date: <b>{f.newest_scored_date or "none"}</b> '
+              f"({lag} behind; limit {f.max_lag_days}). Aliases: "
+              + ", ".join(f"<b>{escape(a)}</b> → {escape(v or 'nothing')}" for a, v in o.aliases.items()) + "</div>")
+    labels = [d.date.strftime("%m-%d") for d in o.dates]
+    reasons = sorted({r for d in o.dates if d.dataset for r in d.dataset.rejected_by_reason})
+    volume = charts.stacked_bars(
+        "Accepted and rejected inputs per date (red: reject budget)", labels,
+        [("accepted", [d.dataset.accepted if d.dataset else 0 for d in o.dates])]
+        + [(f"rejected: {r}", [d.dataset.rejected_by_reason.get(r, 0) if d.dataset else 0 for d in o.dates]) for r in reasons],
+        colors={"accepted": charts.ACCEPTED},
+        threshold=("allowed rejects", [round(d.dataset.input * o.max_reject_rate, 1) if d.dataset else None for d in o.dates]))
+    freshness_rows = "".join(
+        f"<tr><td><a href='{base}/pipelines/{o.pipeline}/dates/{d.date}'>{d.date}</a></td>"
+        f"<td>{_chip(d.raw.complete if d.raw.files else None, f'{d.raw.files} files' + ('' if d.raw.complete or not d.raw.files else ', incomplete'))}</td>"
+        f"<td>{_chip(bool(d.dataset), d.dataset.version if d.dataset else 'missing')}</td>"
+        f"<td class=num>{f'{d.dataset.reject_rate:.1%}' if d.dataset else ''}</td>"
+        f"<td>{_chip(bool(d.predictions), d.predictions.version if d.predictions else 'missing')}</td>"
+        f"<td>{escape(d.predictions.model_version) if d.predictions else ''}</td>"
+        f"<td class=num>{'' if not d.predictions or d.predictions.drift is None else f'{d.predictions.drift:.3f}'}</td>"
+        f"<td class=num>{'' if not d.predictions or d.predictions.mean_confidence is None else f'{d.predictions.mean_confidence:.2f}'}</td>"
+        f"<td>{escape('; '.join(d.problems))}</td></tr>"
+        for d in reversed(o.dates))
+    freshness = (f"<section id='freshness'><h2>Freshness</h2>{banner}<table><tr><th>date</th><th>raw arrivals</th><th>dataset</th>"
+                 f"<th class=num>rejects</th><th>predictions</th><th>scored by</th><th class=num>drift (TVD)</th>"
+                 f"<th class=num>mean conf.</th><th>problems</th></tr>{freshness_rows}</table></section>")
+
+    versions = [m.version[:15] for m in o.models]
+    markers = [(i, "/".join(m.aliases)) for i, m in enumerate(o.models) if m.aliases]
+    champion = [next((g.champion_test_accuracy for g in m.gate if g.champion_test_accuracy is not None), None) for m in o.models]
+    accuracy = charts.lines("Test accuracy by model version (dashed: where aliases point)", versions,
+                            [("test accuracy", [m.test_accuracy for m in o.models]),
+                             ("champion on the same test data", champion)], y_max=1.0,
+                            y_min=min([0.5, *[m.test_accuracy for m in o.models]]), fmt="{:.2f}", markers=markers)
+    model_rows = "".join(
+        f"<tr><td><a href='{base}/models/{o.model}/versions/{m.version}'>{m.version}</a></td><td>{m.trained_at:%Y-%m-%d %H:%M}</td>"
+        f"<td>{escape(', '.join(m.trained_on[:1] + m.trained_on[-1:]) if len(m.trained_on) > 1 else ', '.join(m.trained_on))}"
+        f" ({len(m.trained_on)} dates)</td><td class=num>{m.test_accuracy:.3f}</td>"
+        f"<td class=num>{'' if m.training_seconds is None else f'{m.training_seconds:.0f}s'}</td>"
+        f"<td>{escape(' | '.join(f'{g.alias}: {g.outcome} ({g.reason})' for g in m.gate[-2:]))}</td>"
+        f"<td>{escape(', '.join(m.aliases))}</td>"
+        f"<td>{' '.join(f'<a href={chr(39)}{base}/models/{o.model}/versions/{m.version}/files/{n}{chr(39)}>{n}</a>' for n in m.files)}</td></tr>"
+        for m in reversed(o.models))
+    moves = "".join(f"<tr><td>{escape(mv.alias)}</td><td class=num>{mv.seq}</td><td>{mv.version}</td>"
+                    f"<td>{escape(mv.previous_version or '')}</td><td>{escape(mv.reason)}</td></tr>" for mv in reversed(o.alias_moves))
+    models = (f"<section id='models'><h2>Models</h2>{accuracy}<table><tr><th>version</th><th>trained</th><th>on dates</th>"
+              f"<th class=num>test acc.</th><th class=num>fit</th><th>gate</th><th>aliases</th><th>artifacts</th></tr>{model_rows}</table>"
+              f"<h2 style='margin-top:12px'>Alias moves</h2><table><tr><th>alias</th><th class=num>entry</th><th>to</th><th>from</th>"
+              f"<th>reason</th></tr>{moves}</table></section>")
+
+    drift = charts.lines("Predictions: drift against training labels, mean confidence, share below the floor", labels,
+                         [("drift (TVD)", [d.predictions.drift if d.predictions else None for d in o.dates]),
+                          ("mean confidence", [d.predictions.mean_confidence if d.predictions else None for d in o.dates]),
+                          ("below confidence floor", [d.predictions.below_confidence_floor_share if d.predictions else None for d in o.dates])],
+                         y_max=1.0, fmt="{:.2f}")
+    predictions = f"<section id='predictions'><h2>Predictions</h2>{drift}</section>"
+    stages = [("preprocess: featurize", lambda d: d.dataset and d.dataset.seconds.get("featurize")),
+              ("preprocess: write", lambda d: d.dataset and d.dataset.seconds.get("write")),
+              ("scoring: total", lambda d: d.predictions and d.predictions.seconds.get("total"))]
+    timings = charts.lines("Run timings per date (seconds)", labels, [(n, [fn(d) or None for d in o.dates]) for n, fn in stages], fmt="{:.1f}")
+    skipped = "".join(f"<li><code>{escape(s.uri)}</code>: {escape(s.problem)}</li>" for s in o.skipped) or "<li>none</li>"
+    return _page(f"{o.pipeline}: operations",
+                 f"<p><a href='{base}/'>all pipelines</a> · store <code>{escape(o.store)}</code> · read in {o.read_seconds:.2f}s</p>"
+                 f"{freshness}<section id='volumes'><h2>Volumes and rejects</h2>{volume}</section>{models}{predictions}"
+                 f"<section id='timings'><h2>Run timings</h2>{timings}</section>"
+                 f"<section id='skipped'><h2>Skipped as invalid ({len(o.skipped)})</h2><ul>{skipped}</ul></section>")
+
+
+def date_lineage(o: PipelineOverview, date: dt.date) -> dict:
+    row = next((d for d in o.dates if d.date == date), None)
+    if row is None:
+        raise LookupError(f"{date} is not in {o.pipeline}'s window")
+    return {
+        "date": str(date),
+        "raw": {"uri": o.store + "/" + layout.raw_date_prefix(o.pipeline, date), **row.raw.model_dump()},
+        "dataset": row.dataset.model_dump() if row.dataset else None,
+        "model_version": row.predictions.model_version if row.predictions else None,
+        "predictions": row.predictions.model_dump() if row.predictions else None,
+        "problems": row.problems,
+    }
+
+
+def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable[[], dict[str, PipelineSpec]], auth=None,
+               base: str = ""):
+    """The ops app. ``store_for`` opens a pipeline's store, ``specs`` lists the pipelines, ``auth``
+    is a FastAPI dependency every route requires, ``base`` the mount point (for links)."""
+    from fastapi import Depends, FastAPI, HTTPException, Response
+    from fastapi.responses import HTMLResponse
+
+    app = FastAPI(title="twocluster ops", dependencies=[Depends(auth)] if auth is not None else [])
+
+    def spec_of(name: str) -> PipelineSpec:
+        found = specs().get(name)
+        if found is None:
+            raise HTTPException(404, f"no pipeline {name!r}")
+        return found
+
+    def overview(name: str) -> PipelineOverview:
+        spec = spec_of(name)
+        return pipeline_overview(store_for(spec), spec)
+
+    @app.get("/api/pipelines")
+    def api_pipelines() -> list[dict]:
+        out = []
+        for name, spec in sorted(specs().items()):
+            o = pipeline_overview(store_for(spec), spec)
+            out.append({"pipeline": name, "freshness": o.freshness.model_dump(mode="json"), "problems": health_problems(o),
+                        "aliases": o.aliases})
+        return out
+
+    @app.get("/api/pipelines/{name}")
+    def api_pipeline(name: str) -> dict:
+        return overview(name).model_dump(mode="json")
+
+    @app.get("/api/pipelines/{name}/dates/{date}")
+    def api_date(name: str, date: dt.date) -> dict:
+        try:
+            return date_lineage(overview(name), date)
+        except LookupError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.get("/api/pipelines/{name}/health")
+    def api_health(name: str) -> dict:
+        problems = health_problems(overview(name))
+        return {"pipeline": name, "healthy": not problems, "problems": problems}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        rows = "".join(
+            f"<tr><td><a href='{base}/pipelines/{p['pipeline']}'>{escape(p['pipeline'])}</a></td>"
+            f"<td>{_chip(not p['freshness']['late'], str(p['freshness']['newest_scored_date'] or 'never scored'))}</td>"
+            f"<td>{escape('; '.join(p['problems']) or 'healthy')}</td></tr>" for p in api_pipelines())
+        return _page("twocluster pipelines", f"<section><table><tr><th>pipeline</th><th>newest scored date</th><th>health</th></tr>"
+                                             f"{rows}</table></section>")
+
+    @app.get("/pipelines/{name}", response_class=HTMLResponse)
+    def pipeline_page(name: str) -> str:
+        return render_overview(overview(name), base)
+
+    @app.get("/pipelines/{name}/dates/{date}", response_class=HTMLResponse)
+    def date_page(name: str, date: dt.date) -> str:
+        o = overview(name)
+        try:
+            lineage = date_lineage(o, date)
+        except LookupError as e:
+            raise HTTPException(404, str(e)) from None
+        d, p = lineage["dataset"], lineage["predictions"]
+        hops = [f"raw <code>{escape(lineage['raw']['uri'])}</code> ({lineage['raw']['files']} files"
+                f"{'' if lineage['raw']['complete'] else ', incomplete'})",
+                f"dataset <code>{escape(d['manifest_uri'])}</code>" if d else "dataset: none committed",
+                (f"model <a href='{base}/models/{o.model}/versions/{p['model_version']}'>{p['model_version']}</a>" if p else "model: -"),
+                f"predictions <code>{escape(p['manifest_uri'])}</code> ({p['rows']} rows)" if p else "predictions: none committed"]
+        problems = "".join(f"<li>{escape(x)}</li>" for x in lineage["problems"]) or "<li>none</li>"
+        return _page(f"{name} {date}: lineage", f"<p><a href='{base}/pipelines/{name}'>{escape(name)}</a></p><section><h2>Lineage</h2>"
+                                                f"<ol>{''.join(f'<li>{h}</li>' for h in hops)}</ol><h2>Problems</h2><ul>{problems}</ul></section>")
+
+    def model_spec(model: str) -> PipelineSpec:
+        found = next((s for s in specs().values() if s.model.name == model), None)
+        if found is None:
+            raise HTTPException(404, f"no pipeline trains {model!r}")
+        return found
+
+    @app.get("/models/{model}/versions/{version}", response_class=HTMLResponse)
+    def model_page(model: str, version: str) -> str:
+        spec = model_spec(model)
+        store = store_for(spec)
+        try:
+            manifest = registry.read_model_manifest(store, model, version)
+        except (ManifestError, layout.LayoutError) as e:
+            raise HTTPException(404, str(e)) from None
+        o = pipeline_overview(store, spec)
+        scored = [str(d.date) for d in o.dates if d.predictions and d.predictions.model_version == version]
+        trained = "".join(f"<li><code>{escape(u)}</code></li>" for u in manifest.lineage.inputs)
+        files = "".join(f"<li><a href='{base}/models/{model}/versions/{version}/files/{n}'>{n}</a></li>"
+                        for n in ARTIFACTS if any(f.path == n for f in manifest.files))
+        curves = (f"<img alt='training curves' src='{base}/models/{model}/versions/{version}/files/training_curves.png' style='max-width:760px'>"
+                  if any(f.path == "training_curves.png" for f in manifest.files) else "")
+        return _page(f"{model} {version}", f"<p><a href='{base}/pipelines/{spec.name}'>{escape(spec.name)}</a></p><section>"
+                                           f"<h2>Trained on</h2><ul>{trained}</ul><h2>Scored dates (in the window)</h2>"
+                                           f"<p>{escape(', '.join(scored) or 'none')}</p><h2>Artifacts</h2><ul>{files}</ul>{curves}</section>")
+
+    @app.get("/models/{model}/versions/{version}/files/{name}")
+    def artifact(model: str, version: str, name: str) -> Response:
+        if name not in ARTIFACTS:
+            raise HTTPException(404, f"{name!r} is not a published artifact")
+        store = store_for(model_spec(model))
+        try:
+            manifest = registry.read_model_manifest(store, model, version)
+            prefix = layout.model_version_prefix(model, version)
+            verify_files(store, prefix, manifest, [name])
+            data = store.read_bytes(f"{prefix}/{name}")
+        except (ManifestError, layout.LayoutError) as e:
+            raise HTTPException(404, str(e)) from None
+        return Response(data, media_type=ARTIFACTS[name])
+
+    return app
+
+
+def load_specs(folder: str | Path) -> dict[str, PipelineSpec]:
+    specs = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        spec = load_pipeline_spec(path)
+        specs[spec.name] = spec
+    return specs

@@ -1,0 +1,145 @@
+"""The ops page's data and JSON endpoints (issue 13) against stores with missing dates, a
+rejected-heavy date, two model versions with an alias move, and an invalid manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from test_gc import commit_model
+from test_manifest import FEATURES
+
+from twocluster import layout, registry
+from twocluster.commitlog import CommitLog, GateDecided
+from twocluster.manifest import Counts, DatasetManifest, Lineage, PredictionsManifest, PredictionSummary, commit_version, describe_files
+from twocluster.monitoring import health_problems, pipeline_overview, tvd
+from twocluster.opsview import create_app
+from twocluster.storage import ObjectStore
+
+D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(5)]
+LABELS = {"yes": 50, "no": 48}
+
+
+@pytest.fixture
+def spec(speech_spec):
+    return speech_spec.model_copy(update={"start_date": D[0], "end_date": D[-1]})
+
+
+def _raw(store: ObjectStore, spec, day: dt.date, files: int = 3, complete: bool = True) -> None:
+    prefix = layout.raw_date_prefix(spec.name, day)
+    for i in range(files):
+        store.write_bytes(f"{prefix}/yes/s{i}_nohash_0.wav", b"RIFF....")
+    if complete:
+        store.write_bytes(f"{prefix}/_ARRIVED.json", b"{}")
+
+
+def _dataset(store: ObjectStore, spec, day: dt.date, rejected: int = 2) -> str:
+    version = layout.new_version_id()
+    prefix = layout.dataset_version_prefix(spec.name, day, version)
+    store.write_bytes(f"{prefix}/parquet/split=train/part-00000.parquet", b"rows")
+    accepted = 98
+    commit_version(store, layout.dataset_date_prefix(spec.name, day), DatasetManifest(
+        version=version, created_at=dt.datetime.now(dt.UTC), files=describe_files(store, prefix),
+        counts=Counts(input=accepted + rejected, accepted=accepted, rejected=rejected, per_label=LABELS,
+                      rejected_by_reason={"truncated": rejected} if rejected else {}),
+        lineage=Lineage(code_version="t", run_id="r"), feature_spec=FEATURES, pipeline=spec.name, date=day,
+        seconds={"featurize": 3.5, "write": 1.25}))
+    return store.uri(layout.manifest_key(prefix))
+
+
+def _predictions(store: ObjectStore, spec, day: dt.date, model_version: str, predicted: dict[str, int]) -> str:
+    version = layout.new_version_id()
+    prefix = layout.predictions_version_prefix(spec.name, day, version)
+    store.write_bytes(f"{prefix}/predictions/part-00000.parquet", b"rows")
+    n = sum(predicted.values())
+    commit_version(store, layout.predictions_date_prefix(spec.name, day), PredictionsManifest(
+        version=version, created_at=dt.datetime.now(dt.UTC), files=describe_files(store, prefix),
+        counts=Counts(input=n, accepted=n, rejected=0), lineage=Lineage(code_version="t", run_id="r"), feature_spec=FEATURES,
+        pipeline=spec.name, date=day, model=spec.model.name, model_version=model_version, seconds={"total": 7.0},
+        summary=PredictionSummary(predicted_labels=predicted, mean_confidence=0.8, confidence_floor=0.5, below_confidence_floor=n // 10)))
+    return version
+
+
+@pytest.fixture
+def filled(store: ObjectStore, spec):
+    for day in D:
+        _raw(store, spec, day, complete=day != D[1])
+    first = _dataset(store, spec, D[0])
+    v1 = commit_model(store, [first], "run-1")
+    _predictions(store, spec, D[0], v1, {"yes": 50, "no": 48})
+    # D[1]: arrivals only, incomplete: nothing committed
+    _dataset(store, spec, D[2], rejected=30)  # rejected-heavy, not scored
+    fourth = _dataset(store, spec, D[3])
+    v2 = commit_model(store, [first, fourth], "run-2")
+    for version in (v1, v2):
+        state = registry.read_alias(store, spec.model.name, "production")
+        registry.move_alias(store, spec.model.name, "production", version, expected=state, reason=f"published {version}")
+    CommitLog(store, layout.model_gate_prefix(spec.model.name)).append(lambda seq: GateDecided(
+        seq=seq, model=spec.model.name, alias="production", version=v2, outcome="published", reason="better",
+        numbers={"test_accuracy": 0.9, "champion_version": v1, "champion_test_accuracy": 0.9}))
+    _predictions(store, spec, D[3], v2, {"yes": 90, "no": 8})  # drifted
+    bad = _dataset(store, spec, D[4])
+    manifest_key = bad.split(store.root_uri + "/", 1)[1]
+    doc = json.loads(store.read_bytes(manifest_key))
+    doc["counts"]["accepted"] += 1  # a hand edit
+    store.write_bytes(manifest_key, json.dumps(doc).encode())
+    return store, v1, v2
+
+
+def test_overview_shows_missing_rejected_moved_and_invalid(filled, spec):
+    store, v1, v2 = filled
+    o = pipeline_overview(store, spec, today=D[-1] + dt.timedelta(days=1))
+    assert o.window == D
+    rows = {r.date: r for r in o.dates}
+    assert rows[D[0]].predictions.model_version == v1 and rows[D[0]].predictions.drift == 0.0
+    assert rows[D[1]].dataset is None and "no dataset committed" in rows[D[1]].problems
+    assert "arrivals incomplete (no arrival marker)" in rows[D[1]].problems
+    assert rows[D[2]].dataset.reject_rate == pytest.approx(30 / 128, abs=1e-4)
+    assert any("reject rate" in p for p in rows[D[2]].problems) and "not scored" in rows[D[2]].problems
+    drift = rows[D[3]].predictions.drift
+    assert drift == tvd({"yes": 90, "no": 8}, {"yes": 100, "no": 96}) and drift > spec.monitoring.max_drift
+    assert rows[D[4]].dataset is None and any(D[4].isoformat() in s.uri for s in o.skipped)
+    assert [m.version for m in o.models] == [v1, v2] and o.models[1].aliases == ["production"]
+    assert o.models[1].gate[0].champion_version == v1 and o.models[1].trained_on == [str(D[0]), str(D[3])]
+    assert [(mv.version, mv.previous_version) for mv in o.alias_moves] == [(v1, None), (v2, v1)]
+    assert o.freshness.newest_scored_date == D[3] and o.freshness.lag_days == 1 and not o.freshness.late
+    problems = health_problems(o)
+    assert any(str(D[2]) in p and "reject rate" in p for p in problems) and any(str(D[3]) in p and "drift" in p for p in problems)
+    # Late: two days later nothing new was scored.
+    assert pipeline_overview(store, spec.model_copy(update={"end_date": None}), today=D[3] + dt.timedelta(days=4)).freshness.late
+
+
+def test_json_endpoints_and_the_page(filled, spec):
+    store, v1, v2 = filled
+    client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}))
+    overview = client.get(f"/api/pipelines/{spec.name}").json()
+    assert [d["date"] for d in overview["dates"]] == [str(d) for d in D]
+    assert overview["aliases"]["production"] == v2 and len(overview["skipped"]) == 1
+    lineage = client.get(f"/api/pipelines/{spec.name}/dates/{D[3]}").json()
+    assert lineage["model_version"] == v2 and lineage["dataset"]["version"] and lineage["predictions"]["rows"] == 98
+    assert client.get(f"/api/pipelines/{spec.name}/dates/2030-01-01").status_code == 404
+    assert client.get("/api/pipelines/nope").status_code == 404
+    health = client.get(f"/api/pipelines/{spec.name}/health").json()
+    assert not health["healthy"] and len(health["problems"]) >= 2
+    page = client.get(f"/pipelines/{spec.name}")
+    assert page.status_code == 200 and page.text.count("<svg") == 4 and "Skipped as invalid (1)" in page.text
+    assert f"/models/{spec.model.name}/versions/{v2}" in page.text
+    assert client.get("/").status_code == 200
+    assert v2 in client.get(f"/pipelines/{spec.name}/dates/{D[3]}").text
+    assert client.get(f"/models/{spec.model.name}/versions/{v2}").status_code == 200
+    assert client.get(f"/models/{spec.model.name}/versions/{v2}/files/../../x").status_code == 404
+    assert client.get(f"/models/{spec.model.name}/versions/{v2}/files/metrics.json").status_code == 404  # not in this manifest
+
+
+def test_every_route_requires_the_auth_dependency(filled, spec):
+    store, _, _ = filled
+
+    def deny():
+        raise HTTPException(401, "not authenticated")
+
+    client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}, auth=deny))
+    for path in ("/", f"/pipelines/{spec.name}", f"/api/pipelines/{spec.name}", "/api/pipelines"):
+        assert client.get(path).status_code == 401, path

@@ -1,0 +1,118 @@
+"""The ops page in the real Airflow API server, driven by headless Chromium (issue 13).
+
+The store is filled by the real jobs (Spark preprocessing of two dates, training, the gate,
+Spark scoring); the API server runs with the repository's plugins and the simple auth manager;
+Chromium (Debian's) signs in through Airflow's login form, opens the page, and saves the
+screenshot the README shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from twocluster import sample_data
+from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
+from twocluster.gate import gate_and_publish
+from twocluster.orchestration import training_job
+from twocluster.preprocess import run_preprocess
+from twocluster.scoring import run_scoring
+from twocluster.spec import load_pipeline_spec
+from twocluster.storage import ObjectStore
+from twocluster.training import run_training
+
+pytestmark = pytest.mark.slow
+DATES = [dt.date(2026, 10, 20), dt.date(2026, 10, 21)]
+SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "ops-page.png"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def served(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops-ui")
+    data = yaml.safe_load((REPO_ROOT / "pipelines" / "speech_commands.yaml").read_text())
+    data.update(start_date=DATES[0].isoformat(), end_date=DATES[-1].isoformat())
+    data["model"].update(epochs=4)
+    pipelines = root / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "speech_commands.yaml").write_text(yaml.safe_dump(data))
+    spec = load_pipeline_spec(pipelines / "speech_commands.yaml")
+    store = ObjectStore((root / "store").as_uri())
+    sample_data.generate(store, spec, DATES, clips_per_day=160, seed=41, bad_files_per_day=2)
+    datasets = [run_preprocess(spark, spec, store, d, run_id=f"ui-{d}", max_reject_rate=0.2).manifest_uri for d in DATES]
+    trained = run_training(training_job(spec, "ui-train", datasets, store.root_uri), root / "work")
+    assert gate_and_publish(store, spec.model.name, trained.version, "production", 0.0, 1.0, run_id="ui-train").published
+    for d in DATES:
+        run_scoring(spark, spec, store, d, run_id=f"ui-score-{d}")
+    env = airflow_env(root / "airflow", store.root_uri)
+    env["TWOCLUSTER_PIPELINES_DIR"] = str(pipelines)
+    with ApiServer(env, root / "airflow") as server:
+        yield server, spec, trained.version
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_unauthenticated_requests_are_refused_and_the_plugin_is_registered(served):
+    server, spec, _ = served
+    for path in ("/twocluster/", f"/twocluster/pipelines/{spec.name}", f"/twocluster/api/pipelines/{spec.name}"):
+        assert _get(server.url + path)[0] in (401, 403), path
+    token = server.token()
+    status, body = _get(f"{server.url}/api/v2/plugins", token)
+    plugin = next(p for p in json.loads(body)["plugins"] if p["name"] == "twocluster_ops")
+    assert plugin["external_views"][0]["href"] == "/twocluster/" and plugin["external_views"][0]["destination"] == "nav"
+    status, body = _get(f"{server.url}/twocluster/api/pipelines/{spec.name}", token)
+    overview = json.loads(body)
+    assert status == 200 and [d["date"] for d in overview["dates"]] == [str(d) for d in DATES]
+    assert all(d["predictions"]["predicted_labels"] for d in overview["dates"])
+
+
+def test_an_operator_signs_in_and_sees_the_page(served):
+    from playwright.sync_api import sync_playwright
+
+    server, spec, model_version = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{server.url}/auth/login", wait_until="networkidle")
+            page.fill("input[name=username]", server.user)
+            page.fill("input[name=password]", server.password)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{server.url}/**", timeout=30_000)
+            page.wait_for_function("document.cookie.includes('_token') || true")
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            response = page.goto(f"{server.url}/twocluster/pipelines/{spec.name}", wait_until="networkidle")
+            assert response.status == 200, response.status
+            assert page.title() == f"{spec.name}: operations"
+            charts = page.locator("svg.chart")
+            assert charts.count() == 4
+            for i in range(charts.count()):
+                assert charts.nth(i).locator(".mark").count() > 0, f"chart {i} drew nothing"
+                box = charts.nth(i).bounding_box()
+                assert box and box["width"] > 300 and box["height"] > 80
+            assert page.locator(f"text={model_version}").count() >= 1
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            # The lineage of a date, one click away.
+            page.click(f"#freshness a:has-text('{DATES[-1]}')")
+            page.wait_for_url(f"**/dates/{DATES[-1]}", timeout=30_000)
+            assert "lineage" in page.title() and page.locator(f"a:has-text('{model_version}')").count() == 1
+            assert errors == [], errors
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 20_000
