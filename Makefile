@@ -18,7 +18,7 @@ DAYS ?= 4
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lock lint clean sample-data check-java bench bench-quick
+.PHONY: run test venv lock lint clean sample-data check-java bench bench-quick ui
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
@@ -35,6 +35,10 @@ bench: venv check-java
 bench-quick: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
 	$(VENV_PY) bench/run.py --quick
+
+# An extra: the Airflow UI with the ops page over .local/store (after `make run`), until Ctrl-C.
+ui: venv
+	$(VENV_PY) -m twocluster.devtools.ui
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng

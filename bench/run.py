@@ -550,6 +550,24 @@ def write_report(figures: list[Figure], quick: bool, started: float) -> str:
     return table
 
 
+def monitoring_figures(ctx: BenchContext) -> list[Figure]:
+    """The ops page's data on a year of history (bench/monitoring.py), cold, against a serial
+    walk of the same commit logs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import monitoring
+
+    figures = []
+    for row in monitoring.run(ctx.workdir / "monitoring", with_s3=not ctx.quick):
+        limit = 1.0 if row["store"] == "file://" else 3.0
+        figures.append(Figure(
+            f"monitoring_{'file' if row['store'] == 'file://' else 's3'}",
+            f"ops page data, {monitoring.DATES} dates x (dataset + predictions) + {monitoring.MODELS} models, {row['store']}, cold",
+            "s", row["cold_s"], row["serial_baseline_s"], row["speedup_cold"], f"cold < {limit:.0f} s", row["cold_s"] < limit,
+            [row["cold_s"]], [row["serial_baseline_s"]], 0.0,
+            f"warm reload {row['warm_s']} s; baseline: the same logs walked serially without the cache"))
+    return figures
+
+
 FIGURES = {
     "featurize": featurize_figures,
     "write": write_figure,
@@ -557,6 +575,7 @@ FIGURES = {
     "score": score_figures,
     "scale": scale_figures,
     "orchestration": orchestration_figure,
+    "monitoring": monitoring_figures,
 }
 
 

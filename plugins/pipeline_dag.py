@@ -99,12 +99,18 @@ def _store_settings(*conn_ids: str) -> S3Settings | None:
 
 
 def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
-    """Stage figures as StatsD/OpenTelemetry gauges (a no-op when metrics are off)."""
+    """Stage figures through Airflow's metrics (StatsD or OpenTelemetry; a no-op when off): numbers
+    as gauges, ``rejected_by_reason`` as counters per reason, and the stage timings the manifest
+    recorded (``seconds``) as timers."""
     from airflow.sdk.observability import stats
 
     for name, value in values.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             stats.gauge(f"{prefix}.{name}", value)
+    for reason, count in (values.get("rejected_by_reason") or {}).items():
+        stats.incr(f"{prefix}.rejected.{reason}", count)
+    for stage, seconds in (values.get("seconds") or {}).items():
+        stats.timing(f"{prefix}.seconds.{stage}", dt.timedelta(seconds=seconds))
 
 
 class PipelineSparkSubmitOperator(SparkSubmitOperator):

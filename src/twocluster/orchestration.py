@@ -123,6 +123,7 @@ def _summary(latest) -> dict:
         "per_split": counts.per_split,
         "bytes": sum(f.bytes for f in manifest.files),
         "created_at": manifest.created_at.isoformat(),
+        "seconds": manifest.seconds,
     }
 
 

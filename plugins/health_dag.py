@@ -1,0 +1,69 @@
+"""The health check: a small hourly DAG, one task per pipeline, that fails through the pipeline's
+failure notifier (``notifiers``) when the newest scored date is older than the spec's
+``monitoring.max_lag_days``, or when dates in the monitoring window reject more than
+``thresholds.max_reject_rate`` of their inputs or drift more than ``monitoring.max_drift``; the
+failure names the dates. It reads the store exactly as the ops page does
+(``twocluster.monitoring``).
+
+Airflow's own deadline alerts are not used: `dags test` crashes after a run of a DAG that sets
+``deadline=`` in Airflow 3.3.2 (apache/airflow#73428), and `make run` runs the pipeline DAG
+that way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from airflow.sdk import DAG, task
+from notifiers import failure_notifier
+
+from twocluster.spec import load_pipeline_spec
+
+PIPELINES_DIR = Path(os.environ.get("TWOCLUSTER_PIPELINES_DIR") or Path(__file__).resolve().parents[1] / "pipelines")
+
+
+def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_id: str = "twocluster_health") -> DAG:
+    spec_paths = sorted(Path(pipelines_dir).glob("*.yaml"))
+    with DAG(
+        dag_id=dag_id,
+        description="Freshness, reject rate and prediction drift of every pipeline, against its spec",
+        schedule="@hourly",
+        start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        tags=["twocluster", "ops", "health"],
+        default_args={
+            "owner": "ml-platform",
+            "retries": 1,
+            "retry_delay": dt.timedelta(minutes=2),
+            "retry_exponential_backoff": True,
+            "execution_timeout": dt.timedelta(minutes=5),
+            "on_failure_callback": [failure_notifier()],
+        },
+        doc_md=__doc__,
+    ) as dag:
+        for path in spec_paths:
+            spec = load_pipeline_spec(path)
+
+            @task(task_id=f"check_{spec.name}", doc_md=f"Health of `{spec.name}` ({path.name}): freshness, rejects, drift.")
+            def check(spec_path: str) -> dict:
+                from airflow.sdk.exceptions import AirflowFailException
+                from pipeline_dag import _store
+
+                from twocluster.monitoring import health_problems, pipeline_overview
+
+                checked = load_pipeline_spec(spec_path)
+                overview = pipeline_overview(_store(checked), checked)
+                problems = health_problems(overview)
+                for problem in problems:
+                    print(f"UNHEALTHY {problem}")
+                if problems:
+                    # Not transient: fail now (the notifier reports it) rather than retry.
+                    raise AirflowFailException("; ".join(problems))
+                print(f"healthy: {checked.name}, newest scored date {overview.freshness.newest_scored_date}")
+                return overview.freshness.model_dump(mode="json")
+
+            check(str(path))
+    return dag
