@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +203,12 @@ def _check_committed_versions(store: ObjectStore, parent: str) -> list[str]:
 @pytest.mark.slow
 def test_ten_kills_at_random_moments_never_leave_a_partial_version(speech_spec, file_store):
     """spark-submit for real, SIGKILLed (the whole process group: driver JVM and Python workers)
-    ten times at random moments; after each kill no partial version is visible and every
-    committed one reads back as its manifest says. Then a rerun commits and the next is a no-op."""
+    ten times; after each kill no partial version is visible and every committed one reads back as
+    its manifest says. Then a rerun commits and the next is a no-op.
+
+    Each attempt gets one more arrival, so every run has work to do. Kill moments are random: on
+    even attempts a delay after the start, on odd ones a delay after the job's first data file
+    appears (so some kills land mid-write however slow the machine is)."""
     import random
 
     _arrive(file_store, speech_spec, clips=60, bad=1)
@@ -213,24 +218,42 @@ def test_ten_kills_at_random_moments_never_leave_a_partial_version(speech_spec, 
         "--store", file_store.root_uri,
     ]
     parent = layout.dataset_date_prefix(speech_spec.name, DATE)
+    raw = layout.raw_date_prefix(speech_spec.name, DATE)
+    good = _first_good_clip(file_store, speech_spec)
+
+    def data_files() -> set[str]:
+        return {o.key for o in file_store.list(parent) if "/_staging/" in o.key or "/v=" in o.key}
+
     rng = random.Random(12)
-    delays = []
-    for _ in range(10):
+    moments, mid_write = [], 0
+    for attempt in range(10):
+        file_store.copy(f"{raw}/{good}", f"{raw}/yes/late{attempt:04d}_nohash_0.wav")
+        before = data_files()
         proc = subprocess.Popen(cmd, env=_spark_submit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        delays.append(rng.uniform(2.0, 16.0))
         try:
-            proc.wait(timeout=delays[-1])
+            if attempt % 2 == 0:
+                delay = rng.uniform(1.0, 20.0)
+                proc.wait(timeout=delay)
+                moments.append(f"finished before {delay:.1f}s")
+            else:
+                deadline = time.monotonic() + 300
+                while not (data_files() - before) and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                delay = rng.uniform(0.0, 2.0)
+                proc.wait(timeout=delay)
+                moments.append(f"finished within {delay:.1f}s of its first write")
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            moments.append(f"killed after {delay:.1f}s" + (" past its first write" if attempt % 2 else ""))
+            mid_write += bool(data_files() - before)
         _check_committed_versions(file_store, parent)
-    written = [o.key for o in file_store.list(parent) if "/_inflight/" not in o.key]
-    assert written, f"no kill (after {delays}) came late enough to find data written"
+    assert mid_write >= 1, f"no kill landed after the job had written data: {moments}"
 
     rerun = subprocess.run(cmd, env=_spark_submit_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     versions = _check_committed_versions(file_store, parent)
-    assert versions and read_manifest(file_store, f"{parent}/v={versions[-1]}").counts.input == 61
+    assert versions and read_manifest(file_store, f"{parent}/v={versions[-1]}").counts.input == 71
     again = subprocess.run(cmd, env=_spark_submit_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and '"status": "unchanged"' in again.stdout, again.stdout[-2000:]
     assert _check_committed_versions(file_store, parent) == versions

@@ -257,12 +257,7 @@ class ObjectStore:
         """Objects (not folders) under ``prefix``, sorted by key. ``suffixes`` filters by
         case-insensitive name ending (e.g. ``(".wav",)``)."""
         wanted = tuple(s.lower() for s in suffixes)
-        base = self._path(prefix)
-        selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
-        try:
-            infos = self.fs.get_file_info(selector)
-        except OSError as e:
-            raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+        infos = self._file_infos(prefix, recursive)
         root_len = len(self._base.rstrip("/")) + 1
         found = [
             ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
@@ -273,10 +268,24 @@ class ObjectStore:
 
     def list_folders(self, prefix: str = "") -> list[str]:
         """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3)."""
-        base = self._path(prefix)
-        selector = pafs.FileSelector(base, recursive=False, allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        infos = self._file_infos(prefix, recursive=False)
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+
+    def _file_infos(self, prefix: str, recursive: bool) -> list[pafs.FileInfo]:
+        """pyarrow's listing. Locally it stats every entry it read, so a file another writer
+        renames or removes in between (a create-only commit's temp file) fails the whole listing:
+        list again (it is a moment's race, not a state)."""
+        selector = pafs.FileSelector(self._path(prefix), recursive=recursive, allow_not_found=True)
+        for attempt in range(20):
+            try:
+                return self.fs.get_file_info(selector)
+            except FileNotFoundError as e:
+                if self.scheme != "file" or attempt == 19:
+                    raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+                time.sleep(0.005 * (attempt + 1))
+            except OSError as e:
+                raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+        raise AssertionError("unreachable")
 
     def existing(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` exist, in one batched call."""
