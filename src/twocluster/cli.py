@@ -82,11 +82,7 @@ def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, A
                 row[kind.rstrip("s") if kind == "datasets" else kind] = summary
         out["pipelines"][name] = {"dates": [{"date": d, **dates[d]} for d in sorted(dates)]}
 
-    for model in store.list_folders("models"):
-        try:
-            layout.check_name(model, "model")
-        except layout.LayoutError:
-            continue
+    for model in registry.model_names(store):
         versions = registry.model_versions(store, model)
         skipped(versions.skipped)
         aliases: dict[str, dict] = {}
@@ -106,17 +102,12 @@ def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, A
             "aliases": aliases,
             "versions": [
                 {"version": v.version, "log_entry": v.seq, "test_accuracy": v.manifest.metrics.test_accuracy,
-                 "trained_on": sorted({d for d in (_date_of(u) for u in v.manifest.lineage.inputs) if d}),
+                 "trained_on": sorted({dv[0] for u in v.manifest.lineage.inputs if (dv := layout.dated_version(u))}),
                  "run_id": v.manifest.lineage.run_id, "aliases": pointed.get(v.version, [])}
                 for v in versions.versions
             ],
         }
     return out
-
-
-def _date_of(uri: str) -> str | None:
-    marker = "/date="
-    return uri.split(marker, 1)[1][:10] if marker in uri else None
 
 
 def _print_status(status: dict) -> None:

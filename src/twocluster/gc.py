@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import uuid
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +33,6 @@ from twocluster.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-_DATE_VERSION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/v=([^/]+)/")
 
 
 @dataclass
@@ -161,20 +159,14 @@ def plan_gc(store: ObjectStore, *, keep_versions: int = 3, grace: dt.timedelta =
     planner = _Planner(store, keep_versions, grace)
     protected_datasets: set[tuple[str, str]] = set()  # (date, version)
 
-    for model in store.list_folders("models"):
-        try:
-            layout.check_name(model, "model")
-        except layout.LayoutError:
-            continue
+    for model in registry.model_names(store):
         published = registry.published_versions(store, model)
         versions = planner.location(layout.model_versions_prefix(model), set(published), "model version")
         finished_runs = set()
         for committed in versions:
-            finished_runs.add(committed.manifest.lineage.run_id.replace(":", "_").replace("+", "_"))
+            finished_runs.add(layout.run_key(committed.manifest.lineage.run_id))
             if committed.version in published:
-                for uri in committed.manifest.lineage.inputs:
-                    if match := _DATE_VERSION.search(uri):
-                        protected_datasets.add(match.groups())
+                protected_datasets |= {dv for uri in committed.manifest.lineage.inputs if (dv := layout.dated_version(uri))}
         for run in store.list_folders(layout.model_runs_prefix(model)):
             prefix = f"{layout.model_runs_prefix(model)}/{run}"
             objects = store.list(prefix)

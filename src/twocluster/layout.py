@@ -170,6 +170,21 @@ def inflight_key(location: str, version: str) -> str:
     return f"{location.rstrip('/')}/{INFLIGHT_FOLDER}/{check_version(version)}.json"
 
 
+_DATED_VERSION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/v=([^/]+)/")
+
+
+def dated_version(uri: str) -> tuple[str, str] | None:
+    """``(date, version)`` of a key or URI inside a ``date=<date>/v=<version>/`` folder (a dataset
+    or predictions manifest URI in a lineage), or None."""
+    match = _DATED_VERSION.search(uri)
+    return match.groups() if match and _VERSION_RE.match(match.group(2)) else None
+
+
+def run_key(run_id: str) -> str:
+    """A training run id as one key segment (checkpoints and job specs are stored under it)."""
+    return run_id.replace(":", "_").replace("+", "_")
+
+
 def model_gate_prefix(model: str) -> str:
     """The log of every gate decision on the model's versions."""
     return f"models/{check_name(model, 'model')}/gate"

@@ -223,7 +223,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         m: ModelManifest = v.manifest
         models.append(ModelRow(
             version=v.version, log_entry=v.seq, trained_at=m.created_at,
-            trained_on=sorted({u.split("/date=", 1)[1][:10] for u in m.lineage.inputs if "/date=" in u}),
+            trained_on=sorted({dv[0] for u in m.lineage.inputs if (dv := layout.dated_version(u))}),
             dataset_versions=m.lineage.dataset_versions, test_accuracy=m.metrics.test_accuracy,
             validation_accuracy=m.metrics.validation_accuracy, training_seconds=m.seconds.get("fit", m.metrics.training_seconds),
             aliases=sorted(a for a, cur in current.items() if cur == v.version), gate=gate_by_version.get(v.version, []),
@@ -236,10 +236,8 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         if model_version not in training_labels:
             counts: dict[str, int] = {}
             committed = versions.find(model_version)
-            for uri in committed.manifest.lineage.inputs if committed else []:
-                date = uri.split("/date=", 1)[1][:10] if "/date=" in uri else None
-                version = layout.version_from_folder(uri.rsplit("/", 2)[-2]) if "/v=" in uri else None
-                latest, _ = CACHE.latest(store, layout.dataset_date_prefix(spec.name, date), DatasetManifest) if date else (None, [])
+            for date, version in filter(None, map(layout.dated_version, committed.manifest.lineage.inputs if committed else [])):
+                latest, _ = CACHE.latest(store, layout.dataset_date_prefix(spec.name, date), DatasetManifest)
                 if latest is not None and latest.version == version:
                     for label, n in latest.manifest.counts.per_label.items():
                         counts[label] = counts.get(label, 0) + n

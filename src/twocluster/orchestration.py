@@ -164,7 +164,7 @@ def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, t
     if not decision["training_datasets"]:
         raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
     job = training_job(spec, training_run, decision["training_datasets"], store.root_uri, gpus)
-    key = f"{layout.jobs_prefix(spec.model.name)}/{training_run.replace(':', '_').replace('+', '_')}.json"
+    key = f"{layout.jobs_prefix(spec.model.name)}/{layout.run_key(training_run)}.json"
     store.write_bytes(key, job.model_dump_json(indent=2).encode())
     return store.uri(key)
 

@@ -141,6 +141,17 @@ def move_alias(store: ObjectStore, model: str, alias: str, version: str, *, expe
     return entry
 
 
+def model_names(store: ObjectStore) -> list[str]:
+    """The models in the store (folders under ``models/`` that are valid names)."""
+    names = []
+    for folder in store.list_folders("models"):
+        try:
+            names.append(layout.check_name(folder, "model"))
+        except layout.LayoutError:
+            continue
+    return names
+
+
 def find_version_of_run(store: ObjectStore, model: str, run_id: str) -> CommittedVersion | None:
     """The committed model version a training run produced, if any (newest first)."""
     for committed in reversed(model_versions(store, model).versions):

@@ -299,8 +299,7 @@ def build_model(input_shape: list[int], num_classes: int, normalization_sample: 
 
 
 def run_prefix(model: str, run_id: str) -> str:
-    safe = run_id.replace(":", "_").replace("+", "_")
-    return f"{layout.model_runs_prefix(model)}/{safe}"
+    return f"{layout.model_runs_prefix(model)}/{layout.run_key(run_id)}"
 
 
 def restore_checkpoint(store: ObjectStore, prefix: str, backup_dir: Path) -> int:
