@@ -1,5 +1,6 @@
 """The ops page inside the Airflow UI: the FastAPI app of :mod:`twocluster.opsview` mounted on the
-API server at ``/twocluster``, linked from the navigation ("Browse" -> "Pipeline health").
+API server at ``/twocluster``, linked from the navigation ("Browse" -> "Pipeline health") and from
+every DAG run (a "Store lineage" tab: what that run committed).
 
 Every route requires an authenticated Airflow user (``requires_authenticated()``; a plugin's
 sub-app is public otherwise). The store is the one the DAGs use: the ``TWOCLUSTER_STORE_URI``
@@ -41,4 +42,10 @@ class TwoclusterOpsPlugin(AirflowPlugin):
         "destination": "nav",
         "category": "browse",
         "url_route": "pipeline-health",
+    }, {
+        # A tab on every DAG run: what that run committed (the UI fills in the placeholders).
+        "name": "Store lineage",
+        "href": f"{URL_PREFIX}/runs/{{DAG_ID}}/{{RUN_ID}}",
+        "destination": "dag_run",
+        "url_route": "store-lineage",
     }]

@@ -283,7 +283,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                      "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
         def publish(run: dict) -> dict:
-            decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"])
+            decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"], run["run_id"])
             if decision["published"]:
                 get_current_context()["outlet_events"][model_alias].add(
                     model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})

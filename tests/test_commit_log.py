@@ -19,7 +19,7 @@ from twocluster import layout
 from twocluster.commitlog import CommitLog, VersionCommitted
 from twocluster.manifest import LegacyLayoutError, resolve_latest, scan_location
 from twocluster.migrate import migrate
-from twocluster.storage import ObjectStore, S3Settings
+from twocluster.storage import ObjectStore, S3Settings, checksum_bytes
 
 
 def _bad_latest(store: ObjectStore, how: str) -> str:
@@ -50,20 +50,51 @@ def _bad_latest(store: ObjectStore, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["schema", "wrong_folder", "missing_file", "truncated_file", "manifest_deleted", "not_json"])
-def test_an_invalid_latest_version_is_skipped_and_reported(store: ObjectStore, how: str, caplog):
+@pytest.mark.parametrize("verify", [False, True], ids=["listing", "checksums"])
+def test_an_invalid_latest_version_is_skipped_and_reported(store: ObjectStore, how: str, verify: bool, caplog):
     """Defect 2: one bad object must not wedge a date; it is skipped with the object and the
-    problem named, and a rerun commits past it."""
+    problem named, and a rerun commits past it. A manifest swapped for one of the same size
+    (``wrong_folder``) is seen by the readers that compare checksums; the others read the
+    committed manifest from the log, so they are not misled by it either."""
     good = _bad_latest(store, how)
-    latest = resolve_latest(store, LOCATION)
+    if how == "wrong_folder" and not verify:
+        latest = resolve_latest(store, LOCATION)
+        assert latest.version != good and latest.manifest.version == latest.version
+        return
+    latest = resolve_latest(store, LOCATION, verify_checksums=verify)
     assert latest is not None and latest.version == good
-    state = scan_location(store, LOCATION)
+    state = scan_location(store, LOCATION, verify_checksums=verify)
     assert [v.version for v in state.versions] == [good]
     assert len(state.skipped) == 1 and "v=" in state.skipped[0].uri
     assert any("skipping version" in r.message for r in caplog.records)
     # A rerun commits a new version past the bad one; it becomes latest.
     rerun = layout.new_version_id(T0 + dt.timedelta(hours=2))
     _commit(store, rerun)
-    assert resolve_latest(store, LOCATION).version == rerun
+    assert resolve_latest(store, LOCATION, verify_checksums=verify).version == rerun
+
+
+def test_a_commit_carries_its_manifest_and_readers_need_no_second_read(store: ObjectStore, monkeypatch):
+    """The log entry holds the manifest's exact bytes (checksum-bound), so resolving a location
+    reads one object per entry; entries written before that field are read the old way."""
+    version = layout.new_version_id(T0)
+    prefix = _commit(store, version)
+    entry = CommitLog(store, LOCATION).read().entries[-1]
+    assert entry.manifest.encode() == store.read_bytes(layout.manifest_key(prefix))
+    reads: list[str] = []
+    real_read = ObjectStore.read_bytes
+    monkeypatch.setattr(ObjectStore, "read_bytes", lambda self, key: reads.append(key) or real_read(self, key))
+    assert resolve_latest(store, LOCATION).version == version
+    assert not any(k.endswith(layout.MANIFEST_NAME) for k in reads), reads
+    # An entry without the copy (an older writer): the manifest object is read and checked.
+    older = layout.new_version_id(T0 + dt.timedelta(hours=1))
+    older_prefix = _write_version(store, older)
+    data = _manifest(store, older_prefix, older).to_json()
+    store.write_bytes(layout.manifest_key(older_prefix), data)
+    log = CommitLog(store, LOCATION)
+    assert log.append_at(log.head() + 1, VersionCommitted(seq=1, version=older, manifest_checksum=checksum_bytes(data)))
+    reads.clear()
+    assert resolve_latest(store, LOCATION).version == older
+    assert layout.manifest_key(older_prefix) in reads
 
 
 def test_a_corrupt_latest_version_is_skipped_where_data_is_read(store: ObjectStore):

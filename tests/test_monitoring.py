@@ -143,3 +143,25 @@ def test_every_route_requires_the_auth_dependency(filled, spec):
     client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}, auth=deny))
     for path in ("/", f"/pipelines/{spec.name}", f"/api/pipelines/{spec.name}", "/api/pipelines"):
         assert client.get(path).status_code == 401, path
+
+
+def test_a_dag_runs_view_shows_what_that_run_committed(filled, spec):
+    """The per-run tab (``dag_run`` external view): the dates the run committed, and the model
+    its gate decided on, found by the run id recorded in the commits."""
+    from urllib.parse import quote
+
+    store, v1, v2 = filled
+    run_id = "manual__2026-11-05T10:00:00+00:00"
+    CommitLog(store, layout.model_gate_prefix(spec.model.name)).append(lambda seq: GateDecided(
+        seq=seq, model=spec.model.name, alias="production", version=v2, outcome="already_published", reason="same version",
+        run_id=run_id))
+    client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}))
+    view = client.get(f"/api/runs/{spec.name}/{quote(run_id, safe='')}").json()
+    assert view["run_id"] == run_id and view["dates"] == [] and [m["version"] for m in view["models"]] == [v2]
+    assert [g["outcome"] for g in view["gate"]] == ["already_published"]
+    by_r = client.get(f"/api/runs/{spec.name}/r").json()  # the fixture's jobs ran as run "r"
+    assert [d["date"] for d in by_r["dates"]] == [str(D[0]), str(D[2]), str(D[3])]
+    page = client.get(f"/runs/{spec.name}/{quote(run_id, safe='')}")
+    assert page.status_code == 200 and v2 in page.text and "already_published" in page.text
+    assert "committed nothing" in client.get(f"/runs/{spec.name}/scheduled__1999-01-01").text
+    assert client.get("/runs/nope/r").status_code == 404

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from twocluster import sample_data
-from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
+from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow, airflow_env
 from twocluster.gate import gate_and_publish
 from twocluster.orchestration import training_job
 from twocluster.preprocess import run_preprocess
@@ -53,6 +53,11 @@ def served(spark, tmp_path_factory):
     env = airflow_env(root / "airflow", store.root_uri)
     env["TWOCLUSTER_PIPELINES_DIR"] = str(pipelines)
     with ApiServer(env, root / "airflow") as server:
+        # A DAG run in Airflow's database with the id the training and the gate ran under, so its
+        # run page has a "Store lineage" tab to open (no scheduler: it stays queued).
+        for cmd in (["dags", "reserialize"], ["dags", "trigger", spec.name, "--run-id", "ui-train"]):
+            result = airflow(env, *cmd, capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr[-2000:]
         yield server, spec, trained.version
 
 
@@ -73,6 +78,7 @@ def test_unauthenticated_requests_are_refused_and_the_plugin_is_registered(serve
     status, body = _get(f"{server.url}/api/v2/plugins", token)
     plugin = next(p for p in json.loads(body)["plugins"] if p["name"] == "twocluster_ops")
     assert plugin["external_views"][0]["href"] == "/twocluster/" and plugin["external_views"][0]["destination"] == "nav"
+    assert plugin["external_views"][1]["destination"] == "dag_run" and "{RUN_ID}" in plugin["external_views"][1]["href"]
     status, body = _get(f"{server.url}/twocluster/api/pipelines/{spec.name}", token)
     overview = json.loads(body)
     assert status == 200 and [d["date"] for d in overview["dates"]] == [str(d) for d in DATES]
@@ -112,6 +118,16 @@ def test_an_operator_signs_in_and_sees_the_page(served):
             page.click(f"#freshness a:has-text('{DATES[-1]}')")
             page.wait_for_url(f"**/dates/{DATES[-1]}", timeout=30_000)
             assert "lineage" in page.title() and page.locator(f"a:has-text('{model_version}')").count() == 1
+            # The DAG run's "Store lineage" tab in Airflow's own UI: an iframe on the run's commits.
+            page.goto(f"{server.url}/dags/{spec.name}/runs/ui-train/plugin/store-lineage", wait_until="networkidle")
+            frame_element = page.wait_for_selector("iframe", timeout=30_000)
+            assert "/twocluster/runs/" in frame_element.get_attribute("src")
+            frame = frame_element.content_frame()
+            frame.wait_for_selector("#run", timeout=30_000)
+            assert frame.locator(f"a:has-text('{model_version}')").count() == 1
+            assert frame.locator("text=published").count() >= 1
+            page.screenshot(path=str(SCREENSHOT.with_name("run-lineage.png")))
+            errors = [e for e in errors if "/api/v2/" not in e]  # the queued run's UI polls; not ours
             assert errors == [], errors
         finally:
             browser.close()

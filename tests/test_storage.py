@@ -140,3 +140,37 @@ def test_bytes_are_stored_exactly_whatever_the_extension(store: ObjectStore, tmp
     (tmp_path / "up").write_bytes(data)
     store.upload_file(tmp_path / "up", f"d/{name}")
     assert store.read_bytes(f"d/{name}") == data
+
+
+def test_a_snapshot_answers_listings_like_the_store_and_caches_only_commit_records(store: ObjectStore, monkeypatch):
+    """The ops page's view (one recursive listing per area): its listings equal the store's, it
+    refuses writes, and a cached commit record is re-read when the listing shows it changed."""
+    from twocluster import layout
+    from twocluster.storage import StoreSnapshot
+
+    keys = ["a/x/_log/00000000000000000001.json", "a/x/_log/00000000000000000002.json", "a/x/v=1/_MANIFEST.json",
+            "a/x/v=1/data/part-0", "a/y/file", "a/yy/file", "b/outside"]
+    for k in keys:
+        store.write_bytes(k, k.encode())
+    cache: dict = {}
+    view = StoreSnapshot(store, ["a"], immutable_cache=cache, is_immutable=layout.is_commit_record)
+    for prefix in ("a", "a/x", "a/x/_log", "a/y", "a/x/v=1", "a/none"):
+        for recursive in (True, False):
+            assert view.list(prefix, recursive=recursive) == [
+                o.__class__(o.key, o.size, o.mtime_ns) for o in store.list(prefix, recursive=recursive)], (prefix, recursive)
+        assert view.list_folders(prefix) == store.list_folders(prefix), prefix
+    assert view.list("b") == store.list("b")  # outside the snapshot: live
+    assert view.existing(["a/y/file", "a/nope", "b/outside"]) == {"a/y/file", "b/outside"}
+    assert view.size("a/yy/file") == len(b"a/yy/file") and view.exists("a/x/v=1/_MANIFEST.json")
+    with pytest.raises(StorageError, match="read-only"):
+        view.write_bytes("a/z", b"no")
+    view.prefetch(k for k in keys if layout.is_log_entry_key(k))
+    assert len(cache) == 2
+    reads: list[str] = []
+    real = ObjectStore.read_bytes
+    monkeypatch.setattr(ObjectStore, "read_bytes", lambda self, key: reads.append(key) or real(self, key))
+    assert view.read_bytes(keys[0]) == keys[0].encode() and reads == []  # cached
+    assert view.read_bytes("a/y/file") == b"a/y/file" and reads == ["a/y/file"]  # not a commit record: live
+    store.write_bytes(keys[0], b"rewritten, longer than before")
+    again = StoreSnapshot(store, ["a"], immutable_cache=cache, is_immutable=layout.is_commit_record)
+    assert again.read_bytes(keys[0]) == b"rewritten, longer than before"

@@ -87,7 +87,7 @@ def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, A
         skipped(versions.skipped)
         aliases: dict[str, dict] = {}
         pointed: dict[str, list[str]] = {}
-        for alias in store.list_folders(f"models/{model}/aliases"):
+        for alias in store.list_folders(layout.model_aliases_prefix(model)):
             try:
                 state = registry.read_alias(store, model, alias, versions)
             except layout.LayoutError:

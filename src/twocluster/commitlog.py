@@ -67,6 +67,11 @@ class VersionCommitted(_Entry):
     op: Literal["commit"] = "commit"
     version: str = Field(pattern=layout.VERSION_PATTERN)
     manifest_checksum: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    # The manifest's exact text, as Delta Lake's log carries each commit's actions: a reader
+    # learns what was committed from the log alone (one read per location, not two) and checks
+    # the manifest object against it by size in the listing it makes anyway; readers that use the
+    # data compare the object's checksum too. Entries written before this field lack it.
+    manifest: str | None = None
 
 
 class VersionRemoved(_Entry):

@@ -100,8 +100,12 @@ def raw_date_prefix(pipeline: str, date: str | dt.date) -> str:
 # -- datasets ------------------------------------------------------------------------------------
 
 
+def datasets_prefix(pipeline: str) -> str:
+    return f"datasets/{check_name(pipeline, 'pipeline')}"
+
+
 def dataset_date_prefix(pipeline: str, date: str | dt.date) -> str:
-    return f"datasets/{check_name(pipeline, 'pipeline')}/date={check_date(date)}"
+    return f"{datasets_prefix(pipeline)}/date={check_date(date)}"
 
 
 def dataset_version_prefix(pipeline: str, date: str | dt.date, version: str) -> str:
@@ -119,15 +123,23 @@ def model_version_prefix(model: str, version: str) -> str:
     return f"{model_versions_prefix(model)}/{version_folder(version)}"
 
 
+def model_aliases_prefix(model: str) -> str:
+    return f"models/{check_name(model, 'model')}/aliases"
+
+
 def model_alias_prefix(model: str, alias: str) -> str:
-    return f"models/{check_name(model, 'model')}/aliases/{check_name(alias, 'alias')}"
+    return f"{model_aliases_prefix(model)}/{check_name(alias, 'alias')}"
 
 
 # -- predictions ---------------------------------------------------------------------------------
 
 
+def predictions_prefix(pipeline: str) -> str:
+    return f"predictions/{check_name(pipeline, 'pipeline')}"
+
+
 def predictions_date_prefix(pipeline: str, date: str | dt.date) -> str:
-    return f"predictions/{check_name(pipeline, 'pipeline')}/date={check_date(date)}"
+    return f"{predictions_prefix(pipeline)}/date={check_date(date)}"
 
 
 def predictions_version_prefix(pipeline: str, date: str | dt.date, version: str) -> str:
@@ -158,6 +170,19 @@ def log_seq_from_name(name: str) -> int | None:
         return None
     seq = int(stem)
     return seq if seq >= 1 else None
+
+
+def is_log_entry_key(key: str) -> bool:
+    parts = key.strip("/").split("/")
+    return len(parts) >= 2 and parts[-2] == LOG_FOLDER and log_seq_from_name(parts[-1]) is not None
+
+
+def is_commit_record(key: str) -> bool:
+    """A log entry or a committed version's manifest: objects written once (create-only) and never
+    changed, which a reader may cache by key, size and modification time."""
+    parts = key.strip("/").split("/")
+    return is_log_entry_key(key) or (len(parts) >= 2 and parts[-1] == MANIFEST_NAME
+                                     and parts[-2].startswith(VERSION_FOLDER_PREFIX) and STAGING_FOLDER not in parts)
 
 
 def staging_prefix(location: str, version: str) -> str:

@@ -260,15 +260,24 @@ def commit_version(store: ObjectStore, location: str, manifest: AnyManifest, *, 
         raise CommitConflict(f"{store.uri(key)}: version {manifest.version} was already committed by another writer")
     checksum = checksum_bytes(data)
     CommitLog(store, location).append(
-        lambda seq: VersionCommitted(seq=seq, version=manifest.version, manifest_checksum=checksum, run_id=manifest.lineage.run_id)
+        lambda seq: VersionCommitted(seq=seq, version=manifest.version, manifest_checksum=checksum,
+                                     run_id=manifest.lineage.run_id, manifest=data.decode())
     )
     return store.uri(key)
 
 
-def check_files_present(store: ObjectStore, version_prefix: str, manifest: AnyManifest) -> None:
-    """Every file the manifest lists is there with its recorded size (cheap: one listing)."""
+def check_files_present(store: ObjectStore, version_prefix: str, manifest: AnyManifest, *,
+                        manifest_bytes: int | None = None) -> None:
+    """Every file the manifest lists is there with its recorded size (cheap: one listing); with
+    ``manifest_bytes``, the manifest object too, with that size."""
     prefix = version_prefix.rstrip("/")
     actual = {o.key[len(prefix) + 1 :]: o.size for o in store.list(prefix)}
+    if manifest_bytes is not None and actual.get(layout.MANIFEST_NAME) != manifest_bytes:
+        key = layout.manifest_key(prefix)
+        if layout.MANIFEST_NAME not in actual:
+            raise ManifestError(f"{store.uri(key)}: committed but the manifest is missing")
+        raise ManifestError(f"{store.uri(key)}: the manifest changed after its commit "
+                            f"({actual[layout.MANIFEST_NAME]} bytes, the commit recorded {manifest_bytes})")
     for f in manifest.files:
         if f.path not in actual:
             raise ManifestError(f"{store.uri(prefix)}: manifest lists {f.path!r}, which is not there")
@@ -351,16 +360,23 @@ def _version_prefix(location: str, version: str) -> str:
 def _validate_entry(store: ObjectStore, location: str, entry: VersionCommitted, kind: type[M] | None, verify_checksums: bool) -> CommittedVersion:
     version_prefix = _version_prefix(location, entry.version)
     key = layout.manifest_key(version_prefix)
-    try:
-        data = store.read_bytes(key)
-    except ObjectNotFound:
-        raise ManifestError(f"{store.uri(key)}: committed (log seq {entry.seq}) but the manifest is missing") from None
-    if checksum_bytes(data) != entry.manifest_checksum:
-        raise ManifestError(f"{store.uri(key)}: the manifest changed after its commit (log seq {entry.seq} recorded {entry.manifest_checksum})")
+    if entry.manifest is not None and not verify_checksums:
+        # The log carries the manifest: no read, and the listing below checks the object's size.
+        data = entry.manifest.encode()
+        if checksum_bytes(data) != entry.manifest_checksum:
+            raise ManifestError(f"{store.uri(layout.log_entry_key(location, entry.seq))}: the manifest it carries "
+                                f"does not match its checksum {entry.manifest_checksum}")
+    else:
+        try:
+            data = store.read_bytes(key)
+        except ObjectNotFound:
+            raise ManifestError(f"{store.uri(key)}: committed (log seq {entry.seq}) but the manifest is missing") from None
+        if checksum_bytes(data) != entry.manifest_checksum:
+            raise ManifestError(f"{store.uri(key)}: the manifest changed after its commit (log seq {entry.seq} recorded {entry.manifest_checksum})")
     manifest = parse_manifest(data, store.uri(key), kind)
     if manifest.version != entry.version:
         raise ManifestError(f"{store.uri(key)}: says version {manifest.version} but sits in v={entry.version}")
-    check_files_present(store, version_prefix, manifest)
+    check_files_present(store, version_prefix, manifest, manifest_bytes=len(data))
     if verify_checksums:
         verify_files(store, version_prefix, manifest)
     return CommittedVersion(entry.version, entry.seq, manifest, store.uri(key))

@@ -100,11 +100,12 @@ def migrate(store: ObjectStore, apply: bool = False) -> MigrationReport:
                 data = (json.dumps(converted, indent=2) + "\n").encode()
                 store.write_bytes(key, data)
                 checksum = checksum_bytes(data)
-                CommitLog(store, location).append(lambda seq, v=version, c=checksum, r=converted["lineage"]["run_id"]:
-                                                  VersionCommitted(seq=seq, version=v, manifest_checksum=c, run_id=r))
+                CommitLog(store, location).append(lambda seq, v=version, c=checksum, r=converted["lineage"]["run_id"], d=data:
+                                                  VersionCommitted(seq=seq, version=v, manifest_checksum=c, run_id=r,
+                                                                   manifest=d.decode()))
     for model in store.list_folders("models"):
-        for alias in store.list_folders(f"models/{model}/aliases"):
-            location = f"models/{model}/aliases/{alias}"
+        for alias in store.list_folders(layout.model_aliases_prefix(model)):
+            location = layout.model_alias_prefix(model, alias)
             if CommitLog(store, location).head():
                 continue
             records = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,10 +28,10 @@ from twocluster.manifest import (
     scan_location,
 )
 from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore
+from twocluster.storage import ObjectStore, StoreSnapshot
 
 ARRIVED_MARKER = "_ARRIVED.json"
-_READERS = 16
+_READERS = 32
 
 
 class Skipped(BaseModel):
@@ -49,6 +48,7 @@ class Raw(BaseModel):
 class DatasetRow(BaseModel):
     version: str
     log_entry: int
+    run_id: str
     input: int
     accepted: int
     rejected: int
@@ -62,6 +62,7 @@ class DatasetRow(BaseModel):
 class PredictionsRow(BaseModel):
     version: str
     log_entry: int
+    run_id: str
     rows: int
     rejected: int
     model: str
@@ -90,11 +91,13 @@ class GateRecord(BaseModel):
     champion_version: str | None = None
     champion_test_accuracy: float | None = None
     seq: int
+    run_id: str = ""
 
 
 class ModelRow(BaseModel):
     version: str
     log_entry: int
+    run_id: str
     trained_at: dt.datetime
     trained_on: list[str]
     dataset_versions: list[str]
@@ -173,6 +176,26 @@ class _LocationCache:
 
 
 CACHE = _LocationCache()
+_COMMIT_RECORDS: dict[tuple, bytes] = {}  # log entries and manifests, by (store, key, size, mtime)
+_COMMIT_RECORDS_LIMIT = 50_000
+
+
+def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
+    """The pipeline's part of the store as the page reads it: one recursive listing per area (its
+    datasets, predictions, and the model's versions, aliases and gate log), then every log entry
+    not seen before read in parallel (a commit's entry carries its manifest). A reload costs a few listings plus what was
+    committed since; nothing is read one location at a time."""
+    if isinstance(store, StoreSnapshot):
+        return store
+    if len(_COMMIT_RECORDS) > _COMMIT_RECORDS_LIMIT:
+        _COMMIT_RECORDS.clear()
+    model = spec.model.name
+    view = StoreSnapshot(store, [layout.datasets_prefix(spec.name), layout.predictions_prefix(spec.name),
+                                 layout.model_versions_prefix(model), layout.model_aliases_prefix(model),
+                                 layout.model_gate_prefix(model)],
+                         immutable_cache=_COMMIT_RECORDS, is_immutable=layout.is_commit_record, readers=_READERS)
+    view.prefetch(key for key in view.objects if layout.is_log_entry_key(key))  # commits carry their manifests
+    return view
 
 
 def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
@@ -180,11 +203,6 @@ def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
     marker = any(o.key.endswith("/" + ARRIVED_MARKER) for o in objects)
     data = [o for o in objects if not o.key.endswith("/" + ARRIVED_MARKER)]
     return Raw(files=len(data), bytes=sum(o.size for o in data), complete=marker)
-
-
-def _parallel(fn: Callable, items: list) -> list:
-    with ThreadPoolExecutor(_READERS) as pool:
-        return list(pool.map(fn, items))
 
 
 def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | None = None,
@@ -198,12 +216,18 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     first = max(spec.start_date, last - dt.timedelta(days=window_days - 1))
     window = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     skipped: list[Skipped] = []
+    # Raw arrivals are listed per date (a year of raw files would be hundreds of pages), while the
+    # commit records are read; both are round trips, so they overlap.
+    with ThreadPoolExecutor(_READERS) as raw_pool:
+        raw_listings = {day: raw_pool.submit(_raw, store, spec.name, day) for day in window}
+        store = snapshot(store, spec)
+        raw_by_day = {day: future.result() for day, future in raw_listings.items()}
 
     # Models first: predictions are compared with the labels their model was trained on.
     model = spec.model.name
     versions = registry.model_versions(store, model)
     skipped += [Skipped(uri=s.uri, problem=s.problem) for s in versions.skipped]
-    alias_names = sorted(set(store.list_folders(f"models/{model}/aliases")) | set(spec.scoring.allowed_aliases))
+    alias_names = sorted(set(store.list_folders(layout.model_aliases_prefix(model))) | set(spec.scoring.allowed_aliases))
     alias_states = {a: registry.read_alias(store, model, a, versions) for a in alias_names}
     for state in alias_states.values():
         skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]
@@ -213,7 +237,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     for entry in gate_log.entries:
         if isinstance(entry, GateDecided):
             gate_by_version.setdefault(entry.version, []).append(GateRecord(
-                alias=entry.alias, outcome=entry.outcome, reason=entry.reason, seq=entry.seq,
+                alias=entry.alias, outcome=entry.outcome, reason=entry.reason, seq=entry.seq, run_id=entry.run_id,
                 test_accuracy=entry.numbers.get("test_accuracy"), champion_version=entry.numbers.get("champion_version"),
                 champion_test_accuracy=entry.numbers.get("champion_test_accuracy")))
     current = {a: s.version for a, s in alias_states.items()}
@@ -222,7 +246,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     for v in versions.versions:
         m: ModelManifest = v.manifest
         models.append(ModelRow(
-            version=v.version, log_entry=v.seq, trained_at=m.created_at,
+            version=v.version, log_entry=v.seq, run_id=m.lineage.run_id, trained_at=m.created_at,
             trained_on=sorted({dv[0] for u in m.lineage.inputs if (dv := layout.dated_version(u))}),
             dataset_versions=m.lineage.dataset_versions, test_accuracy=m.metrics.test_accuracy,
             validation_accuracy=m.metrics.validation_accuracy, training_seconds=m.seconds.get("fit", m.metrics.training_seconds),
@@ -245,14 +269,14 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         return training_labels[model_version]
 
     def read_date(day: dt.date) -> tuple[DateRow, list[Skipped]]:
-        raw = _raw(store, spec.name, day)
+        raw = raw_by_day[day]
         dataset, skipped_d = CACHE.latest(store, layout.dataset_date_prefix(spec.name, day), DatasetManifest)
         predictions, skipped_p = CACHE.latest(store, layout.predictions_date_prefix(spec.name, day), PredictionsManifest)
         row = DateRow(date=day, raw=raw, dataset=None, predictions=None)
         if dataset is not None:
             d: DatasetManifest = dataset.manifest
             row.dataset = DatasetRow(
-                version=dataset.version, log_entry=dataset.seq, input=d.counts.input, accepted=d.counts.accepted,
+                version=dataset.version, log_entry=dataset.seq, run_id=d.lineage.run_id, input=d.counts.input, accepted=d.counts.accepted,
                 rejected=d.counts.rejected, rejected_by_reason=d.counts.rejected_by_reason,
                 reject_rate=round(d.counts.rejected / d.counts.input, 4) if d.counts.input else 0.0,
                 per_label=d.counts.per_label, seconds=d.seconds, manifest_uri=dataset.manifest_uri)
@@ -260,7 +284,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
             p: PredictionsManifest = predictions.manifest
             summary = p.summary
             row.predictions = PredictionsRow(
-                version=predictions.version, log_entry=predictions.seq, rows=p.counts.accepted, rejected=p.counts.rejected,
+                version=predictions.version, log_entry=predictions.seq, run_id=p.lineage.run_id, rows=p.counts.accepted, rejected=p.counts.rejected,
                 model=p.model, model_version=p.model_version,
                 predicted_labels=summary.predicted_labels if summary else {},
                 mean_confidence=summary.mean_confidence if summary else None,
@@ -270,7 +294,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         return row, skipped_d + skipped_p
 
     rows = []
-    for row, row_skipped in _parallel(read_date, window):
+    for row, row_skipped in map(read_date, window):  # from the snapshot: no round trips left
         skipped += row_skipped
         if row.predictions is not None and row.predictions.predicted_labels:
             row.predictions.drift = tvd(row.predictions.predicted_labels, label_counts_of(row.predictions.model_version))
@@ -306,6 +330,27 @@ def _unique(items: list[Skipped]) -> list[Skipped]:
             seen.add((s.uri, s.problem))
             out.append(s)
     return out
+
+
+class RunView(BaseModel):
+    """What one DAG run left in the store: the dates it committed a dataset or predictions for,
+    the model versions it trained, and the gate's decisions it made (Airflow's per-run view)."""
+
+    pipeline: str
+    model: str
+    run_id: str
+    dates: list[DateRow]
+    models: list[ModelRow]
+    gate: list[GateRecord]
+
+
+def run_view(overview: PipelineOverview, run_id: str) -> RunView:
+    dates = [r for r in overview.dates
+             if (r.dataset and r.dataset.run_id == run_id) or (r.predictions and r.predictions.run_id == run_id)]
+    gate = [g for m in overview.models for g in m.gate if g.run_id == run_id]
+    decided = {m.version for m in overview.models for g in m.gate if g.run_id == run_id}
+    models = [m for m in overview.models if m.run_id == run_id or m.version in decided]
+    return RunView(pipeline=overview.pipeline, model=overview.model, run_id=run_id, dates=dates, models=models, gate=gate)
 
 
 def health_problems(overview: PipelineOverview) -> list[str]:

@@ -6,6 +6,7 @@
     /pipelines/{pipeline}/dates/{date}  one date's lineage: raw -> dataset -> model -> predictions
     /models/{model}/versions/{version}  one model version's lineage and artifacts
     /models/{model}/versions/{version}/files/{name}   training_curves.png, metrics.json (checksum verified)
+    /runs/{dag_id}/{run_id}             what one DAG run committed (Airflow's per-run tab opens it)
     /api/...                            the same data as JSON
 
 Every route depends on the caller-supplied ``auth`` dependency (the plugin passes Airflow's
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from twocluster import charts, layout, registry
 from twocluster.manifest import ManifestError, verify_files
-from twocluster.monitoring import PipelineOverview, health_problems, pipeline_overview
+from twocluster.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
 from twocluster.spec import PipelineSpec, load_pipeline_spec
 from twocluster.storage import ObjectStore
 
@@ -137,6 +138,31 @@ def date_lineage(o: PipelineOverview, date: dt.date) -> dict:
     }
 
 
+def render_run(v: RunView, base: str = "") -> str:
+    p = f"{base}/pipelines/{v.pipeline}"
+    dates = "".join(
+        f"<tr><td><a href='{p}/dates/{d.date}'>{d.date}</a></td>"
+        f"<td>{_chip(True, d.dataset.version) if d.dataset and d.dataset.run_id == v.run_id else ''}</td>"
+        f"<td class=num>{f'{d.dataset.accepted} / {d.dataset.rejected}' if d.dataset and d.dataset.run_id == v.run_id else ''}</td>"
+        f"<td>{_chip(True, d.predictions.version) if d.predictions and d.predictions.run_id == v.run_id else ''}</td>"
+        f"<td>{escape(d.predictions.model_version) if d.predictions and d.predictions.run_id == v.run_id else ''}</td>"
+        f"<td>{escape('; '.join(d.problems))}</td></tr>" for d in v.dates)
+    models = "".join(
+        f"<tr><td><a href='{base}/models/{v.model}/versions/{m.version}'>{m.version}</a></td><td class=num>{m.test_accuracy:.3f}</td>"
+        f"<td>{escape(', '.join(m.trained_on))}</td><td>{escape(', '.join(m.aliases))}</td></tr>" for m in v.models)
+    gate = "".join(f"<li>{escape(g.alias)}: <b>{escape(g.outcome)}</b> — {escape(g.reason)}</li>" for g in v.gate)
+    empty = ("" if v.dates or v.models else
+             "<p>This run has committed nothing in the page's window: it is still running, it found its inputs unchanged, "
+             "or its dates are outside the window.</p>")
+    return _page(f"{v.pipeline}: run {v.run_id}",
+                 f"<p><a href='{p}'>{escape(v.pipeline)}</a></p><section id='run'>{empty}"
+                 f"<h2>Dates it committed</h2><table><tr><th>date</th><th>dataset</th><th class=num>accepted / rejected</th>"
+                 f"<th>predictions</th><th>scored by</th><th>problems</th></tr>{dates}</table>"
+                 f"<h2 style='margin-top:12px'>Models it trained or gated</h2><table><tr><th>version</th><th class=num>test acc.</th>"
+                 f"<th>trained on</th><th>aliases now</th></tr>{models}</table>"
+                 f"<h2 style='margin-top:12px'>Gate decisions</h2><ul>{gate or '<li>none</li>'}</ul></section>")
+
+
 def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable[[], dict[str, PipelineSpec]], auth=None,
                base: str = ""):
     """The ops app. ``store_for`` opens a pipeline's store, ``specs`` lists the pipelines, ``auth``
@@ -180,6 +206,18 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
     def api_health(name: str) -> dict:
         problems = health_problems(overview(name))
         return {"pipeline": name, "healthy": not problems, "problems": problems}
+
+    def run_of(dag_id: str, run_id: str) -> RunView:
+        # A pipeline's DAG id is its name (plugins/pipeline_dag.py).
+        return run_view(overview(dag_id), run_id)
+
+    @app.get("/api/runs/{dag_id}/{run_id}")
+    def api_run(dag_id: str, run_id: str) -> dict:
+        return run_of(dag_id, run_id).model_dump(mode="json")
+
+    @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
+    def run_page(dag_id: str, run_id: str) -> str:
+        return render_run(run_of(dag_id, run_id), base)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:

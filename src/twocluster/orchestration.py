@@ -169,9 +169,11 @@ def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, t
     return store.uri(key)
 
 
-def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: str) -> dict:
+def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: str, run_id: str = "") -> dict:
     """Gate the model version the training run produced and publish it under ``alias`` if it
-    passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it."""
+    passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it. The
+    decision and the alias move record ``run_id`` (the DAG run that decided; default: the
+    training run), so the run's page in the UI finds them."""
     from twocluster.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
 
     committed = registry.find_version_of_run(store, spec.model.name, training_run)
@@ -179,7 +181,7 @@ def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: st
         raise CheckFailed(f"training run {training_run} committed no {spec.model.name} version")
     gate = spec.model.gate
     decision = gate_and_publish(store, spec.model.name, committed.version, alias, gate.min_test_accuracy, gate.max_regression,
-                                run_id=training_run)
+                                run_id=run_id or training_run)
     return {**decision.as_dict(), "metrics": committed.manifest.metrics.model_dump()}
 
 

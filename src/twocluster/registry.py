@@ -162,7 +162,7 @@ def find_version_of_run(store: ObjectStore, model: str, run_id: str) -> Committe
 
 def published_versions(store: ObjectStore, model: str) -> dict[str, list[str]]:
     """``{version: [aliases that ever pointed at it]}`` over every alias of the model."""
-    parent = f"models/{layout.check_name(model, 'model')}/aliases"
+    parent = layout.model_aliases_prefix(model)
     committed = VersionIndex(store, layout.model_versions_prefix(model), ModelManifest)
     found: dict[str, list[str]] = {}
     for alias in store.list_folders(parent):

@@ -56,7 +56,7 @@ class RetrainDecision:
 def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: dt.date) -> dict[str, DatasetManifest]:
     """The newest committed dataset version of each date in [first, last] that has one."""
     found: dict[str, DatasetManifest] = {}
-    parent = f"datasets/{layout.check_name(pipeline, 'pipeline')}"
+    parent = layout.datasets_prefix(pipeline)
     for folder in store.list_folders(parent):
         if not folder.startswith("date="):
             continue

@@ -505,6 +505,118 @@ class ObjectStore:
             )
 
 
+class StoreSnapshot:
+    """A read-only view of a store whose listings under ``prefixes`` come from one recursive
+    listing each, taken when the view is made (a few pages instead of one request per folder),
+    and whose reads of immutable objects come from ``immutable_cache`` when the listing shows
+    the same size and modification time.
+
+    This is how a reader that looks at hundreds of locations at once (the ops page) stays fast on
+    S3, where every request costs a round trip: list once, validate against the listing, read in
+    parallel only what it has not seen. Objects written after the listing are not seen; an object
+    removed after it reads as missing, like any listing-then-read. Listings outside ``prefixes``
+    and every other read go to the store.
+    """
+
+    _WRITES = ("write_bytes", "upload_file", "upload_stream", "put_if_absent", "promote", "copy", "delete",
+               "remove_empty_folders", "delete_prefix", "upload_many")
+
+    def __init__(self, store: ObjectStore, prefixes: Iterable[str], *, immutable_cache: dict | None = None,
+                 is_immutable=lambda key: False, readers: int = 32):
+        self.store = store
+        self.prefixes = sorted({p.strip("/") for p in prefixes})
+        if not all(self.prefixes):
+            raise StorageError("a store snapshot covers named prefixes, not the whole store")
+        self._immutable = immutable_cache if immutable_cache is not None else {}
+        self._is_immutable = is_immutable
+        self._readers = readers
+        with ThreadPoolExecutor(max(1, min(readers, len(self.prefixes)))) as pool:
+            listings = list(pool.map(lambda p: store.list(p), self.prefixes))
+        self.objects: dict[str, ObjectInfo] = {o.key: o for listing in listings for o in listing}
+        self._sorted_keys = sorted(self.objects)
+
+    def __getattr__(self, name: str):
+        if name in StoreSnapshot._WRITES:
+            raise StorageError(f"{self.store.root_uri}: a store snapshot is read-only ({name})")
+        return getattr(self.store, name)
+
+    def __repr__(self) -> str:
+        return f"StoreSnapshot({self.store.root_uri!r}, {self.prefixes})"
+
+    def _covers(self, prefix: str) -> bool:
+        prefix = prefix.strip("/")
+        return any(prefix == p or prefix.startswith(p + "/") for p in self.prefixes)
+
+    def _under(self, prefix: str) -> Iterator[ObjectInfo]:
+        import bisect
+
+        start = prefix.strip("/") + "/"
+        for key in self._sorted_keys[bisect.bisect_left(self._sorted_keys, start):]:
+            if not key.startswith(start):
+                break
+            yield self.objects[key]
+
+    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = ()) -> list[ObjectInfo]:
+        if not self._covers(prefix):
+            return self.store.list(prefix, recursive=recursive, suffixes=suffixes)
+        wanted = tuple(s.lower() for s in suffixes)
+        depth = prefix.strip("/").count("/") + 1
+        return [o for o in self._under(prefix)
+                if (recursive or o.key.count("/") == depth) and (not wanted or o.key.lower().endswith(wanted))]
+
+    def list_folders(self, prefix: str = "") -> list[str]:
+        if not self._covers(prefix):
+            return self.store.list_folders(prefix)
+        start = len(prefix.strip("/")) + 1
+        return sorted({o.key[start:].split("/", 1)[0] for o in self._under(prefix) if "/" in o.key[start:]})
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        keys = [k.strip("/") for k in keys]
+        live = [k for k in keys if not self._covers(k)]
+        return {k for k in keys if k in self.objects} | (self.store.existing(live) if live else set())
+
+    def exists(self, key: str) -> bool:
+        return key.strip("/") in self.objects if self._covers(key) else self.store.exists(key)
+
+    def size(self, key: str) -> int:
+        if not self._covers(key):
+            return self.store.size(key)
+        info = self.objects.get(key.strip("/"))
+        if info is None:
+            raise ObjectNotFound(f"{self.store.uri(key)}: no such object")
+        return info.size
+
+    def _cache_key(self, key: str) -> tuple | None:
+        info = self.objects.get(key.strip("/"))
+        if info is None or not self._is_immutable(info.key):
+            return None
+        return (self.store.root_uri, info.key, info.size, info.mtime_ns)
+
+    def read_bytes(self, key: str) -> bytes:
+        cache_key = self._cache_key(key)
+        if cache_key is not None and cache_key in self._immutable:
+            return self._immutable[cache_key]
+        data = self.store.read_bytes(key)
+        if cache_key is not None and len(data) == cache_key[2]:
+            self._immutable[cache_key] = data
+        return data
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Read ``keys`` (immutable objects in the listing) in parallel into the cache."""
+        wanted = [k for k in keys if (ck := self._cache_key(k)) is not None and ck not in self._immutable]
+        if not wanted:
+            return
+
+        def read(key: str) -> None:
+            try:
+                self.read_bytes(key)
+            except StorageError:
+                pass  # the sequential reader meets it again and reports it where it belongs
+
+        with ThreadPoolExecutor(self._readers) as pool:
+            list(pool.map(read, wanted))
+
+
 def open_store(uri: str, s3_settings: S3Settings | None = None) -> ObjectStore:
     return ObjectStore(uri, s3_settings)
 

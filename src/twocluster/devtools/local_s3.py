@@ -185,7 +185,7 @@ mon data = {d}/mon/$cluster-$id
 osd data = {d}/osd/$cluster-$id
 
 [client]
-rgw frontends = beast endpoint={self.bind}:{self.rgw_port}
+rgw frontends = beast endpoint={self.bind}:{self.rgw_port} tcp_nodelay=1
 rgw data = {d}/rgw
 """
         )
