@@ -63,7 +63,11 @@ def test_short_clips_are_padded_and_long_rejected(audio):
     short = audio.featurize_many([_wav(_tone(16000, 500.0, seconds=0.3), 16000)])
     assert short.reasons == [None] and short.features.shape == (1, 97, 40)
     long = audio.featurize_many([_wav(_tone(16000, 500.0, seconds=2.5), 16000)])
-    assert long.reasons == ["too_long"] and "2.5s is longer than the 2.0s allowed" in long.details[0]
+    assert long.reasons == ["too_long"] and "more than the 2.0s allowed" in long.details[0]
+    from twocluster.spec import AudioInputs
+
+    checked = audio.featurize_many([_wav(_tone(16000, 500.0, seconds=2.5), 16000)], ["yes/long.wav"], AudioInputs())
+    assert checked.reasons == ["too_long"] and "2.5s (from the header)" in checked.details[0]
 
 
 def test_batch_equals_one_by_one(audio):

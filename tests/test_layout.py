@@ -34,3 +34,47 @@ def test_layout_matches_the_design():
 def test_version_ids_are_unique_within_a_second():
     now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
     assert len({layout.new_version_id(now) for _ in range(200)}) == 200
+
+
+@pytest.mark.parametrize("bad", ["production\n", "prod\x00", "ｐｒｏｄ", "prod/../x", ""])
+def test_names_are_matched_whole_on_ascii(bad):
+    """Issue 14, item 3: ``re.match`` with ``$`` let "production\\n" through, ``\\d`` full-width
+    digits."""
+    with pytest.raises(layout.LayoutError):
+        layout.check_name(bad)
+
+
+@pytest.mark.parametrize("bad", ["20261122T013000Z-1a2b3c4d\n", "２０２６１１２２T013000Z-1a2b3c4d", "20261122T013000Z-1A2B3C4D"])
+def test_versions_are_matched_whole_on_ascii(bad):
+    with pytest.raises(layout.LayoutError):
+        layout.check_version(bad)
+    assert layout.version_from_folder("v=" + bad) is None
+
+
+@pytest.mark.parametrize("bad", ["2026-11-22\n", "２０２６-11-22", "2026-1-22"])
+def test_dates_are_matched_whole_on_ascii(bad):
+    with pytest.raises(layout.LayoutError):
+        layout.check_date(bad)
+
+
+def test_run_ids_that_differ_anywhere_get_different_keys():
+    from twocluster.orchestration import training_run_id
+
+    long_a, long_b = "manual__" + "x" * 130 + "a", "manual__" + "x" * 130 + "b"
+    assert training_run_id("p", "2026-11-20", long_a) != training_run_id("p", "2026-11-20", long_b)
+    assert all(len(training_run_id("p", "2026-11-20", r)) <= 128 for r in (long_a, long_b))
+    # Replaced characters cannot make two ids collide either.
+    assert training_run_id("p", "2026-11-20", "a b") != training_run_id("p", "2026-11-20", "a/b")
+    assert layout.run_key("r:1+0") != layout.run_key("r_1_0") != layout.run_key("r+1:0")
+    # Ordinary ids stay readable and unchanged.
+    assert training_run_id("p", "2026-11-20", "scheduled__2026-11-20T00:00:00+00:00") == "p.2026-11-20.scheduled__2026-11-20T00:00:00+00:00"
+    assert layout.run_key("ui-train") == "ui-train"
+
+
+@pytest.mark.parametrize("key", ["a//b", "a/\nb", "a/b\x00", "a/./b"])
+def test_store_keys_with_control_characters_or_empty_segments_are_refused(tmp_path, key):
+    from twocluster.storage import ObjectStore, StorageError
+
+    store = ObjectStore(tmp_path.as_uri())
+    with pytest.raises(StorageError):
+        store.write_bytes(key, b"x")

@@ -115,7 +115,7 @@ def test_manifest_records_feature_spec_and_lineage(committed, speech_spec):
     assert manifest.lineage.run_id == "test-run"
     assert manifest.lineage.inputs[0].endswith("raw/speech_commands/date=2026-11-18")
     assert manifest.lineage.input_fingerprint.startswith("sha256:")
-    assert manifest.ignored_files == 1  # the _ARRIVED.json marker
+    assert manifest.ignored_files == 0 and manifest.ignored_by_reason == {}  # the _ARRIVED.json marker is not a file to ignore
     assert {"list", "featurize", "write"} <= set(manifest.seconds)
 
 

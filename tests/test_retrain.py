@@ -140,7 +140,7 @@ def test_run_params_resolve_to_the_run_settings(file_store, speech_spec):
     with pytest.raises(RunParamsError, match="no data interval"):
         resolve_run(speech_spec, file_store, {}, None)
     assert training_run_id("p", "2026-11-20", "manual__2026-11-22T10:46:53.78+00:00") == "p.2026-11-20.manual__2026-11-22T10:46:53.78+00:00"
-    assert training_run_id("p", "2026-11-20", "my run/../x") == "p.2026-11-20.my-run-..-x"
+    assert training_run_id("p", "2026-11-20", "my run/../x").startswith("p.2026-11-20.my-run-..-x-")
 
 
 def test_check_dataset_enforces_presence_examples_and_reject_rate(file_store, speech_spec):

@@ -45,7 +45,7 @@ class Resources(BaseModel):
 class TrainingJobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+    run_id: str = Field(pattern=layout.RUN_ID_PATTERN)
     pipeline: StoreName
     datasets: list[str] = Field(min_length=1, description="dataset manifest URIs (file:// or s3://)")
     train_split: str = "train"

@@ -20,6 +20,7 @@ An *output location* is a folder of versions (a dataset date, a predictions date
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import secrets
 
@@ -28,15 +29,20 @@ VERSION_FOLDER_PREFIX = "v="
 LOG_FOLDER = "_log"
 STAGING_FOLDER = "_staging"
 INFLIGHT_FOLDER = "_inflight"
+ARRIVED_MARKER = "_ARRIVED.json"  # written last by an arrival, in the raw date folder
 LOG_SEQ_DIGITS = 20  # as Delta Lake's _delta_log: names sort in commit order
 
 # Also the JSON-schema patterns of the DAGs' params, so the UI refuses what the layout would.
+# ASCII classes only ("\d" also matches full-width and other Unicode digits), and matched whole
+# (Python's "$" also matches before a trailing newline: "production\n" would pass re.match).
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 # Sortable by time, unique across concurrent writers: 20261122T013000Z-1a2b3c4d
-VERSION_PATTERN = r"^\d{8}T\d{6}Z-[0-9a-f]{8}$"
-_NAME_RE = re.compile(NAME_PATTERN)
-_VERSION_RE = re.compile(VERSION_PATTERN)
+VERSION_PATTERN = r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$"
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$"
+_NAME_RE = re.compile(NAME_PATTERN, re.ASCII)
+_VERSION_RE = re.compile(VERSION_PATTERN, re.ASCII)
+_DATE_RE = re.compile(DATE_PATTERN, re.ASCII)
 
 
 class LayoutError(ValueError):
@@ -44,7 +50,7 @@ class LayoutError(ValueError):
 
 
 def check_name(value: str, what: str = "name") -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise LayoutError(
             f"{what} {value!r} is not allowed: use 1-64 lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit"
@@ -58,7 +64,7 @@ def check_date(value: str | dt.date, what: str = "date") -> str:
     if isinstance(value, dt.date):
         return value.isoformat()
     try:
-        if not re.fullmatch(DATE_PATTERN, value):
+        if not _DATE_RE.fullmatch(value):
             raise ValueError
         return dt.date.fromisoformat(value).isoformat()
     except (TypeError, ValueError):
@@ -66,7 +72,7 @@ def check_date(value: str | dt.date, what: str = "date") -> str:
 
 
 def check_version(value: str, what: str = "version") -> str:
-    if not isinstance(value, str) or not _VERSION_RE.match(value):
+    if not isinstance(value, str) or not _VERSION_RE.fullmatch(value):
         raise LayoutError(f"{what} {value!r} is not a version id like 20261122T013000Z-1a2b3c4d")
     return value
 
@@ -87,7 +93,7 @@ def version_from_folder(folder: str) -> str | None:
     if not folder.startswith(VERSION_FOLDER_PREFIX):
         return None
     candidate = folder[len(VERSION_FOLDER_PREFIX) :]
-    return candidate if _VERSION_RE.match(candidate) else None
+    return candidate if _VERSION_RE.fullmatch(candidate) else None
 
 
 # -- raw arrivals --------------------------------------------------------------------------------
@@ -195,19 +201,32 @@ def inflight_key(location: str, version: str) -> str:
     return f"{location.rstrip('/')}/{INFLIGHT_FOLDER}/{check_version(version)}.json"
 
 
-_DATED_VERSION = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/v=([^/]+)/")
+_DATED_VERSION = re.compile(r"/date=([0-9]{4}-[0-9]{2}-[0-9]{2})/v=([^/]+)/")
 
 
 def dated_version(uri: str) -> tuple[str, str] | None:
     """``(date, version)`` of a key or URI inside a ``date=<date>/v=<version>/`` folder (a dataset
     or predictions manifest URI in a lineage), or None."""
     match = _DATED_VERSION.search(uri)
-    return match.groups() if match and _VERSION_RE.match(match.group(2)) else None
+    return match.groups() if match and _VERSION_RE.fullmatch(match.group(2)) else None
+
+
+def safe_id(raw: str, *, limit: int = 128, allowed: str = r"A-Za-z0-9_.:+-") -> str:
+    """``raw`` as an id of at most ``limit`` characters from ``allowed``, injective: when
+    characters had to be replaced or the id cut, a digest of the whole original is appended, so two
+    ids that differ anywhere (after the 128th character, or only in a replaced character) never
+    map to the same result."""
+    cleaned = re.sub(f"[^{allowed}]", "-", raw)
+    if cleaned == raw and len(raw) <= limit and raw[:1].isalnum():
+        return raw
+    head = cleaned if cleaned[:1].isalnum() else "x" + cleaned
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{head[: limit - len(digest) - 1]}-{digest}"
 
 
 def run_key(run_id: str) -> str:
     """A training run id as one key segment (checkpoints and job specs are stored under it)."""
-    return run_id.replace(":", "_").replace("+", "_")
+    return safe_id(run_id, allowed=r"A-Za-z0-9_.-")
 
 
 def model_gate_prefix(model: str) -> str:

@@ -151,6 +151,7 @@ class DatasetManifest(_ManifestBase):
     counts: Counts
     feature_spec: FeatureSpec
     ignored_files: int = Field(0, ge=0)
+    ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
 
     def tfrecord_files(self, splits: Iterable[str] | None = None) -> list[ManifestFile]:
         wanted = None if splits is None else set(splits)
@@ -198,6 +199,7 @@ class PredictionsManifest(_ManifestBase):
     model_loads: int = Field(0, ge=0)
     python_workers: int = Field(0, ge=0)
     ignored_files: int = Field(0, ge=0)
+    ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
     summary: PredictionSummary | None = None
 
 

@@ -30,7 +30,6 @@ from twocluster.manifest import (
 from twocluster.spec import PipelineSpec
 from twocluster.storage import ObjectStore, StoreSnapshot
 
-ARRIVED_MARKER = "_ARRIVED.json"
 _READERS = 32
 
 
@@ -200,8 +199,8 @@ def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
 
 def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
     objects = store.list(layout.raw_date_prefix(pipeline, date))
-    marker = any(o.key.endswith("/" + ARRIVED_MARKER) for o in objects)
-    data = [o for o in objects if not o.key.endswith("/" + ARRIVED_MARKER)]
+    marker = any(o.key.endswith("/" + layout.ARRIVED_MARKER) for o in objects)
+    data = [o for o in objects if not o.key.endswith("/" + layout.ARRIVED_MARKER)]
     return Raw(files=len(data), bytes=sum(o.size for o in data), complete=marker)
 
 

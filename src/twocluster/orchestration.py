@@ -11,7 +11,6 @@ are no-ops or create-only on a rerun.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -144,8 +143,7 @@ def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_
 
 def training_run_id(pipeline: str, date: str, airflow_run_id: str) -> str:
     """One training run per DAG run (a retried or cleared train task resumes this run)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.:+-]", "-", airflow_run_id)
-    return f"{pipeline}.{date}.{cleaned}"[:128]
+    return layout.safe_id(f"{pipeline}.{date}.{airflow_run_id}")
 
 
 def training_job(spec: PipelineSpec, training_run: str, datasets: list[str], store_uri: str, gpus: int = 0) -> TrainingJobSpec:

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import posixpath
+import re
+import unicodedata
 import time
 import uuid
 from collections import Counter
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twocluster import layout, splits
-from twocluster.features import UNKNOWN_LABEL, Featurizer, featurizer_for
+from twocluster.features import BAD_NAME, TOO_LARGE, UNKNOWN_LABEL, Featurizer, featurizer_for
 from twocluster.featurespec import TensorSpec, TFRecordSpec
 from twocluster.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
 from twocluster.spec import PipelineSpec
@@ -47,7 +49,10 @@ UNREADABLE = "unreadable"  # listed, but could not be fetched
 DATASET_CODE = ("featurizer", "preprocess")  # the code components a dataset's fingerprint covers
 _FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
 
-INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split"]
+# ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
+# never read.
+INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split", "reject"]
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 FEATURIZED_SCHEMA = "features array<float>, reason string, detail string"
 WRITTEN_SCHEMA = "kind string, split string, path string, staged string, bytes long, checksum string, rows long"
 
@@ -68,7 +73,7 @@ class PreprocessResult:
     version: str
     manifest_uri: str
     counts: dict
-    ignored: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)  # files that are not inputs, by reason
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
 
@@ -79,24 +84,43 @@ class PreprocessResult:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> tuple[pd.DataFrame, int, str]:
+def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> tuple[pd.DataFrame, dict[str, int], str]:
     """List one date's raw inputs on the driver (one recursive listing, no data read).
 
-    Returns (inputs, number of files ignored by the spec's patterns, input fingerprint). Each
-    input gets its label from its parent folder (``None`` for an unknown folder), its source id
-    and its split."""
+    Returns (inputs, files ignored by reason, input fingerprint). Ignored, never read: names the
+    spec's patterns do not match (``pattern``), hidden files and anything under a hidden folder
+    (``hidden``: ``.DS_Store``, ``._clip.wav`` resource forks, editors' temp files), the arrival
+    marker, and symbolic links (``symlink``: never followed, on a local store). Each input gets its
+    label from its parent folder (``None`` for an unknown folder), its source id, its split, and a
+    ``reject`` reason where the listing alone condemns it (``too_large``, ``bad_name``)."""
     prefix = layout.raw_date_prefix(spec.name, date)
     patterns = [p.lower() for p in spec.inputs.patterns]
-    rows, ignored, fingerprint = [], 0, hashlib.sha256()
+    rows, ignored, fingerprint = [], Counter(), hashlib.sha256()
     vocabulary = {label: i for i, label in enumerate(spec.labels.vocabulary)}
-    for obj in store.list(prefix):
+    listing = store.listing(prefix)
+    ignored["symlink"] += len(listing.links)
+    for obj in listing.objects:
         rel = obj.key[len(prefix) + 1 :]
         name = posixpath.basename(rel)
-        if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
-            ignored += 1
+        if rel == layout.ARRIVED_MARKER:
             continue
+        if any(part.startswith(".") for part in rel.split("/")):
+            ignored["hidden"] += 1
+            continue
+        if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
+            ignored["pattern"] += 1
+            continue
+        # Identities derived from the name (label folder, speaker, split) use its NFC form: the
+        # same clip uploaded from macOS (NFD names) and from Linux lands in the same split. The
+        # key itself stays as listed: it is what reads the object.
+        rel = unicodedata.normalize("NFC", rel)
         folder = posixpath.basename(posixpath.dirname(rel))
         label = spec.labels.label_for_folder(folder)
+        reject = ""
+        if _CONTROL_CHARACTERS.search(rel):
+            reject = BAD_NAME
+        elif obj.size > spec.inputs.max_bytes:
+            reject = TOO_LARGE
         rows.append(
             {
                 "key": obj.key,
@@ -107,6 +131,7 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
                 "label_id": vocabulary[label] if label is not None else -1,
                 "source_id": splits.source_id(rel),
                 "split": splits.split_for_path(rel, spec.splits.validation_percent, spec.splits.testing_percent),
+                "reject": reject,
             }
         )
         fingerprint.update(f"{rel}\0{obj.size}\0{obj.mtime_ns}\n".encode())
@@ -118,7 +143,7 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     for component in DATASET_CODE:
         fingerprint.update(f"{component}={code_hashes()[component]}\n".encode())
     inputs = pd.DataFrame(rows, columns=INPUT_COLUMNS).astype({"size": "int64", "label_id": "int32"})
-    return inputs, ignored, "sha256:" + fingerprint.hexdigest()
+    return inputs, dict(sorted(ignored.items())), "sha256:" + fingerprint.hexdigest()
 
 
 @lru_cache(maxsize=4)
@@ -143,10 +168,12 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
     from pyspark.sql.functions import pandas_udf
 
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
+    input_limits = spec.inputs
     root_uri, s3_settings = store.root_uri, store.s3_settings
+    max_bytes = spec.inputs.max_bytes
 
     @pandas_udf(FEATURIZED_SCHEMA)
-    def featurize_udf(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+    def featurize_udf(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         featurizer = _worker_featurizer(featurizer_json, kind)
         worker_store = ObjectStore(root_uri, s3_settings)
 
@@ -157,15 +184,22 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
                 return e
 
         with ThreadPoolExecutor(_FETCH_THREADS) as pool:
-            for keys, labels, folders in batches:
+            for keys, labels, folders, sizes, prechecked in batches:
                 known = labels.notna().to_numpy() if require_label else np.ones(len(keys), dtype=bool)
-                fetched = list(pool.map(fetch, keys[known]))
+                # Condemned by the listing (too large, bad name): never read.
+                listed_ok = (prechecked.to_numpy() == "") & (sizes.to_numpy() <= max_bytes)
+                wanted = known & listed_ok
+                fetched = list(pool.map(fetch, keys[wanted]))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
-                batch = featurizer.featurize_many(blobs)
+                batch = featurizer.featurize_many(blobs, list(keys[wanted]), input_limits)
                 features = [None] * len(keys)
                 reasons: list[str | None] = [None] * len(keys)
                 details = [""] * len(keys)
-                for j, i in enumerate(np.flatnonzero(known)):
+                for i in np.flatnonzero(known & ~listed_ok):
+                    reasons[i] = prechecked.iloc[i] or TOO_LARGE
+                    details[i] = (f"{sizes.iloc[i]} bytes in the listing; the spec allows {max_bytes}" if reasons[i] == TOO_LARGE
+                                  else "the name holds control characters")
+                for j, i in enumerate(np.flatnonzero(wanted)):
                     if isinstance(fetched[j], StorageError):
                         reasons[i], details[i] = UNREADABLE, str(fetched[j])
                     elif batch.reasons[j] is not None:
@@ -177,7 +211,7 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
                     details[i] = f"folder {folders.iloc[i]!r} is not a keyword, an unknown word or a silence folder"
                 yield pd.DataFrame({"features": features, "reason": reasons, "detail": details})
 
-    return inputs.withColumn("_f", featurize_udf("key", "label", "folder")).select(
+    return inputs.withColumn("_f", featurize_udf("key", "label", "folder", "size", "reject")).select(
         *inputs.columns, F.col("_f.features"), F.col("_f.reason"), F.col("_f.detail")
     )
 
@@ -346,7 +380,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
     version_prefix = layout.dataset_version_prefix(spec.name, date, version)
     staging = layout.staging_prefix(date_prefix, version)
     featurizer = featurizer_for(spec.featurizer)
-    log.info("date %s: %d inputs (%d ignored by patterns %s) -> %s", date, len(inputs), ignored,
+    log.info("date %s: %d inputs (not inputs: %s; patterns %s) -> %s", date, len(inputs), ignored or "none",
              spec.inputs.patterns, store.uri(version_prefix))
 
     files: list[ManifestFile] = []
@@ -417,7 +451,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         ),
         pipeline=spec.name,
         date=date,
-        ignored_files=ignored,
+        ignored_files=sum(ignored.values()), ignored_by_reason=ignored,
         seconds={k: round(v, 3) for k, v in timings.items()},
     )
     manifest_uri = commit_version(store, date_prefix, manifest)

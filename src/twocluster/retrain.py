@@ -34,7 +34,7 @@ from twocluster.storage import ObjectStore
 
 RetrainMode = Literal["auto", "force", "never"]
 
-_DATE_IN_KEY = re.compile(r"/date=(\d{4}-\d{2}-\d{2})/")
+_DATE_IN_KEY = re.compile(r"/date=([0-9]{4}-[0-9]{2}-[0-9]{2})/")
 
 
 @dataclass

@@ -52,7 +52,7 @@ from twocluster.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 ESPEAK_RATE = 22050
-ARRIVED_MARKER = "_ARRIVED.json"
+ARRIVED_MARKER = layout.ARRIVED_MARKER
 BAD_KINDS = ("empty", "truncated", "not_audio", "image_in_audio", "unknown_label", "too_long")
 NOISE_KINDS = ("white", "pink", "brown", "hum", "babble")
 

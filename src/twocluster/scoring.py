@@ -326,7 +326,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             input_fingerprint=fingerprint,
         ),
         pipeline=spec.name, date=date, model=model, model_version=version,
-        model_loads=loads, python_workers=workers, ignored_files=ignored, summary=summary,
+        model_loads=loads, python_workers=workers, ignored_files=sum(ignored.values()), ignored_by_reason=ignored, summary=summary,
         seconds={"total": round(time.perf_counter() - started, 3)},
     )
     uri = commit_version(store, date_prefix, manifest)

@@ -36,13 +36,30 @@ class _Strict(BaseModel):
 
 
 class AudioInputs(_Strict):
+    """Which raw files are inputs, and the limits checked before any is decoded: the size from
+    the listing (no read), then the container, sample rate, channels and duration from the header
+    (``soundfile.info``, no decode). Each limit has its own reject reason."""
+
     kind: Literal["audio"] = "audio"
     patterns: list[str] = Field(default_factory=lambda: ["*.wav"], min_length=1)
+    # Containers as libsndfile names them; a file must also be the container its extension says.
+    formats: list[Literal["WAV", "WAVEX", "FLAC", "OGG", "AIFF", "MP3"]] = Field(
+        default_factory=lambda: ["WAV", "WAVEX"], min_length=1)
+    max_bytes: int = Field(8 << 20, gt=0)
+    min_sample_rate: int = Field(4_000, gt=0)
+    max_sample_rate: int = Field(192_000, gt=0)
+    max_channels: int = Field(8, gt=0)
 
 
 class ImageInputs(_Strict):
+    """As :class:`AudioInputs`: size from the listing, container and pixel count from the header
+    (the featurizer's ``max_source_pixels``) before pixels are decoded."""
+
     kind: Literal["image"] = "image"
     patterns: list[str] = Field(default_factory=lambda: ["*.png", "*.jpg", "*.jpeg"], min_length=1)
+    formats: list[Literal["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]] = Field(
+        default_factory=lambda: ["PNG", "JPEG"], min_length=1)
+    max_bytes: int = Field(32 << 20, gt=0)
 
 
 class Labels(_Strict):

@@ -95,6 +95,12 @@ class ObjectInfo:
     mtime_ns: int | None = None  # last modification (S3: LastModified)
 
 
+@dataclass(frozen=True)
+class Listing:
+    objects: list[ObjectInfo]
+    links: list[str]  # keys of symbolic links skipped (local stores only)
+
+
 def _prepare_s3_sdk_environment(settings: S3Settings) -> None:
     # Newer AWS SDKs add request checksums that many S3-compatible servers reject (Ceph RGW
     # answers HTTP 411 to UploadPart). "when_required" is the SDKs' previous behaviour and is
@@ -210,8 +216,10 @@ class ObjectStore:
 
     def _path(self, key: str) -> str:
         key = key.strip("/")
-        if any(part in ("..", ".") for part in key.split("/")):
-            raise StorageError(f"{key!r}: keys may not contain '.' or '..' segments")
+        if key and any(part in ("..", ".", "") for part in key.split("/")):
+            raise StorageError(f"{key!r}: keys may not contain '.', '..' or empty ('//') segments")
+        if any(c < " " or c == "\x7f" for c in key):
+            raise StorageError(f"{key!r}: keys may not contain control characters (newline, NUL, ...)")
         return join_key(self._base, key) if self.scheme == "s3" else os.path.join(self._base, key)
 
     # pyarrow's streams default to compression="detect", which would silently (de)compress any
@@ -255,37 +263,70 @@ class ObjectStore:
 
     def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = ()) -> list[ObjectInfo]:
         """Objects (not folders) under ``prefix``, sorted by key. ``suffixes`` filters by
-        case-insensitive name ending (e.g. ``(".wav",)``)."""
+        case-insensitive name ending (e.g. ``(".wav",)``). Symbolic links are never listed."""
         wanted = tuple(s.lower() for s in suffixes)
-        infos = self._file_infos(prefix, recursive)
+        return [o for o in self.listing(prefix, recursive=recursive).objects if not wanted or o.key.lower().endswith(wanted)]
+
+    def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
+        """The objects under ``prefix``, sorted by key, and (on a local store) the symbolic links
+        met on the way, which are skipped, never followed: a link can point out of the store
+        (a file that is not the store's to read), into a loop (``loop -> ../..`` would list the
+        tree again and again), or at another label's folder (``no -> yes`` would relabel it)."""
+        if self.scheme == "file":
+            return self._local_listing(prefix, recursive)
         root_len = len(self._base.rstrip("/")) + 1
-        found = [
-            ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
-            for info in infos
-            if info.type == pafs.FileType.File and (not wanted or info.path.lower().endswith(wanted))
-        ]
-        return sorted(found, key=lambda o: o.key)
+        found = [ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
+                 for info in self._file_infos(prefix, recursive) if info.type == pafs.FileType.File]
+        return Listing(sorted(found, key=lambda o: o.key), [])
+
+    def _local_listing(self, prefix: str, recursive: bool) -> Listing:
+        top = self._path(prefix)
+        root_len = len(self._base.rstrip("/")) + 1
+        files: list[ObjectInfo] = []
+        links: list[str] = []
+        # The prefix itself must not lead out of the store through a link either.
+        real_base = os.path.realpath(self._base)
+        if os.path.lexists(top) and os.path.commonpath([os.path.realpath(top), real_base]) != real_base:
+            return Listing([], [top[root_len:]])
+        folders = [top]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed meanwhile, or the prefix names a file
+            for entry in entries:
+                try:
+                    if entry.is_symlink():
+                        links.append(entry.path[root_len:])
+                    elif entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        files.append(ObjectInfo(key=entry.path[root_len:], size=st.st_size, mtime_ns=st.st_mtime_ns))
+                except FileNotFoundError:
+                    continue  # a writer's temp file renamed away mid-listing: a moment's race, not a state
+        return Listing(sorted(files, key=lambda o: o.key), sorted(links))
 
     def list_folders(self, prefix: str = "") -> list[str]:
-        """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3)."""
+        """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3; local
+        links to folders are not folders of the store)."""
+        if self.scheme == "file":
+            try:
+                return sorted(e.name for e in os.scandir(self._path(prefix)) if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
         infos = self._file_infos(prefix, recursive=False)
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
 
     def _file_infos(self, prefix: str, recursive: bool) -> list[pafs.FileInfo]:
-        """pyarrow's listing. Locally it stats every entry it read, so a file another writer
-        renames or removes in between (a create-only commit's temp file) fails the whole listing:
-        list again (it is a moment's race, not a state)."""
+        """pyarrow's listing of an S3 prefix (paged by the SDK)."""
         selector = pafs.FileSelector(self._path(prefix), recursive=recursive, allow_not_found=True)
-        for attempt in range(20):
-            try:
-                return self.fs.get_file_info(selector)
-            except FileNotFoundError as e:
-                if self.scheme != "file" or attempt == 19:
-                    raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
-                time.sleep(0.005 * (attempt + 1))
-            except OSError as e:
-                raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
-        raise AssertionError("unreachable")
+        try:
+            return self.fs.get_file_info(selector)
+        except OSError as e:
+            raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
 
     def existing(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` exist, in one batched call."""
@@ -563,6 +604,11 @@ class StoreSnapshot:
         depth = prefix.strip("/").count("/") + 1
         return [o for o in self._under(prefix)
                 if (recursive or o.key.count("/") == depth) and (not wanted or o.key.lower().endswith(wanted))]
+
+    def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
+        if not self._covers(prefix):
+            return self.store.listing(prefix, recursive=recursive)
+        return Listing(self.list(prefix, recursive=recursive), [])
 
     def list_folders(self, prefix: str = "") -> list[str]:
         if not self._covers(prefix):

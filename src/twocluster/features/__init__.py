@@ -22,6 +22,9 @@ from twocluster.version import code_hashes
 EMPTY = "empty"
 UNDECODABLE = "undecodable"
 UNKNOWN_LABEL = "unknown_label"
+TOO_LARGE = "too_large"  # bytes (from the listing: never read) or pixels (from the header)
+WRONG_FORMAT = "wrong_format"  # a container the spec does not allow, or not the one the name says
+BAD_NAME = "bad_name"  # control characters in the object's name
 
 
 class FeaturizeError(ValueError):
@@ -49,6 +52,10 @@ class Featurizer:
     shape: tuple[int, ...]  # of one featurized input
     decoded_shape: tuple[int, ...]  # of one decoded input
 
+    def check_header(self, data: bytes, name: str, inputs) -> None:
+        """Raise :class:`FeaturizeError` if the input breaks the spec's ``inputs`` limits, judged
+        from its header alone (nothing decoded yet: this is what bounds a task's memory)."""
+
     def decode(self, data: bytes) -> np.ndarray:
         raise NotImplementedError
 
@@ -68,10 +75,14 @@ class Featurizer:
             tfrecord=tfrecord,
         )
 
-    def featurize_one(self, data: bytes) -> np.ndarray:
+    def featurize_one(self, data: bytes, name: str = "", inputs=None) -> np.ndarray:
+        if inputs is not None:
+            self.check_header(data, name, inputs)
         return self.transform(self.decode(data)[None, ...])[0]
 
-    def featurize_many(self, blobs: Sequence[bytes | None]) -> FeaturizedBatch:
+    def featurize_many(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None, inputs=None) -> FeaturizedBatch:
+        """Featurize a batch; with ``inputs`` (the spec's inputs section) each blob's header is
+        checked against its limits, and against its ``names`` entry, before it is decoded."""
         decoded = np.zeros((len(blobs), *self.decoded_shape), dtype=np.float32)
         reasons: list[str | None] = []
         details: list[str] = []
@@ -79,6 +90,8 @@ class Featurizer:
             try:
                 if not data:
                     raise FeaturizeError(EMPTY, "zero bytes")
+                if inputs is not None:
+                    self.check_header(bytes(data), names[i] if names is not None else "", inputs)
                 decoded[i] = self.decode(bytes(data))
                 reasons.append(None)
                 details.append("")
@@ -86,6 +99,10 @@ class Featurizer:
                 reasons.append(e.reason)
                 details.append(e.detail)
         return FeaturizedBatch(self.transform(decoded), reasons, details)
+
+
+def extension_of(name: str) -> str:
+    return name.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in name.rsplit("/", 1)[-1] else ""
 
 
 def featurizer_for(spec: LogMelFeaturizerSpec | ImageFeaturizerSpec) -> Featurizer:

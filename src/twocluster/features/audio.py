@@ -8,12 +8,20 @@ import io
 import numpy as np
 import soundfile as sf
 
-from twocluster.features import UNDECODABLE, FeaturizeError, Featurizer
+from twocluster.features import UNDECODABLE, WRONG_FORMAT, FeaturizeError, Featurizer, extension_of
+from twocluster.spec import AudioInputs
 from twocluster.spec import LogMelFeaturizer as LogMelSpec
 
 TRUNCATED = "truncated"
 NOT_AUDIO = "not_audio"
 TOO_LONG = "too_long"
+BAD_SAMPLE_RATE = "bad_sample_rate"
+BAD_CHANNELS = "bad_channels"
+
+# The containers a file name's extension promises (libsndfile detects the container from the
+# content, so a FLAC named .wav would otherwise decode as FLAC).
+_CONTAINERS_BY_EXTENSION = {"wav": {"WAV", "WAVEX", "RF64"}, "wave": {"WAV", "WAVEX", "RF64"}, "flac": {"FLAC"},
+                            "ogg": {"OGG"}, "oga": {"OGG"}, "aif": {"AIFF"}, "aiff": {"AIFF"}, "mp3": {"MP3"}}
 
 # Magic numbers of files that turn up where audio belongs.
 _NON_AUDIO_MAGIC = {
@@ -54,20 +62,51 @@ class LogMelFeaturizer(Featurizer):
         ).astype(np.float32)
 
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Mono float32 at the spec's sample rate, exactly one clip long."""
+    def check_header(self, data: bytes, name: str, inputs: AudioInputs) -> None:
         _check_container(data)
         try:
-            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            info = sf.info(io.BytesIO(data))
+        except sf.LibsndfileError as e:
+            raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e.error_string})") from None
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e})") from None
+        promised = _CONTAINERS_BY_EXTENSION.get(extension_of(name))
+        if info.format not in inputs.formats:
+            raise FeaturizeError(WRONG_FORMAT, f"a {info.format} file; the spec allows {', '.join(inputs.formats)}")
+        if promised is not None and info.format not in promised:
+            raise FeaturizeError(WRONG_FORMAT, f"a {info.format} file named .{extension_of(name)}")
+        if not inputs.min_sample_rate <= info.samplerate <= inputs.max_sample_rate:
+            raise FeaturizeError(BAD_SAMPLE_RATE, f"{info.samplerate} Hz in the header; the spec allows "
+                                                  f"{inputs.min_sample_rate}-{inputs.max_sample_rate} Hz")
+        if not 1 <= info.channels <= inputs.max_channels:
+            raise FeaturizeError(BAD_CHANNELS, f"{info.channels} channels; the spec allows 1-{inputs.max_channels}")
+        seconds = info.frames / info.samplerate
+        if seconds > self.spec.max_source_seconds:
+            raise FeaturizeError(TOO_LONG, f"{seconds:.1f}s (from the header) is longer than the "
+                                           f"{self.spec.max_source_seconds}s allowed")
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Mono float32 at the spec's sample rate, exactly one clip long. Callers check the
+        header first (:meth:`check_header`); the decoder reads at most the allowed duration, so
+        a header that understates the length cannot make it allocate more."""
+        _check_container(data)
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                rate = f.samplerate
+                if not 0 < rate <= 1_000_000:
+                    raise FeaturizeError(BAD_SAMPLE_RATE, f"{rate} Hz in the header")
+                limit = int(self.spec.max_source_seconds * rate) + 1
+                audio = f.read(limit, dtype="float32", always_2d=True)
+        except FeaturizeError:
+            raise
         except sf.LibsndfileError as e:
             raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e.error_string})") from None
         except (RuntimeError, TypeError, ValueError) as e:
             raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e})") from None
         if audio.size == 0:
             raise FeaturizeError(UNDECODABLE, "the audio has no samples")
-        seconds = audio.shape[0] / rate
-        if seconds > self.spec.max_source_seconds:
-            raise FeaturizeError(TOO_LONG, f"{seconds:.1f}s is longer than the {self.spec.max_source_seconds}s allowed")
+        if audio.shape[0] >= limit:
+            raise FeaturizeError(TOO_LONG, f"more than the {self.spec.max_source_seconds}s allowed")
         mono = audio.mean(axis=1)
         if rate != self.spec.sample_rate:
             import librosa
