@@ -127,11 +127,26 @@ class PipelineSparkSubmitOperator(SparkSubmitOperator):
         from twocluster.packaging import package_zip
 
         self.py_files = str(package_zip(cache))
-        # The Spark driver writes datasets and predictions: it gets the Spark side's credentials
-        # where the deployment separates them.
-        settings = _store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
-        self.env_vars = {**(self.env_vars or {}), **(settings.as_env() if settings else {})}
+        self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
         return super().execute(context)
+
+    def driver_environment(self) -> dict[str, str]:
+        """What the Spark driver is told about the store. The driver writes datasets and
+        predictions with the Spark side's credentials (its connection, where the deployment
+        separates identities) only where they reach it as spark-submit's process environment (a
+        local or standalone client-mode driver). On YARN and Kubernetes the provider would turn
+        them into ``--conf spark.yarn.appMasterEnv.*`` / ``spark.kubernetes.driverEnv.*`` on the
+        command line (visible in ``ps``, logs and the Spark UI): there the driver and executors
+        use their own identity (instance profile, IRSA, a Kubernetes secret) and get only the
+        endpoint and region. Executors never get credentials from here (storage.ObjectStore
+        pickles without them)."""
+        settings = _store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
+        if settings is None:
+            return {}
+        hook = self._get_hook()
+        if hook._is_yarn or hook._is_kubernetes:
+            return settings.without_credentials().as_env()
+        return settings.as_env()
 
 
 def _spark_args(spec_path: Path, run: dict, job: str) -> list[str]:

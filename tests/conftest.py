@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import uuid
 from pathlib import Path
 
@@ -12,13 +14,20 @@ from twocluster.spec import PipelineSpec, default_spec_path, load_pipeline_spec
 from twocluster.storage import ObjectStore
 
 TEST_BUCKET = "twocluster-tests"
+# The test RGW's keys, chosen before anything starts: Spark executors never receive credentials
+# from the driver (issue 14, item 5), they read their own environment, which a local Spark's
+# Python workers inherit from the test process that launched the JVM.
+RGW_KEYS = ("LOCALRGW" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30))
+os.environ.setdefault("AWS_ACCESS_KEY_ID", RGW_KEYS[0])
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", RGW_KEYS[1])
 
 
 @pytest.fixture(scope="session")
 def rgw(tmp_path_factory: pytest.TempPathFactory):
     """One Ceph RGW for the whole session, stopped at the end. Not skipped when Ceph is
     missing: `make test` installs it, and a silently skipped S3 suite would hide breakage."""
-    with LocalRGW(tmp_path_factory.mktemp("rgw")) as server:
+    with LocalRGW(tmp_path_factory.mktemp("rgw"), access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                  secret_key=os.environ["AWS_SECRET_ACCESS_KEY"]) as server:
         server.create_bucket(TEST_BUCKET)
         yield server
 

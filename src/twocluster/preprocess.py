@@ -20,8 +20,8 @@ import logging
 import math
 import posixpath
 import re
-import unicodedata
 import time
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -165,11 +165,21 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
     (the featurizer once per worker), each Arrow batch's objects are fetched concurrently, and
     the batch is featurized in one vectorised call. Inputs that cannot be used get a reason."""
     from pyspark.sql import functions as F
+
+    featurize_udf = featurizing_udf(spec, store, require_label)
+    return inputs.withColumn("_f", featurize_udf("key", "label", "folder", "size", "reject")).select(
+        *inputs.columns, F.col("_f.features"), F.col("_f.reason"), F.col("_f.detail")
+    )
+
+
+def featurizing_udf(spec: PipelineSpec, store: ObjectStore, require_label: bool = True):
+    """The pandas UDF :func:`featurize` applies; its closure is what Spark ships to executors
+    (the spec's sections and where the store is; never credentials)."""
     from pyspark.sql.functions import pandas_udf
 
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
     input_limits = spec.inputs
-    root_uri, s3_settings = store.root_uri, store.s3_settings
+    root_uri, s3_settings = store.root_uri, store.worker_settings
     max_bytes = spec.inputs.max_bytes
 
     @pandas_udf(FEATURIZED_SCHEMA)
@@ -211,9 +221,7 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
                     details[i] = f"folder {folders.iloc[i]!r} is not a keyword, an unknown word or a silence folder"
                 yield pd.DataFrame({"features": features, "reason": reasons, "detail": details})
 
-    return inputs.withColumn("_f", featurize_udf("key", "label", "folder", "size", "reject")).select(
-        *inputs.columns, F.col("_f.features"), F.col("_f.reason"), F.col("_f.detail")
-    )
+    return featurize_udf
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -264,7 +272,7 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefi
     shard_of_split = F.create_map(*[x for s, n in sorted(shard_counts.items()) for x in (F.lit(s), F.lit(n))])
     keyed = accepted.withColumn("shard", F.pmod(F.xxhash64("key"), F.element_at(shard_of_split, F.col("split"))).cast("int"))
     compression = spec.output.tfrecord_compression
-    root_uri, s3_settings = store.root_uri, store.s3_settings
+    root_uri, s3_settings = store.root_uri, store.worker_settings
     suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -191,7 +191,7 @@ def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: 
     """Add predictions to a featurized DataFrame (rows with features)."""
     from pyspark.sql.functions import pandas_udf
 
-    root_uri, s3_settings = store.root_uri, store.s3_settings
+    root_uri, s3_settings = store.root_uri, store.worker_settings
 
     @pandas_udf(PREDICTION_SCHEMA)
     def predict_udf(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
@@ -211,7 +211,7 @@ def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: 
 def write_predictions(predictions, store: ObjectStore, staging: str) -> tuple[list[ManifestFile], dict[str, str]]:
     """Each partition writes one Parquet file with one PUT into its task attempt's folder under
     ``staging`` and reports it back; the caller promotes exactly the reported files."""
-    root_uri, s3_settings = store.root_uri, store.s3_settings
+    root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
@@ -354,7 +354,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
     check_feature_spec(manifest, spec)
     vocabulary = manifest.label_vocabulary
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
-    root_uri, s3_settings, model = store.root_uri, store.s3_settings, spec.model.name
+    root_uri, s3_settings, model = store.root_uri, store.worker_settings, spec.model.name
     batch_size = spec.scoring.inference_batch_size
 
     @pandas_udf("string")

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,15 @@ class S3Settings:
 
     endpoint_url: str | None = None
     region: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    session_token: str | None = None
+    access_key: str | None = None  # an identifier, not a secret (AWS prints it in errors too)
+    secret_key: str | None = field(default=None, repr=False)  # never in a repr, a log line or a traceback
+    session_token: str | None = field(default=None, repr=False)
+
+    def without_credentials(self) -> S3Settings:
+        """Where the store is, not who may use it: what travels to other processes (Spark
+        executors), which take their credentials from their own environment or identity
+        (instance profile, Kubernetes secret, the worker's environment)."""
+        return replace(self, access_key=None, secret_key=None, session_token=None)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> S3Settings:
@@ -179,8 +185,15 @@ class ObjectStore:
     def __repr__(self) -> str:
         return f"ObjectStore({self.root_uri!r})"
 
-    def __reduce__(self):  # picklable for Spark executors: rebuild the clients on the other side
-        return (ObjectStore, (self.root_uri, self.s3_settings))
+    def __reduce__(self):
+        # Picklable for Spark executors, which rebuild the clients on their side with their own
+        # credentials: a secret must never ride in a pickled closure.
+        return (ObjectStore, (self.root_uri, self.worker_settings))
+
+    @property
+    def worker_settings(self) -> S3Settings | None:
+        """The settings to hand to another process: no credentials."""
+        return self.s3_settings.without_credentials() if self.s3_settings else None
 
     # -- clients -----------------------------------------------------------------------------
 
