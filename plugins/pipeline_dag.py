@@ -227,11 +227,33 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         run = check_params()
 
+        arrival_policy = spec.arrivals
+
+        @task.sensor(mode="reschedule", poke_interval=60, timeout=dt.timedelta(hours=48).total_seconds(),
+                     doc_md=f"Wait until the date's raw folder is complete (policy: {arrival_policy.completeness}; deadline "
+                            f"{arrival_policy.deadline_hours:g} h after the date, then {arrival_policy.on_deadline}). Frees its "
+                            "worker slot between pokes.")
+        def wait_for_arrivals(run: dict) -> PokeReturnValue:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from twocluster.arrivals import ArrivalsIncomplete, decide
+
+            try:
+                decision = decide(_store(spec), spec, run["date"])
+            except ArrivalsIncomplete as e:
+                raise AirflowFailException(str(e)) from None  # no retry: only new arrivals and a rerun help
+            print(f"arrivals: {decision.reason} ({decision.files} files, {decision.bytes} bytes)")
+            # The value: the preprocessing job's arguments, marked when the date goes in incomplete.
+            args = run["preprocess_args"] + ([] if decision.complete else ["--incomplete"])
+            return PokeReturnValue(is_done=decision.proceed, xcom_value=args)
+
+        arrivals = wait_for_arrivals(run)
+
         def spark_job(job: str, doc_md: str) -> PipelineSparkSubmitOperator:
             return PipelineSparkSubmitOperator(
                 task_id=job,
                 application=str(REPO_ROOT / "spark_jobs" / f"{job}.py"),
-                application_args=run[f"{job}_args"],
+                application_args=arrivals if job == "preprocess" else run[f"{job}_args"],
                 name=f"{job}-{spec.name}",
                 conn_id="spark_default",
                 pool=SPARK_POOL,
@@ -335,7 +357,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         dataset = validate_dataset(run)
         predictions = validate_predictions(run)
         branch = decide_retrain(run)
-        run >> preprocess >> dataset >> wait_for_earlier_dates(run) >> branch
+        run >> arrivals >> preprocess >> dataset >> wait_for_earlier_dates(run) >> branch
         branch >> job_spec_uri >> train >> published >> model_ready
         branch >> skipped >> model_ready
         branch >> no_model_yet

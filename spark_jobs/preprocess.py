@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", default=None, help=f"store URI (default: ${STORE_URI_ENV}, then the spec's store_uri)")
     parser.add_argument("--run-id", default=None, help="recorded in the manifest's lineage (default: a new id)")
     parser.add_argument("--max-reject-rate", type=float, default=None, help="override the spec's thresholds.max_reject_rate")
+    parser.add_argument("--incomplete", action="store_true",
+                        help="the date's arrivals are known incomplete (past the deadline): recorded in the manifest")
     parser.add_argument("--master", default=None, help="Spark master when not run by spark-submit (e.g. local[2])")
     return parser.parse_args(argv)
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
-        result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate)
+        result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate,
+                                complete=not args.incomplete)
     except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 1

@@ -152,6 +152,7 @@ class DatasetManifest(_ManifestBase):
     feature_spec: FeatureSpec
     ignored_files: int = Field(0, ge=0)
     ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
+    complete: bool = Field(True, description="false: committed at the arrivals deadline without the date's marker / quiet listing")
 
     def tfrecord_files(self, splits: Iterable[str] | None = None) -> list[ManifestFile]:
         wanted = None if splits is None else set(splits)

@@ -356,10 +356,13 @@ def run_preprocess(
     run_id: str,
     max_reject_rate: float | None = None,
     after_write=None,
+    complete: bool = True,
 ) -> PreprocessResult:
     """Preprocess one date and commit the dataset; a no-op if the latest committed version was
     built from the same inputs, spec and code (and still verifies: a corrupt or incomplete latest
-    version is superseded by a new one). ``after_write``: see :func:`write_shards`."""
+    version is superseded by a new one). ``after_write``: see :func:`write_shards`. ``complete``:
+    whether the arrivals were complete (see :mod:`twocluster.arrivals`); recorded in the manifest
+    and part of the fingerprint, so the rerun after the rest arrived commits a complete version."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     date = layout.check_date(date)
@@ -367,6 +370,8 @@ def run_preprocess(
     date_prefix = layout.dataset_date_prefix(spec.name, date)
 
     inputs, ignored, fingerprint = list_inputs(store, spec, date)
+    if not complete:
+        fingerprint += "+incomplete"
     timings["list"] = time.perf_counter() - started
     latest = resolve_latest(store, date_prefix, DatasetManifest, verify_checksums=True)
     if latest and latest.manifest.lineage.input_fingerprint == fingerprint:
@@ -377,11 +382,11 @@ def run_preprocess(
     version = layout.new_version_id()
     with InFlight(store, date_prefix, version, run_id):
         return _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored, fingerprint, max_reject_rate,
-                                 started, timings, after_write)
+                                 started, timings, after_write, complete)
 
 
 def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored, fingerprint, max_reject_rate,
-                      started, timings, after_write) -> PreprocessResult:
+                      started, timings, after_write, complete=True) -> PreprocessResult:
     from pyspark import StorageLevel
 
     date_prefix = layout.dataset_date_prefix(spec.name, date)
@@ -459,7 +464,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         ),
         pipeline=spec.name,
         date=date,
-        ignored_files=sum(ignored.values()), ignored_by_reason=ignored,
+        ignored_files=sum(ignored.values()), ignored_by_reason=ignored, complete=complete,
         seconds={k: round(v, 3) for k, v in timings.items()},
     )
     manifest_uri = commit_version(store, date_prefix, manifest)

@@ -214,6 +214,20 @@ class Monitoring(_Strict):
     max_drift: float = Field(0.25, gt=0, le=1, description="total variation distance, predictions vs training labels")
 
 
+class Arrivals(_Strict):
+    """When a date's raw folder is complete enough to process. ``marker``: the source writes
+    ``_ARRIVED.json`` last; ``quiet``: sources without markers, the listing unchanged for
+    ``quiet_minutes`` (by the store's clock); ``none``: process whatever is there. At
+    ``deadline_hours`` after the end of the date (UTC) a date still incomplete either fails with
+    a message naming what is missing, or is committed with ``complete: false`` in its manifest
+    (``on_deadline``); a rerun after the rest arrived commits the complete version."""
+
+    completeness: Literal["marker", "quiet", "none"] = "marker"
+    quiet_minutes: float = Field(10, gt=0)
+    deadline_hours: float = Field(6, ge=0)
+    on_deadline: Literal["fail", "commit_incomplete"] = "fail"
+
+
 class PipelineSpec(_Strict):
     name: StoreName
     schedule: str | None = "@daily"
@@ -221,6 +235,7 @@ class PipelineSpec(_Strict):
     end_date: dt.date | None = None  # no scheduled runs after this date (a retired pipeline)
     store_uri: str | None = None
     inputs: Annotated[AudioInputs | ImageInputs, Field(discriminator="kind")]
+    arrivals: Arrivals = Arrivals()
     labels: Labels
     featurizer: Annotated[LogMelFeaturizer | ImageFeaturizer, Field(discriminator="kind")]
     splits: Splits = Splits()

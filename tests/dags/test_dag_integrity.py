@@ -85,7 +85,7 @@ def test_pipeline_dag_shape_pools_and_operators():
 
     (dag,) = [d for d in _all_dags() if d.dag_id == "speech_commands"]
     assert {t.task_id for t in dag.tasks} == {
-        "check_params", "preprocess", "validate_dataset", "wait_for_earlier_dates", "decide_retrain", "write_training_job", "train", "publish",
+        "check_params", "wait_for_arrivals", "preprocess", "validate_dataset", "wait_for_earlier_dates", "decide_retrain", "write_training_job", "train", "publish",
         "training_skipped", "no_model_yet", "model_ready", "score", "validate_predictions", "summarize",
     }
     for task_id in ("preprocess", "score"):
@@ -93,7 +93,10 @@ def test_pipeline_dag_shape_pools_and_operators():
         assert isinstance(task, SparkSubmitOperator) and task.pool == "spark_cluster"
         assert task.application.endswith(f"spark_jobs/{task_id}.py")
     assert dag.get_task("train").pool == "gpu_training"
-    assert dag.get_task("preprocess").upstream_task_ids == {"check_params"}
+    # Complete days only: preprocessing starts when the arrivals policy says so, freeing its slot between pokes.
+    assert dag.get_task("preprocess").upstream_task_ids == {"wait_for_arrivals"}
+    assert dag.get_task("wait_for_arrivals").upstream_task_ids == {"check_params"}
+    assert dag.get_task("wait_for_arrivals").mode == "reschedule"
     assert dag.get_task("model_ready").upstream_task_ids == {"publish", "training_skipped"}
     assert dag.get_task("score").upstream_task_ids == {"check_params", "model_ready"}
     assert dag.get_task("decide_retrain").downstream_task_ids == {"write_training_job", "training_skipped", "no_model_yet"}

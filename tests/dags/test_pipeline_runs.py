@@ -58,8 +58,51 @@ def pipeline(tmp_path_factory):
     sample_data.generate(store, spec, [D0, D1, D2, D3], clips_per_day=100, seed=5, bad_files_per_day=1)
     env = airflow_env(root / "airflow", store.root_uri, dags_folder=dags, spark_master="local[2]")
     env["TWOCLUSTER_WORK_DIR"] = str(root / "work")
+    # A secret canary (issue 14, item 7): store credentials in the deployment's connection, which
+    # must reach no log, XCom, rendered field, manifest, job spec, zip or command line.
+    env["AIRFLOW_CONN_TWOCLUSTER_STORE"] = json.dumps({"conn_type": "aws", "login": CANARY[0], "password": CANARY[1]})
     prepare(env)
     return SimpleNamespace(root=root, spec=spec, store=store, env=env)
+
+
+CANARY = ("AKIACANARY" + os.urandom(5).hex().upper(), "canary-secret-" + os.urandom(12).hex())
+
+
+class _CommandLines:
+    """Every process's command line, sampled while a run goes (what `ps` shows anyone)."""
+
+    def __init__(self):
+        import threading
+
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            out = subprocess.run(["ps", "-e", "-ww", "-o", "args", "--no-headers"], capture_output=True, text=True).stdout
+            self.seen.update(out.splitlines())
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    found.append(str(path))
+            except OSError:
+                continue
+    return found
 
 
 def _dags_test(pipeline, conf: dict, log_name: str, logical_date: dt.date) -> tuple[int, str]:
@@ -85,8 +128,16 @@ def _asset_events(pipeline) -> list[tuple[str, dict]]:
 
 def test_dag_test_runs_the_whole_pipeline(pipeline):
     spec, store = pipeline.spec, pipeline.store
-    code, log = _dags_test(pipeline, {"date": D0.isoformat(), "retrain": "force"}, "dags-test-d0", D0)
+    with _CommandLines() as processes:
+        code, log = _dags_test(pipeline, {"date": D0.isoformat(), "retrain": "force"}, "dags-test-d0", D0)
     assert code == 0 and "state=success" in [line for line in log.splitlines() if "DagRun Finished" in line][-1], log[-5000:]
+    # The canary: in no command line any process had, no log, no XCom or rendered field (the
+    # metadata database), no manifest or job spec (the store), not in the --py-files zip.
+    assert any("spark-submit" in p or "SparkSubmit" in p for p in processes.seen), "the sampler saw the run"
+    for secret in CANARY:
+        assert not [p for p in processes.seen if secret in p]
+        assert secret not in log
+        assert _files_holding(pipeline.root, secret.encode()) == [], secret
 
     (dataset_version,) = _versions(store, layout.dataset_date_prefix(spec.name, D0))
     dataset = read_manifest(store, layout.dataset_version_prefix(spec.name, D0, dataset_version))

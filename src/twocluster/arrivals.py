@@ -1,0 +1,80 @@
+"""Is a date's raw folder complete? The completeness policy of a pipeline spec (``arrivals``),
+as a pure decision over one listing, so the DAG's rescheduling sensor, the CLI and the tests share
+it.
+
+A source that can writes ``_ARRIVED.json`` after its last file (the marker); one that cannot is
+judged by a quiet listing: nothing new or changed for ``quiet_minutes``, measured with the
+store's clock (object modification times against a probe written now), never the worker's. The
+deadline is a timeout on the worker's clock: it decides only when to stop waiting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from twocluster import layout
+from twocluster.spec import PipelineSpec
+from twocluster.storage import ObjectStore
+
+
+class ArrivalsIncomplete(RuntimeError):
+    """The deadline passed with the date still incomplete, and the spec says fail."""
+
+
+@dataclass(frozen=True)
+class ArrivalDecision:
+    proceed: bool
+    complete: bool
+    files: int
+    bytes: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def deadline_of(spec: PipelineSpec, date: str | dt.date) -> dt.datetime:
+    day = dt.date.fromisoformat(layout.check_date(date))
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC) + dt.timedelta(hours=spec.arrivals.deadline_hours)
+
+
+def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.datetime | None = None,
+           store_now_ns: int | None = None) -> ArrivalDecision:
+    """Proceed (complete or, past the deadline, incomplete where allowed), wait, or raise
+    :class:`ArrivalsIncomplete`. ``now`` (the worker's clock) is compared with the deadline only;
+    ``store_now_ns`` (the store's clock, probed when the policy is ``quiet`` and not given) with
+    object modification times."""
+    policy = spec.arrivals
+    prefix = layout.raw_date_prefix(spec.name, date)
+    objects = store.list(prefix)
+    marker = any(o.key == f"{prefix}/{layout.ARRIVED_MARKER}" for o in objects)
+    data = [o for o in objects if o.key != f"{prefix}/{layout.ARRIVED_MARKER}"]
+    files, size = len(data), sum(o.size for o in data)
+    if policy.completeness == "none":
+        return ArrivalDecision(True, True, files, size, "the spec does not wait for arrivals")
+    if policy.completeness == "marker":
+        if marker:
+            return ArrivalDecision(True, True, files, size, f"{layout.ARRIVED_MARKER} is there")
+        waiting = f"no {layout.ARRIVED_MARKER} in {store.uri(prefix)} ({files} files so far)"
+    else:
+        if store_now_ns is None:
+            from twocluster.gc import store_now_ns as probe
+
+            store_now_ns = probe(store)
+        newest = max((o.mtime_ns or 0 for o in data), default=None)
+        quiet_ns = int(policy.quiet_minutes * 60e9)
+        if newest is not None and store_now_ns - newest >= quiet_ns:
+            return ArrivalDecision(True, True, files, size, f"no change for {policy.quiet_minutes:g} minutes")
+        waiting = (f"{store.uri(prefix)} is empty" if newest is None else
+                   f"{store.uri(prefix)} changed {(store_now_ns - newest) / 60e9:.1f} minutes ago ({files} files); "
+                   f"waiting for {policy.quiet_minutes:g} quiet minutes")
+    now = now or dt.datetime.now(dt.UTC)
+    deadline = deadline_of(spec, date)
+    if now < deadline:
+        return ArrivalDecision(False, False, files, size, f"{waiting}; deadline {deadline:%Y-%m-%d %H:%M} UTC")
+    if policy.on_deadline == "commit_incomplete" and files:
+        return ArrivalDecision(True, False, files, size, f"deadline {deadline:%Y-%m-%d %H:%M} UTC passed: {waiting}; "
+                                                         "committing what arrived, marked incomplete")
+    raise ArrivalsIncomplete(f"{spec.name} {layout.check_date(date)}: arrivals incomplete at the deadline "
+                             f"({deadline:%Y-%m-%d %H:%M} UTC): {waiting}")
