@@ -72,7 +72,15 @@ class TrainingBackendConfig(BaseModel):
 
 
 class LocalTrainingOperator(BaseOperator):
-    """Run the trainer as a child process (its own session) and return its JSON result."""
+    """Run the trainer as a child process and return its JSON result.
+
+    The trainer gets its own process group (so a kill reaches everything it started) and dies
+    with this task process (``PR_SET_PDEATHSIG``, armed by the trainer): a task killed even with
+    SIGKILL, which runs no ``on_kill``, leaves no trainer behind to race its retry. ``on_kill``
+    stops the group within Airflow's grace period: SIGTERM, then SIGKILL after
+    ``KILL_GRACE_SECONDS``."""
+
+    KILL_GRACE_SECONDS = 3.0  # Airflow escalates to SIGKILL of the task process after 5 s
 
     template_fields = ("job_spec_uri",)
 
@@ -87,7 +95,8 @@ class LocalTrainingOperator(BaseOperator):
         cmd = [self.python, str(REPO_ROOT / "training_jobs" / "train.py"), "--job-spec", self.job_spec_uri]
         self.log.info("starting the trainer: %s", " ".join(cmd))
         self._proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env={**os.environ, **self.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cmd, cwd=REPO_ROOT, env={**os.environ, **self.env, "TWOCLUSTER_DIE_WITH_PARENT": str(os.getpid())},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )
         last = ""
@@ -107,9 +116,10 @@ class LocalTrainingOperator(BaseOperator):
         if self._proc and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)
             try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=self.KILL_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
 
 
 STORE_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -337,3 +337,67 @@ def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
     assert shards[0].stat().st_size == next(
         f.bytes for f in read_manifest(ObjectStore(manifest_uri.rsplit("/", 1)[0]), "").files if shards[0].as_posix().endswith(f.path)
     )
+
+
+TASK_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from training_backends import LocalTrainingOperator
+op = LocalTrainingOperator(task_id="train", job_spec_uri=sys.argv[2])
+print("RESULT " + json.dumps(op.execute(context={})), flush=True)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dataset, tmp_path):
+    """Issue 14, item 8, for real: the Airflow task process running the local backend is
+    SIGKILLed (no on_kill runs) mid-training; its trainer dies with it, and the retry resumes
+    from the last checkpoint in the store, each epoch trained once."""
+    store, manifest_uri = dataset
+    spec_path = tmp_path / "job.json"
+    spec_path.write_text(_job(store, manifest_uri, "run-task-killed", epochs=6).model_dump_json())
+    pointer = "models/kws_cnn/runs/run-task-killed/LATEST.json"
+    env = {**os.environ, "TWOCLUSTER_WORK_DIR": str(tmp_path / "w")}
+    cmd = [sys.executable, "-c", TASK_PROCESS, str(ROOT / "plugins"), str(spec_path)]
+    task = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while task.poll() is None and time.monotonic() < deadline:
+            if store.exists(pointer) and json.loads(store.read_bytes(pointer))["epoch"] >= 2:
+                break
+            time.sleep(0.05)
+        trainers = _children(task.pid)
+        assert task.poll() is None and trainers, "training finished (or never started) before the kill"
+        os.kill(task.pid, signal.SIGKILL)  # only the task process, as Airflow's supervisor does
+    finally:
+        task.wait()
+    killed_at = json.loads(store.read_bytes(pointer))["epoch"]
+    deadline = time.monotonic() + 10
+    while any(map(_alive, trainers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, trainers)), "the trainer outlived its task process"
+    # An orphan would have trained on and synced its next checkpoint before its next write to the
+    # dead task's pipe killed it: the store shows none (an epoch takes a few seconds here).
+    time.sleep(15)
+    assert json.loads(store.read_bytes(pointer))["epoch"] == killed_at, "an orphaned trainer kept training"
+
+    retry = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    result = json.loads(next(line for line in retry.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["resumed_from_epoch"] == killed_at
+    prefix = layout.model_version_prefix("kws_cnn", result["version"])
+    epochs = [int(r["epoch"]) for r in csv.DictReader(io.StringIO(store.read_bytes(f"{prefix}/history.csv").decode()))]
+    assert epochs == list(range(6)), "each epoch trained exactly once across the two tries"

@@ -17,8 +17,28 @@ import os
 import sys
 from dataclasses import asdict
 
+PARENT_ENV = "TWOCLUSTER_DIE_WITH_PARENT"
+
+
+def die_with_parent() -> None:
+    """When started by the local training backend: die the moment the Airflow task process does,
+    whatever killed it (even SIGKILL, which runs no cleanup), so a retry never trains next to an
+    orphan of the previous try (Linux ``PR_SET_PDEATHSIG``; the parent's pid is checked after
+    arming it, in case the parent was already gone)."""
+    expected = os.environ.get(PARENT_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(expected):
+        os._exit(137)
+
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-spec", required=True, help="path or file:// / s3:// URI of the training job spec")
     parser.add_argument("--work-dir", default=None, help="local scratch for staged shards and checkpoints (default: $TWOCLUSTER_WORK_DIR or the temp dir)")
