@@ -401,3 +401,47 @@ def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dat
     prefix = layout.model_version_prefix("kws_cnn", result["version"])
     epochs = [int(r["epoch"]) for r in csv.DictReader(io.StringIO(store.read_bytes(f"{prefix}/history.csv").decode()))]
     assert epochs == list(range(6)), "each epoch trained exactly once across the two tries"
+
+
+@pytest.mark.parametrize(("tf_config", "chief"), [
+    ({}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}, True),
+])
+def test_only_the_chief_of_a_multi_worker_job_writes(tf_config, chief, tmp_path):
+    """Issue 14, item 9: a non-chief worker syncs no checkpoint (and commits no version)."""
+    from twocluster.training import _checkpoint_sync_callback, is_chief
+
+    assert is_chief(tf_config) is chief
+    store = ObjectStore((tmp_path / "store").as_uri())
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "weights.bin").write_bytes(b"w")
+    _checkpoint_sync_callback(store, "models/m/runs/r", backup, is_chief(tf_config)).on_epoch_end(0)
+    assert bool(store.list("models/m/runs/r")) is chief
+
+
+@pytest.mark.parametrize(("pointer", "expected"), [
+    (b'{"epoch": 3}', 3),
+    (b'{"epo', 2),  # cut short mid-write (the epoch-3 folder never got its marker)
+    (b'{"epoch": "x"}', 2),
+    (b"", 2),
+])
+def test_an_unreadable_checkpoint_pointer_falls_back_to_the_newest_complete_epoch(tmp_path, pointer, expected, caplog):
+    from twocluster.training import CHECKPOINT_POINTER, EPOCH_COMPLETE, restore_checkpoint
+
+    store = ObjectStore((tmp_path / "store").as_uri())
+    prefix = "models/m/runs/r"
+    for epoch in (1, 2, 3):
+        store.write_bytes(f"{prefix}/epoch={epoch:04d}/weights.bin", f"epoch {epoch}".encode())
+        if epoch < 3 or pointer == b'{"epoch": 3}':
+            store.write_bytes(f"{prefix}/epoch={epoch:04d}/{EPOCH_COMPLETE}", b"{}")
+    store.write_bytes(f"{prefix}/{CHECKPOINT_POINTER}", pointer)
+    backup = tmp_path / "backup"
+    assert restore_checkpoint(store, prefix, backup) == expected
+    assert (backup / "weights.bin").read_bytes() == f"epoch {expected}".encode()
+    assert not (backup / EPOCH_COMPLETE).exists()
+    if expected == 2:
+        assert any("unreadable" in r.message for r in caplog.records)

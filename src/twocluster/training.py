@@ -44,6 +44,7 @@ from twocluster.version import code_hashes, code_version
 log = logging.getLogger(__name__)
 
 CHECKPOINT_POINTER = "LATEST.json"
+EPOCH_COMPLETE = "_COMPLETE.json"  # written into an epoch's checkpoint folder after its files
 STAGE_CACHE_MAX_AGE_SECONDS = 7 * 86400  # staged datasets no job used for a week are evicted
 
 
@@ -242,6 +243,19 @@ def strategy_kind(num_gpus: int, tf_config: dict) -> str:
     return "cpu"
 
 
+def is_chief(tf_config: dict) -> bool:
+    """The one worker of a multi-worker job that writes: syncs checkpoints to the store and
+    commits the model version (TensorFlow's rule: the ``chief`` task, else worker 0). The others
+    train their share and write nothing shared (two committers would publish two versions of one
+    run, and their checkpoint uploads would interleave)."""
+    task = tf_config.get("task") or {}
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in tf_config.get("cluster", {})
+
+
 def choose_strategy():
     import tensorflow as tf
 
@@ -302,31 +316,66 @@ def run_prefix(model: str, run_id: str) -> str:
     return f"{layout.model_runs_prefix(model)}/{layout.run_key(run_id)}"
 
 
+def _complete_epochs(store: ObjectStore, prefix: str) -> list[int]:
+    """Epoch folders whose upload finished (their marker is written after their files)."""
+    epochs = []
+    for obj in store.list(prefix):
+        rel = obj.key[len(prefix) + 1 :]
+        folder, _, name = rel.partition("/")
+        if name == EPOCH_COMPLETE and folder.startswith("epoch=") and folder[6:].isdigit():
+            epochs.append(int(folder[6:]))
+    return sorted(epochs)
+
+
+def last_checkpoint_epoch(store: ObjectStore, prefix: str) -> int:
+    """The epoch of the run's last checkpoint (0: none). The pointer says; an unreadable pointer
+    (cut short by a crash mid-write, or hand-edited) is not a reason to fail every retry: the
+    newest epoch folder whose upload completed is used instead, with a warning."""
+    key = f"{prefix}/{CHECKPOINT_POINTER}"
+    try:
+        pointer = json.loads(store.read_bytes(key))
+        epoch = int(pointer["epoch"])
+        if epoch < 1:
+            raise ValueError(f"epoch {epoch}")
+        return epoch
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError) as e:
+        complete = _complete_epochs(store, prefix)
+        log.warning("checkpoint pointer %s is unreadable (%s); resuming from the newest complete epoch folder: %s",
+                    store.uri(key), e, complete[-1] if complete else "none, starting over")
+        return complete[-1] if complete else 0
+
+
 def restore_checkpoint(store: ObjectStore, prefix: str, backup_dir: Path) -> int:
     """Bring the run's last checkpoint from the store into ``backup_dir``; returns its epoch
     (0 if the run has none)."""
-    try:
-        pointer = json.loads(store.read_bytes(f"{prefix}/{CHECKPOINT_POINTER}"))
-    except FileNotFoundError:
+    epoch = last_checkpoint_epoch(store, prefix)
+    if not epoch:
         return 0
-    epoch_prefix = f"{prefix}/epoch={pointer['epoch']:04d}"
+    epoch_prefix = f"{prefix}/epoch={epoch:04d}"
     for obj in store.list(epoch_prefix):
-        store.download_file(obj.key, backup_dir / obj.key[len(epoch_prefix) + 1 :])
-    return int(pointer["epoch"])
+        if obj.key.rsplit("/", 1)[-1] != EPOCH_COMPLETE:
+            store.download_file(obj.key, backup_dir / obj.key[len(epoch_prefix) + 1 :])
+    return epoch
 
 
-def _checkpoint_sync_callback(store: ObjectStore, prefix: str, backup_dir: Path):
+def _checkpoint_sync_callback(store: ObjectStore, prefix: str, backup_dir: Path, chief: bool = True):
     import keras
 
     class CheckpointSync(keras.callbacks.Callback):
         """After BackupAndRestore wrote the epoch's backup locally, copy it to the store under
-        its own epoch folder, then move the pointer (so a reader never sees half a checkpoint)."""
+        its own epoch folder, mark the folder complete, then move the pointer (so a reader never
+        sees half a checkpoint). Only the chief of a multi-worker job writes."""
 
         def on_epoch_end(self, epoch, logs=None):
+            if not chief:
+                return
             epoch_prefix = f"{prefix}/epoch={epoch + 1:04d}"
             for path in sorted(backup_dir.rglob("*")):
                 if path.is_file():
                     store.upload_file(path, f"{epoch_prefix}/{path.relative_to(backup_dir).as_posix()}")
+            store.write_bytes(f"{epoch_prefix}/{EPOCH_COMPLETE}", json.dumps({"epoch": epoch + 1}).encode())
             store.write_bytes(f"{prefix}/{CHECKPOINT_POINTER}", json.dumps({"epoch": epoch + 1}).encode())
 
     return CheckpointSync()
@@ -386,7 +435,7 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
 
 @dataclass
 class TrainingResult:
-    status: str  # trained | already_trained
+    status: str  # trained | already_trained | worker_done (a non-chief worker: committed nothing)
     model: str
     version: str
     manifest_uri: str
@@ -413,6 +462,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
 
     keras.utils.set_random_seed(spec.seed)
     strategy, strategy_name = choose_strategy()
+    chief = is_chief(json.loads(os.environ.get("TF_CONFIG") or "{}"))
     hp = spec.hyperparameters
     global_batch = hp.batch_size * strategy.num_replicas_in_sync
     train_ds = make_dataset(data, spec.train_split, global_batch, training=True, seed=spec.seed, augment=hp.augment, shuffle_buffer=hp.shuffle_buffer)
@@ -440,12 +490,16 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     callbacks = [
         keras.callbacks.BackupAndRestore(str(backup_dir / "backup"), delete_checkpoint=False),
         keras.callbacks.CSVLogger(str(backup_dir / "history.csv"), append=True),
-        _checkpoint_sync_callback(store, ckpt_prefix, backup_dir),
+        _checkpoint_sync_callback(store, ckpt_prefix, backup_dir, chief),
     ]
     fit_started = time.perf_counter()
     model.fit(train_ds, validation_data=eval_sets["validation"], epochs=hp.epochs, callbacks=callbacks, verbose=2)
     fit_seconds = time.perf_counter() - fit_started
 
+    if not chief:
+        # A non-chief worker's share of the job ends with the fit: the chief evaluates and commits.
+        log.info("worker %s finished its share of run %s; the chief commits the model", os.environ.get("TF_CONFIG"), spec.run_id)
+        return TrainingResult("worker_done", spec.model_name, "", "", {}, resumed_from, time.perf_counter() - started)
     metrics = evaluate(model, eval_sets, data.vocabulary)
     metrics.update(training_seconds=round(fit_seconds, 1), epochs=hp.epochs, resumed_from_epoch=resumed_from,
                    strategy=strategy_name, examples=data.rows)
