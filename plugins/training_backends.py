@@ -17,6 +17,7 @@ secret, never from this configuration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -126,12 +127,20 @@ STORE_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 
 
 def _docker_training_operator_class():
-    from airflow.providers.docker.operators.docker import DockerOperator
+    from airflow.providers.docker.exceptions import DockerContainerFailedException
+    from airflow.providers.docker.operators.docker import DockerOperator, fetch_logs
 
     class DockerTrainingOperator(DockerOperator):
         """The provider's DockerOperator, handing the worker's store credentials to the container
         at execute time as private (never rendered or logged) environment, so they are neither in
-        the DAG file nor in the serialized DAG."""
+        the DAG file nor in the serialized DAG.
+
+        The container's name is fixed per (DAG, run, task), like the Kubernetes operator's pod
+        labels: a retry, or a try on a worker that restarted, finds the container an earlier try
+        started and re-attaches to it while it runs (waits for it, streams its logs, takes its
+        result) instead of starting a second trainer on the same run; a finished leftover is
+        removed and the trainer started again (it returns the run's committed version at once if
+        that try got that far)."""
 
         def __init__(self, *, credentials_conn_id: str | None = None, **kwargs):
             super().__init__(**kwargs)
@@ -147,12 +156,29 @@ def _docker_training_operator_class():
                 self._private_environment = {k: v for k, v in settings.as_env().items() if k in STORE_CREDENTIAL_VARIABLES}
             else:
                 self._private_environment = {k: os.environ[k] for k in STORE_CREDENTIAL_VARIABLES if k in os.environ}
-            # One container name per DAG run and try: a leftover container of a killed try
-            # cannot block the retry, and `docker ps` shows which run a container belongs to.
             ti = context.get("ti")
             if ti is not None:
-                self.container_name = _dns_name(f"train-{ti.dag_id}-{ti.run_id}-{ti.try_number}", 128)
+                self.container_name = container_name_for(ti.dag_id, ti.task_id, ti.run_id)
+                found = self.cli.containers(all=True, filters={"name": f"^/{self.container_name}$"})
+                if found:
+                    container = found[0]
+                    if container.get("State") == "running":
+                        self.log.info("re-attaching to %s, started by an earlier try", self.container_name)
+                        return self._reattach(container["Id"])
+                    self.log.info("removing %s, left %s by an earlier try", self.container_name, container.get("State"))
+                    self.cli.remove_container(container["Id"], force=True)
             return super().execute(context)
+
+        def _reattach(self, container_id: str):
+            self.container = {"Id": container_id}  # so on_kill stops it
+            log_stream = self.cli.attach(container=container_id, stdout=True, stderr=True, stream=True, logs=True)
+            lines = fetch_logs(log_stream, self.log)
+            result = self.cli.wait(container_id)
+            if result["StatusCode"] != 0:
+                raise DockerContainerFailedException(f"Docker container failed: {result!r}", logs=lines)
+            if self.auto_remove in ("success", "force"):
+                self.cli.remove_container(container_id)
+            return lines[-1] if self.do_xcom_push and lines else None
 
     return DockerTrainingOperator
 
@@ -212,6 +238,14 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
             **kwargs,
         )
     raise ValueError(f"unknown training backend {config.kind!r}")
+
+
+def container_name_for(dag_id: str, task_id: str, run_id: str) -> str:
+    """The trainer container of one task of one DAG run, the same for every try: readable, and
+    unique (a digest of the three ids, so runs whose cleaned names collide or are cut stay
+    apart)."""
+    digest = hashlib.sha256(f"{dag_id}\0{task_id}\0{run_id}".encode()).hexdigest()[:12]
+    return f"{_dns_name(f'train-{dag_id}-{task_id}-{run_id}', 100)}-{digest}"
 
 
 def _dns_name(value: str, limit: int = 50) -> str:

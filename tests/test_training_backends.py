@@ -39,10 +39,114 @@ def test_docker_backend_requests_the_gpu(monkeypatch):
     # daemon is not reachable here, so stop right after that step.
     monkeypatch.setattr(DockerOperator, "execute", lambda self, context: dict(self._private_environment))
     assert op.execute(context={}) == {"AWS_SECRET_ACCESS_KEY": "from-the-worker-env", "AWS_ACCESS_KEY_ID": "worker-key"}
-    # Each DAG run and try gets its own container name (a valid Docker name).
-    ti = SimpleNamespace(dag_id="speech_commands", run_id="scheduled__2026-11-20T00:00:00+00:00", try_number=2)
-    op.execute(context={"ti": ti})
-    assert op.container_name == "train-speech-commands-scheduled-2026-11-20t00-00-00-00-00-2"
+    # One container name per DAG run and task, the same for every try (a valid Docker name).
+    monkeypatch.setattr(type(op), "cli", property(lambda self: FakeDockerAPI()))
+    names = set()
+    for try_number in (1, 2):
+        ti = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="scheduled__2026-11-20T00:00:00+00:00",
+                             try_number=try_number)
+        op.execute(context={"ti": ti})
+        names.add(op.container_name)
+    (name,) = names
+    assert name.startswith("train-speech-commands-train-scheduled-2026-11-20t00-00-00-00-00-") and len(name) <= 128
+
+
+class FakeDockerAPI:
+    """Stands in for docker's APIClient (no Docker daemon here): the calls the operator makes,
+    with the daemon's answers for one container."""
+
+    def __init__(self, containers=(), exit_code=0, logs=(b"epoch 3/6\n", b'{"version": "v1"}\n')):
+        self._containers = list(containers)
+        self.exit_code, self.logs, self.calls = exit_code, list(logs), []
+
+    def containers(self, all=False, filters=None):  # noqa: A002 - docker's name
+        self.calls.append(("containers", filters))
+        return [c for c in self._containers if f"^/{c['Names'][0][1:]}$" == (filters or {}).get("name")]
+
+    def attach(self, container, stdout, stderr, stream, logs=False):
+        self.calls.append(("attach", container, logs))
+        return iter(self.logs)
+
+    def wait(self, container):
+        self.calls.append(("wait", container))
+        return {"StatusCode": self.exit_code}
+
+    def remove_container(self, container, force=False):
+        self.calls.append(("remove", container, force))
+
+
+def _docker_op(monkeypatch, api):
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    op = training_operator(TrainingBackendConfig(kind="docker", image="trainer:1"), task_id="train", job_spec_uri=JOB)
+    monkeypatch.setattr(type(op), "cli", property(lambda self: api))
+    started = []
+    monkeypatch.setattr(DockerOperator, "execute", lambda self, context: started.append(self.container_name) or "started")
+    return op, started
+
+
+TI = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__2026-11-22T10:00:00+00:00", try_number=2)
+
+
+def test_docker_retry_reattaches_to_the_running_trainer_instead_of_starting_another(monkeypatch):
+    """Issue 14, item 8 (Docker daemon faked: none runs here)."""
+    from training_backends import container_name_for
+
+    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
+    api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}])
+    op, started = _docker_op(monkeypatch, api)
+    assert op.execute(context={"ti": TI}) == '{"version": "v1"}'
+    assert started == [], "no second container"
+    assert ("attach", "c0ffee", True) in api.calls and ("wait", "c0ffee") in api.calls and ("remove", "c0ffee", False) in api.calls
+
+
+def test_docker_retry_removes_a_finished_leftover_and_starts_the_trainer(monkeypatch):
+    from training_backends import container_name_for
+
+    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
+    api = FakeDockerAPI([{"Id": "dead01", "Names": [f"/{name}"], "State": "exited"}])
+    op, started = _docker_op(monkeypatch, api)
+    assert op.execute(context={"ti": TI}) == "started" and started == [name]
+    assert ("remove", "dead01", True) in api.calls
+
+
+def test_docker_reattached_trainer_that_failed_fails_the_task(monkeypatch):
+    from airflow.providers.docker.exceptions import DockerContainerFailedException
+    from training_backends import container_name_for
+
+    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
+    api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}], exit_code=137)
+    op, _ = _docker_op(monkeypatch, api)
+    with pytest.raises(DockerContainerFailedException):
+        op.execute(context={"ti": TI})
+
+
+def test_docker_names_of_runs_that_differ_late_do_not_collide():
+    from training_backends import container_name_for
+
+    a, b = "backfill__" + "x" * 200 + "a", "backfill__" + "x" * 200 + "b"
+    assert container_name_for("d", "train", a) != container_name_for("d", "train", b)
+
+
+def test_kubernetes_retry_finds_the_running_pod_of_an_earlier_try():
+    """The pod operator's own re-attach (Kubernetes API faked: no cluster here): the retry's
+    label selector leaves out the try number, so try 2 finds try 1's running pod."""
+    from kubernetes.client import models as k8s
+
+    op = training_operator(TrainingBackendConfig(kind="kubernetes", image="trainer:1"), task_id="train", job_spec_uri=JOB)
+    pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="train-abc", labels={"try_number": "1"}))
+    selectors = []
+
+    class FakeCoreV1:
+        def list_namespaced_pod(self, namespace, label_selector):
+            selectors.append(label_selector)
+            return SimpleNamespace(items=[pod])
+
+    context = {"ti": SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__1", try_number=2, map_index=-1),
+               "run_id": "manual__1", "dag": SimpleNamespace(dag_id="speech_commands")}
+    op.__dict__["client"] = FakeCoreV1()
+    assert op.find_pod("default", context) is pod
+    assert "try_number" not in selectors[0] and "run_id=" in selectors[0] and op.reattach_on_restart
 
 
 def test_docker_backend_without_gpu_has_no_device_request():
