@@ -144,13 +144,58 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
         assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "30"]) == 0
 
         spark = s3_check._client(rgw.endpoint_url, "spark")
-        spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json", Body=b"{}")
+        spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json", Body=b"{}", IfNoneMatch="*")
+        spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/_staging/v=x/a/part-0", Body=b"rows")
+        spark.delete_object(Bucket="stack", Key="datasets/p/date=2026-11-20/_staging/v=x/a/part-0")  # promotion cleans up
         trainer = s3_check._client(rgw.endpoint_url, "trainer")
-        trainer.put_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json", Body=b"{}")
+        trainer.put_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json", Body=b"{}", IfNoneMatch="*")
+        trainer.put_object(Bucket="stack", Key="models/m/runs/r/LATEST.json", Body=b"{}")
         airflow = s3_check._client(rgw.endpoint_url, "airflow")
-        airflow.put_object(Bucket="stack", Key="models/m/aliases/production/r.json", Body=b"{}")
+        airflow.put_object(Bucket="stack", Key="models/m/aliases/production/_log/00000000000000000001.json", Body=b"{}", IfNoneMatch="*")
+        airflow.put_object(Bucket="stack", Key="models/m/gate/_log/00000000000000000001.json", Body=b"{}", IfNoneMatch="*")
         assert airflow.get_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json")["Body"].read() == b"{}"
+
+        # Issue 14, item 6: only the gate (Airflow's identity) moves aliases or records decisions;
+        # the trainer cannot publish around it, and no component writes outside its own area.
+        from botocore.exceptions import ClientError
+
+        from twocluster import layout
+        from twocluster.commitlog import AliasMoved, CommitLog
+        from twocluster.storage import ObjectStore, S3Settings, StorageError
+
+        denied = [(trainer, "models/m/aliases/production/_log/00000000000000000002.json"),
+                  (trainer, "models/m/gate/_log/00000000000000000002.json"),
+                  (spark, "models/m/aliases/production/_log/00000000000000000002.json"),
+                  (spark, "models/m/versions/v=y/_MANIFEST.json"), (trainer, "datasets/p/date=2026-11-20/v=y/_MANIFEST.json"),
+                  (airflow, "datasets/p/date=2026-11-20/v=y/_MANIFEST.json"), (airflow, "models/m/versions/v=y/_MANIFEST.json")]
+        for client, key in denied:
+            with pytest.raises(ClientError, match="AccessDenied"):
+                client.put_object(Bucket="stack", Key=key, Body=b"{}", IfNoneMatch="*")
+        with pytest.raises(ClientError, match="AccessDenied"):
+            trainer.delete_object(Bucket="stack", Key="models/m/aliases/production/_log/00000000000000000001.json")
+        as_trainer = ObjectStore("s3://stack", S3Settings(endpoint_url=rgw.endpoint_url, region="us-east-1",
+                                                            access_key=keys["S3_TRAINER_ACCESS_KEY"], secret_key=keys["S3_TRAINER_SECRET_KEY"]))
+        alias_log = CommitLog(as_trainer, layout.model_alias_prefix("m", "production"))
+        with pytest.raises(StorageError, match="AccessDenied|403"):
+            alias_log.append_at(alias_log.head() + 1, AliasMoved(seq=1, model="m", alias="production", version="20261120T000000Z-deadbeef"))
 
         # Without the policy, s3-init refuses to let the stack start.
         rgw.client().delete_bucket_policy(Bucket="stack")
         assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "5"]) == 1
+
+
+def test_each_airflow_container_holds_only_the_store_identities_it_uses(compose):
+    """Issue 14, item 6: the API server reads with Airflow's identity; the scheduler (tasks run
+    there) also holds the Spark side's and the trainer's; nobody else holds any."""
+    def identities(service: str) -> set[str]:
+        env = compose["services"][service].get("environment") or {}
+        return {k.removeprefix("AIRFLOW_CONN_") for k in env if k.startswith("AIRFLOW_CONN_TWOCLUSTER_STORE")}
+
+    assert identities("airflow-scheduler") == {"TWOCLUSTER_STORE", "TWOCLUSTER_STORE_SPARK", "TWOCLUSTER_STORE_TRAINER"}
+    assert identities("airflow-apiserver") == {"TWOCLUSTER_STORE"}
+    for service in ("airflow-dag-processor", "airflow-triggerer", "airflow-init"):
+        assert identities(service) == set(), service
+    # The Spark workers and the trainer hold their own keys only.
+    for service in ("spark-worker-1", "spark-worker-2", "trainer"):
+        env = compose["services"][service]["environment"]
+        assert not any(k.startswith("AIRFLOW_CONN_") for k in env)
