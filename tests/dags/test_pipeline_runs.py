@@ -185,6 +185,24 @@ def test_bad_params_are_refused_before_any_job_runs(pipeline, conf):
     assert pipeline.store.list("datasets") + pipeline.store.list("models") == before
 
 
+def test_a_date_without_its_arrival_marker_fails_at_the_deadline_naming_it(pipeline):
+    """Issue 14, item 4, through the DAG: D2's marker is missing and its deadline (6 h after the
+    date) long past; the spec says fail, so the run fails at the sensor, names the folder, and
+    commits nothing (the marker is put back for the backfill below)."""
+    spec, store = pipeline.spec, pipeline.store
+    marker = f"{layout.raw_date_prefix(spec.name, D2)}/{layout.ARRIVED_MARKER}"
+    saved = store.read_bytes(marker)
+    store.delete(marker)
+    try:
+        code, log = _dags_test(pipeline, {"date": D2.isoformat()}, "dags-test-no-marker", D2)
+    finally:
+        store.write_bytes(marker, saved)
+    assert code != 0 or "state=failed" in log
+    assert f"{D2}: arrivals incomplete at the deadline" in log and "no _ARRIVED.json in" in log, log[-3000:]
+    assert "spark-submit" not in log.lower().replace("spark_submit", "")
+    assert not store.list(layout.dataset_date_prefix(spec.name, D2))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
