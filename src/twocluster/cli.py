@@ -34,7 +34,7 @@ from twocluster.manifest import (
     verify_files,
 )
 from twocluster.spec import STORE_URI_ENV
-from twocluster.storage import ObjectStore, StorageError, split_uri
+from twocluster.storage import ObjectStore, StorageError, StoreSnapshot, split_uri
 
 
 class CliError(Exception):
@@ -52,8 +52,12 @@ def _store(uri: str | None) -> ObjectStore:
 
 
 def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, Any]:
-    """What the store holds, as read through the commit logs (the same reads the pipeline makes)."""
+    """What the store holds, as read through the commit logs (the same reads the pipeline makes).
+    Read like the ops page: one recursive listing per area, every log entry in parallel (a
+    commit's entry carries its manifest), then no round trip per location."""
     out: dict[str, Any] = {"store": store.root_uri, "pipelines": {}, "models": {}, "skipped": []}
+    store = StoreSnapshot(store, ["datasets", "predictions", "models"], immutable_cache={}, is_immutable=layout.is_commit_record)
+    store.prefetch(key for key in store.objects if layout.is_log_entry_key(key))
 
     def skipped(state_skipped) -> None:
         out["skipped"] += [asdict(s) for s in state_skipped]
