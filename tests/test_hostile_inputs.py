@@ -98,9 +98,11 @@ def hostile(speech_spec, tmp_path: Path):
     })
     store = ObjectStore((tmp_path / "store").as_uri())
     prefix = layout.raw_date_prefix(spec.name, DATE)
-    for path, (data, _) in corpus().items():
-        store.write_bytes(f"{prefix}/{path}", data)
     folder = store.local_path(prefix)
+    for path, (data, _) in corpus().items():
+        # Written as an uploader would (the store itself refuses keys with control characters).
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
     outside = tmp_path / "secret.wav"
     outside.write_bytes(_wav())
     (folder / "loop").symlink_to("../..")  # a loop: would list the store again and again

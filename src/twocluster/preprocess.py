@@ -98,7 +98,8 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     rows, ignored, fingerprint = [], Counter(), hashlib.sha256()
     vocabulary = {label: i for i, label in enumerate(spec.labels.vocabulary)}
     listing = store.listing(prefix)
-    ignored["symlink"] += len(listing.links)
+    if listing.links:
+        ignored["symlink"] = len(listing.links)
     for obj in listing.objects:
         rel = obj.key[len(prefix) + 1 :]
         name = posixpath.basename(rel)
