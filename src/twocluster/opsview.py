@@ -138,6 +138,9 @@ def date_lineage(o: PipelineOverview, date: dt.date) -> dict:
     }
 
 
+_NONE_ROW = "<tr><td colspan='6'>none</td></tr>"
+
+
 def render_run(v: RunView, base: str = "") -> str:
     p = f"{base}/pipelines/{v.pipeline}"
     dates = "".join(
@@ -157,9 +160,9 @@ def render_run(v: RunView, base: str = "") -> str:
     return _page(f"{v.pipeline}: run {v.run_id}",
                  f"<p><a href='{p}'>{escape(v.pipeline)}</a></p><section id='run'>{empty}"
                  f"<h2>Dates it committed</h2><table><tr><th>date</th><th>dataset</th><th class=num>accepted / rejected</th>"
-                 f"<th>predictions</th><th>scored by</th><th>problems</th></tr>{dates}</table>"
+                 f"<th>predictions</th><th>scored by</th><th>problems</th></tr>{dates or _NONE_ROW}</table>"
                  f"<h2 style='margin-top:12px'>Models it trained or gated</h2><table><tr><th>version</th><th class=num>test acc.</th>"
-                 f"<th>trained on</th><th>aliases now</th></tr>{models}</table>"
+                 f"<th>trained on</th><th>aliases now</th></tr>{models or _NONE_ROW}</table>"
                  f"<h2 style='margin-top:12px'>Gate decisions</h2><ul>{gate or '<li>none</li>'}</ul></section>")
 
 
