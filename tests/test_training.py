@@ -287,6 +287,15 @@ def test_strategy_follows_the_devices():
     assert strategy_kind(4, two_workers) == "multi_worker_mirrored"
 
 
+def _wait_for_checkpoint(store: ObjectStore, pointer: str, proc: subprocess.Popen, epoch: int, timeout: float = 300) -> None:
+    """Until the run's checkpoint pointer reaches ``epoch`` (or the process ends)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if store.exists(pointer) and json.loads(store.read_bytes(pointer))["epoch"] >= epoch:
+            return
+        time.sleep(0.05)
+
+
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
     """The trainer process is SIGKILLed after epoch 2's checkpoint reached the store; the rerun
     of the same job resumes at epoch 2 instead of starting over."""
@@ -298,11 +307,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_pat
     pointer = "models/kws_cnn/runs/run-preempted/LATEST.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if store.exists(pointer) and json.loads(store.read_bytes(pointer))["epoch"] >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_checkpoint(store, pointer, proc, epoch=2)
         assert proc.poll() is None, "training finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -374,11 +379,7 @@ def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dat
     cmd = [sys.executable, "-c", TASK_PROCESS, str(ROOT / "plugins"), str(spec_path)]
     task = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while task.poll() is None and time.monotonic() < deadline:
-            if store.exists(pointer) and json.loads(store.read_bytes(pointer))["epoch"] >= 2:
-                break
-            time.sleep(0.05)
+        _wait_for_checkpoint(store, pointer, task, epoch=2)
         trainers = _children(task.pid)
         assert task.poll() is None and trainers, "training finished (or never started) before the kill"
         os.kill(task.pid, signal.SIGKILL)  # only the task process, as Airflow's supervisor does

@@ -23,6 +23,24 @@ class ArrivalsIncomplete(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Arrived:
+    """A date's raw folder as listed: its files (the marker aside) and whether the marker is there."""
+
+    files: int
+    bytes: int
+    marker: bool
+    newest_mtime_ns: int | None
+
+
+def arrived(store: ObjectStore, pipeline: str, date: str | dt.date) -> Arrived:
+    prefix = layout.raw_date_prefix(pipeline, date)
+    objects = store.list(prefix)
+    data = [o for o in objects if o.key != f"{prefix}/{layout.ARRIVED_MARKER}"]
+    return Arrived(len(data), sum(o.size for o in data), len(data) < len(objects),
+                   max((o.mtime_ns or 0 for o in data), default=None))
+
+
+@dataclass(frozen=True)
 class ArrivalDecision:
     proceed: bool
     complete: bool
@@ -47,14 +65,12 @@ def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.
     object modification times."""
     policy = spec.arrivals
     prefix = layout.raw_date_prefix(spec.name, date)
-    objects = store.list(prefix)
-    marker = any(o.key == f"{prefix}/{layout.ARRIVED_MARKER}" for o in objects)
-    data = [o for o in objects if o.key != f"{prefix}/{layout.ARRIVED_MARKER}"]
-    files, size = len(data), sum(o.size for o in data)
+    listed = arrived(store, spec.name, date)
+    files, size = listed.files, listed.bytes
     if policy.completeness == "none":
         return ArrivalDecision(True, True, files, size, "the spec does not wait for arrivals")
     if policy.completeness == "marker":
-        if marker:
+        if listed.marker:
             return ArrivalDecision(True, True, files, size, f"{layout.ARRIVED_MARKER} is there")
         waiting = f"no {layout.ARRIVED_MARKER} in {store.uri(prefix)} ({files} files so far)"
     else:
@@ -62,7 +78,7 @@ def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.
             from twocluster.gc import store_now_ns as probe
 
             store_now_ns = probe(store)
-        newest = max((o.mtime_ns or 0 for o in data), default=None)
+        newest = listed.newest_mtime_ns
         quiet_ns = int(policy.quiet_minutes * 60e9)
         if newest is not None and store_now_ns - newest >= quiet_ns:
             return ArrivalDecision(True, True, files, size, f"no change for {policy.quiet_minutes:g} minutes")

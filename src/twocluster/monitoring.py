@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from twocluster import layout, registry
+from twocluster.arrivals import arrived
 from twocluster.commitlog import CommitLog, GateDecided
 from twocluster.manifest import (
     CommittedVersion,
@@ -198,10 +199,8 @@ def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
 
 
 def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
-    objects = store.list(layout.raw_date_prefix(pipeline, date))
-    marker = any(o.key.endswith("/" + layout.ARRIVED_MARKER) for o in objects)
-    data = [o for o in objects if not o.key.endswith("/" + layout.ARRIVED_MARKER)]
-    return Raw(files=len(data), bytes=sum(o.size for o in data), complete=marker)
+    listed = arrived(store, pipeline, date)
+    return Raw(files=listed.files, bytes=listed.bytes, complete=listed.marker)
 
 
 def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | None = None,

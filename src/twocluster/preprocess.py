@@ -198,7 +198,7 @@ def featurizing_udf(spec: PipelineSpec, store: ObjectStore, require_label: bool 
             for keys, labels, folders, sizes, prechecked in batches:
                 known = labels.notna().to_numpy() if require_label else np.ones(len(keys), dtype=bool)
                 # Condemned by the listing (too large, bad name): never read.
-                listed_ok = (prechecked.to_numpy() == "") & (sizes.to_numpy() <= max_bytes)
+                listed_ok = prechecked.to_numpy() == ""
                 wanted = known & listed_ok
                 fetched = list(pool.map(fetch, keys[wanted]))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
@@ -207,7 +207,7 @@ def featurizing_udf(spec: PipelineSpec, store: ObjectStore, require_label: bool 
                 reasons: list[str | None] = [None] * len(keys)
                 details = [""] * len(keys)
                 for i in np.flatnonzero(known & ~listed_ok):
-                    reasons[i] = prechecked.iloc[i] or TOO_LARGE
+                    reasons[i] = prechecked.iloc[i]
                     details[i] = (f"{sizes.iloc[i]} bytes in the listing; the spec allows {max_bytes}" if reasons[i] == TOO_LARGE
                                   else "the name holds control characters")
                 for j, i in enumerate(np.flatnonzero(wanted)):

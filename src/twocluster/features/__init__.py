@@ -8,6 +8,7 @@ rejects table and in the manifest's ``counts.rejected_by_reason``.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ class Featurizer:
 
 
 def extension_of(name: str) -> str:
-    return name.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    return posixpath.splitext(name)[1][1:].lower()
 
 
 def featurizer_for(spec: LogMelFeaturizerSpec | ImageFeaturizerSpec) -> Featurizer:
