@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# SQLite lets one writer in at a time and makes the others wait only 5 s by default; with a
+# scheduler, a DAG processor, a triggerer and an API server writing one file on two busy cores, a
+# CLI write (`airflow backfill create`) waited longer than that and failed with "database is
+# locked". Wait up to a minute instead (`sqlite3.connect(timeout=)`; aiosqlite passes it through).
+SQLITE_CONNECT_ARGS = {"timeout": 60}
 POOLS = {"spark_cluster": (1, "Spark jobs in flight (the Spark cluster's capacity)"),
          "gpu_training": (1, "training jobs in flight (the GPU backend's capacity)")}
 
@@ -35,6 +40,9 @@ def airflow_env(airflow_home: Path, store_uri: str, *, dags_folder: Path | None 
         "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
         "PYSPARK_PYTHON": sys.executable,
     })
+    if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+        for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+            env[key] = f"{__name__}.SQLITE_CONNECT_ARGS"
     return env
 
 

@@ -1,0 +1,33 @@
+"""The embedded Airflow (SQLite) used by `make run` and the tests."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
+
+
+def test_a_cli_write_waits_for_a_writer_holding_the_database_instead_of_failing(tmp_path):
+    """CI failed with "database is locked" when `airflow backfill create` ran next to the
+    scheduler, the DAG processor and the API server: SQLite's default busy timeout is 5 s. Hold
+    the write lock for 8 s, as a busy scheduler can, and a CLI write must still succeed."""
+    env = airflow_env(tmp_path / "airflow", (tmp_path / "store").as_uri())
+    prepare(env)
+    holder = sqlite3.connect(tmp_path / "airflow" / "airflow.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE slot_pool SET description = description")
+    released = threading.Timer(8, lambda: holder.execute("COMMIT"))
+    released.start()
+    started = time.monotonic()
+    try:
+        result = airflow(env, "pools", "set", "spark_cluster", "2", "resized while the database was busy",
+                         capture_output=True, text=True, timeout=120)
+    finally:
+        released.join()
+        holder.close()
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert time.monotonic() - started >= 8
+    listed = airflow(env, "pools", "get", "spark_cluster", "-o", "plain", capture_output=True, text=True, timeout=120)
+    assert "resized while the database was busy" in listed.stdout
