@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+	$(VENV_PY) -m twocluster.demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
 
 test: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw aplay=alsa-utils docker-compose=docker-compose chromium=chromium
@@ -42,7 +42,7 @@ ui: venv
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster.sample_data --store $(TWOCLUSTER_STORE_URI) --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+	$(VENV_PY) -m twocluster.demo.sample_data --store $(TWOCLUSTER_STORE_URI) --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
 
 venv: $(INSTALLED)
 

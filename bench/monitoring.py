@@ -1,7 +1,7 @@
 """The ops page's read time on a year of history: 365 dates x (dataset + predictions) and 50 model
 versions with an alias moved along them, on file:// and (when Ceph RGW is installed) s3://.
 
-    ours:      twocluster.monitoring.pipeline_overview with a 365-day window, cold (empty cache) and
+    ours:      twocluster.ops.monitoring.pipeline_overview with a 365-day window, cold (empty cache) and
                warm (a reload after one more commit)
     baseline:  the same locations read one after another without the cache (what a reader that
                simply walks the logs, like `twocluster status`, does)
@@ -26,9 +26,9 @@ def fill(store, spec) -> list[str]:
     """A year of committed datasets and predictions, and 50 model versions, written in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from twocluster import layout, registry
-    from twocluster.featurespec import FeatureSpec, TensorSpec
-    from twocluster.manifest import (
+    from twocluster.store import layout, registry
+    from twocluster.store.featurespec import FeatureSpec, TensorSpec
+    from twocluster.store.manifest import (
         Counts,
         DatasetManifest,
         Lineage,
@@ -39,7 +39,7 @@ def fill(store, spec) -> list[str]:
         PredictionSummary,
         commit_version,
     )
-    from twocluster.storage import checksum_bytes
+    from twocluster.store.storage import checksum_bytes
 
     features = FeatureSpec(kind="log_mel", features={"log_mel": TensorSpec(dtype="float32", shape=[97, 40])}, params={},
                            featurizer_code="sha256:" + "1" * 64, label_vocabulary=["yes", "no"])
@@ -91,9 +91,9 @@ def fill(store, spec) -> list[str]:
 
 
 def measure(store, spec, label: str) -> dict:
-    from twocluster import layout
-    from twocluster.manifest import scan_location
-    from twocluster.monitoring import _COMMIT_RECORDS, CACHE, pipeline_overview
+    from twocluster.ops.monitoring import _COMMIT_RECORDS, CACHE, pipeline_overview
+    from twocluster.store import layout
+    from twocluster.store.manifest import scan_location
 
     today = START + dt.timedelta(days=DATES - 1)
     CACHE._entries.clear()
@@ -124,7 +124,7 @@ def measure(store, spec, label: str) -> dict:
 
 def run(workdir: Path, with_s3: bool = True) -> list[dict]:
     from twocluster.spec import default_spec_path, load_pipeline_spec
-    from twocluster.storage import ObjectStore
+    from twocluster.store.storage import ObjectStore
 
     spec = load_pipeline_spec(default_spec_path("speech_commands"))
     spec = spec.model_copy(update={"start_date": START, "end_date": START + dt.timedelta(days=DATES - 1)})

@@ -69,10 +69,10 @@ class BenchContext:
     arrivals, its featurized rows (cached), the committed dataset and a trained, committed model."""
 
     def __init__(self, workdir: Path, clips: int, repeats: int, quick: bool):
-        from twocluster import sample_data
+        from twocluster.demo import sample_data
         from twocluster.features import featurizer_for
         from twocluster.spec import default_spec_path, load_pipeline_spec
-        from twocluster.storage import ObjectStore
+        from twocluster.store.storage import ObjectStore
 
         self.workdir, self.clips, self.repeats, self.quick = workdir, clips, repeats, quick
         self.scale_repeats = 1 if quick else 2
@@ -93,7 +93,7 @@ class BenchContext:
 
     @property
     def spark(self):
-        from twocluster.sparkutil import get_spark
+        from twocluster.spark.session import get_spark
 
         if self._spark is None:
             self._spark = get_spark("bench", master="local[2]", arrow_batch_rows=64)
@@ -103,7 +103,7 @@ class BenchContext:
     def featurized(self):
         from pyspark import StorageLevel
 
-        from twocluster.preprocess import featurize, list_inputs
+        from twocluster.spark.io import featurize, list_inputs
 
         if self._featurized is None:
             inputs, _, _ = list_inputs(self.store, self.spec, self.date)
@@ -114,7 +114,7 @@ class BenchContext:
 
     @property
     def dataset_manifest_uri(self) -> str:
-        from twocluster.preprocess import run_preprocess
+        from twocluster.spark.preprocess import run_preprocess
 
         if self._dataset_uri is None:
             self._dataset_uri = run_preprocess(self.spark, self.spec, self.store, self.date, run_id="bench").manifest_uri
@@ -122,9 +122,9 @@ class BenchContext:
 
     @property
     def model_version(self) -> tuple[str, str]:
-        from twocluster import registry
-        from twocluster.orchestration import training_job
-        from twocluster.training import run_training
+        from twocluster.orchestration.runs import training_job
+        from twocluster.store import registry
+        from twocluster.training.trainer import run_training
 
         if self._model is None:
             m = self.spec.model
@@ -136,15 +136,15 @@ class BenchContext:
 
     @property
     def model_manifest(self):
-        from twocluster import registry
+        from twocluster.store import registry
 
         return registry.read_model_manifest(self.store, *self.model_version)
 
     def fresh_store_with(self, day: dt.date):
         """A new store holding only ``day``'s arrivals (a copy), so a job run on it does its full
         work instead of finding a committed version with the same inputs."""
-        from twocluster import layout
-        from twocluster.storage import ObjectStore
+        from twocluster.store import layout
+        from twocluster.store.storage import ObjectStore
 
         self._fresh += 1
         store = ObjectStore((self.workdir / f"store-{self._fresh}").as_uri())
@@ -155,7 +155,7 @@ class BenchContext:
 
     def publish_into(self, store) -> None:
         """Copy the trained model version and its alias into ``store``."""
-        from twocluster import layout
+        from twocluster.store import layout
 
         name, version = self.model_version
         for prefix in (layout.model_version_prefix(name, version), layout.model_alias_prefix(name, self.spec.scoring.alias)):
@@ -174,8 +174,8 @@ class BenchContext:
 def featurize_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark.sql.functions import udf
 
-    from twocluster.preprocess import FEATURIZED_SCHEMA, featurize, list_inputs
-    from twocluster.storage import ObjectStore
+    from twocluster.spark.preprocess import FEATURIZED_SCHEMA, featurize, list_inputs
+    from twocluster.store.storage import ObjectStore
 
     spec, store = ctx.spec, ctx.store
     inputs, _, _ = list_inputs(store, spec, ctx.date)
@@ -200,7 +200,7 @@ def featurize_figures(ctx: BenchContext) -> list[Figure]:
     @udf(FEATURIZED_SCHEMA)
     def featurize_row(key: str):
         # Row-at-a-time: one Python call, one fetch and one featurization per row.
-        from twocluster.preprocess import _worker_featurizer
+        from twocluster.spark.preprocess import _worker_featurizer
 
         f = _worker_featurizer(feat_json, "log_mel")
         b = f.featurize_many([ObjectStore(root_uri).read_bytes(key)])
@@ -239,8 +239,8 @@ def write_figure(ctx: BenchContext) -> Figure:
     sequential write of the same bytes, in the same number of files, to the same store."""
     from pyspark import StorageLevel
 
-    from twocluster import layout
-    from twocluster.preprocess import promote_staged, shards_per_split, write_shards
+    from twocluster.spark.preprocess import promote_staged, shards_per_split, write_shards
+    from twocluster.store import layout
 
     spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
     accepted = ctx.featurized.filter("reason IS NULL").drop("reason", "detail").persist(StorageLevel.MEMORY_AND_DISK)
@@ -286,8 +286,8 @@ def input_pipeline_figure(ctx: BenchContext) -> Figure:
     import keras
     import tensorflow as tf
 
-    from twocluster.jobspec import TrainingJobSpec
-    from twocluster.training import build_model, make_dataset, stage_datasets
+    from twocluster.store.jobspec import TrainingJobSpec
+    from twocluster.training.trainer import build_model, make_dataset, stage_datasets
 
     job = TrainingJobSpec(run_id="bench", pipeline=ctx.spec.name, datasets=[ctx.dataset_manifest_uri], model_name="bench",
                           store_uri=ctx.store.root_uri)
@@ -334,8 +334,8 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark import StorageLevel
     from pyspark.sql.functions import pandas_udf
 
-    from twocluster.gate import stage_model
-    from twocluster.scoring import PREDICTION_SCHEMA, predict_batch, score
+    from twocluster.spark.scoring import PREDICTION_SCHEMA, predict_batch, score
+    from twocluster.training.gate import stage_model
 
     spec, store = ctx.spec, ctx.store
     model_name, version = ctx.model_version
@@ -399,9 +399,9 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
 def scale_figures(ctx: BenchContext) -> list[Figure]:
     """Whole preprocessing and scoring jobs (run_preprocess / run_scoring, as spark-submit runs
     them) at 1x and 4x the data: time ratio, and the driver's peak memory ratio."""
-    from twocluster import sample_data
-    from twocluster.preprocess import run_preprocess
-    from twocluster.scoring import run_scoring
+    from twocluster.demo import sample_data
+    from twocluster.spark.preprocess import run_preprocess
+    from twocluster.spark.scoring import run_scoring
 
     small_date, big_date = ctx.date + dt.timedelta(days=1), ctx.date
     sample_data.generate_day(ctx.store, ctx.spec, small_date, clips=ctx.clips // 4, seed=7, bad_files=0)

@@ -1,4 +1,4 @@
-"""The ops page inside the Airflow UI: the FastAPI app of :mod:`twocluster.opsview` mounted on the
+"""The ops page inside the Airflow UI: the FastAPI app of :mod:`twocluster.ops.opsview` mounted on the
 API server at ``/twocluster``, linked from the navigation ("Browse" -> "Pipeline health") and from
 every DAG run (a "Store lineage" tab: what that run committed).
 
@@ -10,22 +10,21 @@ environment variable, else the spec's ``store_uri``; pipelines are the specs in
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from pathlib import Path
 
 from airflow.plugins_manager import AirflowPlugin
 
+from twocluster.deployment import PIPELINES_DIR
+
 URL_PREFIX = "/twocluster"
-PIPELINES_DIR = Path(os.environ.get("TWOCLUSTER_PIPELINES_DIR") or Path(__file__).resolve().parents[1] / "pipelines")
 
 
 @lru_cache(maxsize=1)
 def _app():
     from airflow.api_fastapi.core_api.security import requires_authenticated
 
-    from twocluster.opsview import create_app, load_specs
-    from twocluster.storage import ObjectStore
+    from twocluster.ops.opsview import create_app, load_specs
+    from twocluster.store.storage import ObjectStore
 
     def store_for(spec):
         return ObjectStore(spec.resolve_store_uri())

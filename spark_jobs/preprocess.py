@@ -15,12 +15,12 @@ import logging
 import sys
 import uuid
 
-from twocluster.layout import LayoutError, check_date
-from twocluster.manifest import ManifestError
-from twocluster.preprocess import PreprocessError, run_preprocess
-from twocluster.sparkutil import get_spark
+from twocluster.spark.preprocess import PreprocessError, run_preprocess
+from twocluster.spark.session import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
-from twocluster.storage import ObjectStore, StorageError
+from twocluster.store.layout import LayoutError, check_date
+from twocluster.store.manifest import ManifestError
+from twocluster.store.storage import ObjectStore, StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

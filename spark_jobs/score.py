@@ -16,13 +16,13 @@ import sys
 import uuid
 from dataclasses import asdict
 
-from twocluster.layout import LayoutError, check_date, check_name
-from twocluster.manifest import ManifestError
-from twocluster.registry import RegistryError
-from twocluster.scoring import ScoringError, run_scoring
-from twocluster.sparkutil import get_spark
+from twocluster.spark.scoring import ScoringError, run_scoring
+from twocluster.spark.session import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
-from twocluster.storage import ObjectStore, StorageError
+from twocluster.store.layout import LayoutError, check_date, check_name
+from twocluster.store.manifest import ManifestError
+from twocluster.store.registry import RegistryError
+from twocluster.store.storage import ObjectStore, StorageError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from twocluster.devtools.local_s3 import LocalRGW
 from twocluster.spec import PipelineSpec, default_spec_path, load_pipeline_spec
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 
 TEST_BUCKET = "twocluster-tests"
 # The test RGW's keys, chosen before anything starts: Spark executors never receive credentials
@@ -58,7 +58,7 @@ def spark():
 
     # Executors' Python workers must be this interpreter (the venv), whatever PATH says.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    from twocluster.sparkutil import get_spark
+    from twocluster.spark.session import get_spark
 
     session = get_spark("twocluster-tests", master="local[2,3]")
     yield session

@@ -11,8 +11,8 @@ from pathlib import Path
 from test_gc import MODEL, commit_model
 from test_manifest import LOCATION, PIPELINE, T0, _commit
 
-from twocluster import layout, registry
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.storage import ObjectStore
 
 CLI = str(Path(sys.executable).parent / "twocluster")
 

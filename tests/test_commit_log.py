@@ -15,11 +15,11 @@ import pytest
 from conftest import TEST_BUCKET
 from test_manifest import LOCATION, T0, _commit, _manifest, _write_version
 
-from twocluster import layout
-from twocluster.commitlog import CommitLog, VersionCommitted
-from twocluster.manifest import LegacyLayoutError, resolve_latest, scan_location
-from twocluster.migrate import migrate
-from twocluster.storage import ObjectStore, S3Settings, checksum_bytes
+from twocluster.store import layout
+from twocluster.store.commitlog import CommitLog, VersionCommitted
+from twocluster.store.manifest import LegacyLayoutError, resolve_latest, scan_location
+from twocluster.store.migrate import migrate
+from twocluster.store.storage import ObjectStore, S3Settings, checksum_bytes
 
 
 def _bad_latest(store: ObjectStore, how: str) -> str:
@@ -218,7 +218,7 @@ def test_a_failed_multipart_upload_leaves_no_parts(s3_store: ObjectStore, tmp_pa
             self.sent += n
             return b"x" * n
 
-    from twocluster.storage import StorageError
+    from twocluster.store.storage import StorageError
 
     with pytest.raises(StorageError, match="upload failed"):
         s3_store.upload_stream(Breaks(40 << 20), "big/object.bin")
@@ -242,7 +242,7 @@ def _legacy_manifest(version: str, created_at: dt.datetime, prefix_files) -> byt
 
 
 def test_a_pre_log_store_is_refused_clearly_then_migrated(store: ObjectStore):
-    from twocluster.manifest import describe_files
+    from twocluster.store.manifest import describe_files
 
     older, newer = layout.new_version_id(T0 + dt.timedelta(hours=3)), layout.new_version_id(T0)
     for version, created in ((older, T0), (newer, T0 + dt.timedelta(hours=1))):

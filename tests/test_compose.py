@@ -93,10 +93,8 @@ def test_connections_and_gpu_reservation(compose):
 
 def test_the_backend_config_in_compose_is_valid(compose):
     import json
-    import sys
 
-    sys.path.insert(0, str(ROOT / "plugins"))
-    from training_backends import TrainingBackendConfig
+    from twocluster.orchestration.backends import TrainingBackendConfig
 
     env = compose["services"]["airflow-scheduler"]["environment"]
     config = TrainingBackendConfig.model_validate(json.loads(env["AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"]))
@@ -159,9 +157,9 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
         # the trainer cannot publish around it, and no component writes outside its own area.
         from botocore.exceptions import ClientError
 
-        from twocluster import layout
-        from twocluster.commitlog import AliasMoved, CommitLog
-        from twocluster.storage import ObjectStore, S3Settings, StorageError
+        from twocluster.store import layout
+        from twocluster.store.commitlog import AliasMoved, CommitLog
+        from twocluster.store.storage import ObjectStore, S3Settings, StorageError
 
         denied = [(trainer, "models/m/aliases/production/_log/00000000000000000002.json"),
                   (trainer, "models/m/gate/_log/00000000000000000002.json"),

@@ -8,12 +8,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from twocluster import layout
 from twocluster.features import featurizer_for
 from twocluster.features.audio import LogMelFeaturizer
-from twocluster.manifest import read_manifest
-from twocluster.preprocess import run_preprocess
+from twocluster.spark.preprocess import run_preprocess
 from twocluster.spec import ImageFeaturizer, parse_pipeline_spec
+from twocluster.store import layout
+from twocluster.store.manifest import read_manifest
 
 
 def _wav(audio: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:

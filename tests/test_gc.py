@@ -7,10 +7,10 @@ import time
 
 from test_manifest import FEATURES, LOCATION, PIPELINE, T0, _commit, _write_version
 
-from twocluster import layout, registry
-from twocluster.gc import apply_gc, plan_gc
-from twocluster.manifest import InFlight, Lineage, ModelManifest, ModelMetrics, commit_version, resolve_latest, scan_location
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.gc import apply_gc, plan_gc
+from twocluster.store.manifest import InFlight, Lineage, ModelManifest, ModelMetrics, commit_version, resolve_latest, scan_location
+from twocluster.store.storage import ObjectStore
 
 MODEL = "kws_cnn"
 GRACE = dt.timedelta(seconds=3)
@@ -20,7 +20,7 @@ def commit_model(store: ObjectStore, trained_on: list[str], run_id: str) -> str:
     version = layout.new_version_id()
     prefix = layout.model_version_prefix(MODEL, version)
     store.write_bytes(f"{prefix}/model.keras", b"weights")
-    from twocluster.manifest import describe_files
+    from twocluster.store.manifest import describe_files
 
     commit_version(store, layout.model_versions_prefix(MODEL), ModelManifest(
         version=version, created_at=T0, files=describe_files(store, prefix), model=MODEL, feature_spec=FEATURES,

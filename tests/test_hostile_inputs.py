@@ -19,10 +19,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from twocluster import layout
-from twocluster.manifest import read_manifest
-from twocluster.preprocess import run_preprocess
-from twocluster.storage import ObjectStore
+from twocluster.spark.preprocess import run_preprocess
+from twocluster.store import layout
+from twocluster.store.manifest import read_manifest
+from twocluster.store.storage import ObjectStore
 
 DATE = dt.date(2026, 11, 3)
 TEN_MINUTES = 600

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from twocluster import layout
+from twocluster.store import layout
 
 
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "A", "", "x;rm -rf /", "a b", "-lead", "x" * 65, None])
@@ -58,7 +58,7 @@ def test_dates_are_matched_whole_on_ascii(bad):
 
 
 def test_run_ids_that_differ_anywhere_get_different_keys():
-    from twocluster.orchestration import training_run_id
+    from twocluster.orchestration.runs import training_run_id
 
     long_a, long_b = "manual__" + "x" * 130 + "a", "manual__" + "x" * 130 + "b"
     assert training_run_id("p", "2026-11-20", long_a) != training_run_id("p", "2026-11-20", long_b)
@@ -73,7 +73,7 @@ def test_run_ids_that_differ_anywhere_get_different_keys():
 
 @pytest.mark.parametrize("key", ["a//b", "a/\nb", "a/b\x00", "a/./b"])
 def test_store_keys_with_control_characters_or_empty_segments_are_refused(tmp_path, key):
-    from twocluster.storage import ObjectStore, StorageError
+    from twocluster.store.storage import ObjectStore, StorageError
 
     store = ObjectStore(tmp_path.as_uri())
     with pytest.raises(StorageError):

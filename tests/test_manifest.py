@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from twocluster import layout
-from twocluster.commitlog import CommitLog
-from twocluster.featurespec import FeatureSpec, TensorSpec
-from twocluster.manifest import (
+from twocluster.store import layout
+from twocluster.store.commitlog import CommitLog
+from twocluster.store.featurespec import FeatureSpec, TensorSpec
+from twocluster.store.manifest import (
     CommitConflict,
     Counts,
     DatasetManifest,
@@ -24,7 +24,7 @@ from twocluster.manifest import (
     scan_location,
     verify_files,
 )
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 
 PIPELINE, DATE = "speech_commands", "2026-11-20"
 T0 = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)

@@ -12,12 +12,20 @@ from fastapi.testclient import TestClient
 from test_gc import commit_model
 from test_manifest import FEATURES
 
-from twocluster import layout, registry
-from twocluster.commitlog import CommitLog, GateDecided
-from twocluster.manifest import Counts, DatasetManifest, Lineage, PredictionsManifest, PredictionSummary, commit_version, describe_files
-from twocluster.monitoring import health_problems, pipeline_overview, tvd
-from twocluster.opsview import create_app
-from twocluster.storage import ObjectStore
+from twocluster.ops.monitoring import health_problems, pipeline_overview, tvd
+from twocluster.ops.opsview import create_app
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import CommitLog, GateDecided
+from twocluster.store.manifest import (
+    Counts,
+    DatasetManifest,
+    Lineage,
+    PredictionsManifest,
+    PredictionSummary,
+    commit_version,
+    describe_files,
+)
+from twocluster.store.storage import ObjectStore
 
 D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(5)]
 LABELS = {"yes": 50, "no": 48}

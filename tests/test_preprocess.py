@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from twocluster import layout, sample_data
-from twocluster.manifest import DatasetManifest, read_manifest, scan_location, unlisted_files, verify_files
-from twocluster.preprocess import RejectRateExceeded, run_preprocess
-from twocluster.storage import ObjectStore
+from twocluster.demo import sample_data
+from twocluster.spark.preprocess import RejectRateExceeded, run_preprocess
+from twocluster.store import layout
+from twocluster.store.manifest import DatasetManifest, read_manifest, scan_location, unlisted_files, verify_files
+from twocluster.store.storage import ObjectStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 18)
@@ -299,13 +300,13 @@ def test_a_failed_first_task_attempt_leaves_no_stray_shards(spark, speech_spec, 
 
 def test_a_featurizer_change_reprocesses_and_an_unrelated_change_does_not(spark, speech_spec, file_store, monkeypatch):
     """Defect 4: the dataset fingerprint covers the content of the code that shapes it."""
-    import twocluster.preprocess as preprocess
+    import twocluster.spark.io as spark_io
 
     _arrive(file_store, speech_spec, clips=30, bad=0)
     first = run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-1")
-    real = preprocess.code_hashes()
-    monkeypatch.setattr(preprocess, "code_hashes", lambda: {**real, "trainer": "sha256:" + "a" * 64, "scoring": "sha256:" + "b" * 64})
+    real = spark_io.code_hashes()
+    monkeypatch.setattr(spark_io, "code_hashes", lambda: {**real, "trainer": "sha256:" + "a" * 64, "scoring": "sha256:" + "b" * 64})
     assert run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-2").status == "unchanged"
-    monkeypatch.setattr(preprocess, "code_hashes", lambda: {**real, "featurizer": "sha256:" + "c" * 64})
+    monkeypatch.setattr(spark_io, "code_hashes", lambda: {**real, "featurizer": "sha256:" + "c" * 64})
     changed = run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-3")
     assert changed.status == "committed" and changed.version != first.version

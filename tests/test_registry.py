@@ -9,9 +9,9 @@ import threading
 import pytest
 from test_gc import MODEL, commit_model
 
-from twocluster import layout, registry
-from twocluster.commitlog import AliasMoved, CommitLog
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import AliasMoved, CommitLog
+from twocluster.store.storage import ObjectStore
 
 
 def test_concurrent_alias_moves_from_one_state_exactly_one_wins(store: ObjectStore):

@@ -8,11 +8,11 @@ import datetime as dt
 import pytest
 from test_manifest import FEATURES
 
-from twocluster import layout, registry
-from twocluster.manifest import Counts, DatasetManifest, Lineage, ModelManifest, ModelMetrics, commit_version
-from twocluster.orchestration import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id
-from twocluster.retrain import committed_datasets, decide_retrain
-from twocluster.storage import ObjectStore
+from twocluster.orchestration.retrain import committed_datasets, decide_retrain
+from twocluster.orchestration.runs import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id
+from twocluster.store import layout, registry
+from twocluster.store.manifest import Counts, DatasetManifest, Lineage, ModelManifest, ModelMetrics, commit_version
+from twocluster.store.storage import ObjectStore
 
 D = dt.date(2026, 11, 10)
 

@@ -9,13 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from twocluster import layout, registry, sample_data
+from twocluster.demo import sample_data
 from twocluster.features import featurizer_for
-from twocluster.gate import gate_and_publish
-from twocluster.jobspec import TrainingJobSpec
-from twocluster.manifest import read_manifest, unlisted_files, verify_files
-from twocluster.preprocess import run_preprocess
-from twocluster.scoring import (
+from twocluster.spark.preprocess import run_preprocess
+from twocluster.spark.scoring import (
     FeatureSpecMismatch,
     FeaturizerCodeChanged,
     predict_batch,
@@ -23,9 +20,13 @@ from twocluster.scoring import (
     run_scoring,
     visible_gpus_for_task,
 )
-from twocluster.sparkutil import gpu_executor_settings
-from twocluster.storage import ObjectStore
-from twocluster.training import run_training
+from twocluster.spark.session import gpu_executor_settings
+from twocluster.store import layout, registry
+from twocluster.store.jobspec import TrainingJobSpec
+from twocluster.store.manifest import read_manifest, unlisted_files, verify_files
+from twocluster.store.storage import ObjectStore
+from twocluster.training.gate import gate_and_publish
+from twocluster.training.trainer import run_training
 
 TRAIN_DATE, SCORE_DATE = dt.date(2026, 11, 10), dt.date(2026, 11, 11)
 ALSA = sorted(glob.glob("/usr/share/sounds/alsa/*.wav"))

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from twocluster.storage import (
+from twocluster.store.storage import (
     ObjectNotFound,
     ObjectStore,
     S3Settings,
@@ -145,8 +145,8 @@ def test_bytes_are_stored_exactly_whatever_the_extension(store: ObjectStore, tmp
 def test_a_snapshot_answers_listings_like_the_store_and_caches_only_commit_records(store: ObjectStore, monkeypatch):
     """The ops page's view (one recursive listing per area): its listings equal the store's, it
     refuses writes, and a cached commit record is re-read when the listing shows it changed."""
-    from twocluster import layout
-    from twocluster.storage import StoreSnapshot
+    from twocluster.store import layout
+    from twocluster.store.storage import StoreSnapshot
 
     keys = ["a/x/_log/00000000000000000001.json", "a/x/_log/00000000000000000002.json", "a/x/v=1/_MANIFEST.json",
             "a/x/v=1/data/part-0", "a/y/file", "a/yy/file", "b/outside"]

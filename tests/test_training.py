@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from twocluster import layout, registry, sample_data
-from twocluster.commitlog import AliasMoved, CommitLog
-from twocluster.gate import gate_and_publish
-from twocluster.jobspec import JobSpecError, TrainingJobSpec, load_job_spec, parse_job_spec
-from twocluster.manifest import ManifestError, ModelManifest, commit_version, describe_files, read_manifest
-from twocluster.preprocess import run_preprocess
-from twocluster.storage import ObjectStore
-from twocluster.training import TrainingError, run_training, stage_datasets, strategy_kind
+from twocluster.demo import sample_data
+from twocluster.spark.preprocess import run_preprocess
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import AliasMoved, CommitLog
+from twocluster.store.jobspec import JobSpecError, TrainingJobSpec, load_job_spec, parse_job_spec
+from twocluster.store.manifest import ManifestError, ModelManifest, commit_version, describe_files, read_manifest
+from twocluster.store.storage import ObjectStore
+from twocluster.training.gate import gate_and_publish
+from twocluster.training.trainer import TrainingError, run_training, stage_datasets, strategy_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 17)
@@ -331,7 +332,7 @@ def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
     shards = [Path(p) for paths in first.files.values() for p in paths]
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     assert all(str(p).startswith(str(tmp_path / first.dataset_versions[0])) for p in shards)
-    with caplog.at_level("INFO", logger="twocluster.training"):
+    with caplog.at_level("INFO", logger="twocluster.training.trainer"):
         second = stage_datasets(job, tmp_path)
     assert second.files == first.files
     assert {p: p.stat().st_mtime_ns for p in shards} == mtimes, "nothing was downloaded again"
@@ -347,7 +348,7 @@ def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
 TASK_PROCESS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from training_backends import LocalTrainingOperator
+from twocluster.orchestration.backends import LocalTrainingOperator
 op = LocalTrainingOperator(task_id="train", job_spec_uri=sys.argv[2])
 print("RESULT " + json.dumps(op.execute(context={})), flush=True)
 """
@@ -413,7 +414,7 @@ def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dat
 ])
 def test_only_the_chief_of_a_multi_worker_job_writes(tf_config, chief, tmp_path):
     """Issue 14, item 9: a non-chief worker syncs no checkpoint (and commits no version)."""
-    from twocluster.training import _checkpoint_sync_callback, is_chief
+    from twocluster.training.trainer import _checkpoint_sync_callback, is_chief
 
     assert is_chief(tf_config) is chief
     store = ObjectStore((tmp_path / "store").as_uri())
@@ -431,7 +432,7 @@ def test_only_the_chief_of_a_multi_worker_job_writes(tf_config, chief, tmp_path)
     (b"", 2),
 ])
 def test_an_unreadable_checkpoint_pointer_falls_back_to_the_newest_complete_epoch(tmp_path, pointer, expected, caplog):
-    from twocluster.training import CHECKPOINT_POINTER, EPOCH_COMPLETE, restore_checkpoint
+    from twocluster.training.trainer import CHECKPOINT_POINTER, EPOCH_COMPLETE, restore_checkpoint
 
     store = ObjectStore((tmp_path / "store").as_uri())
     prefix = "models/m/runs/r"

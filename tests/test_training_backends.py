@@ -5,15 +5,11 @@ test_training.py-style data below."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-
-from training_backends import LocalTrainingOperator, TrainingBackendConfig, training_operator  # noqa: E402
+from twocluster.orchestration.backends import LocalTrainingOperator, TrainingBackendConfig, training_operator
 
 JOB = "s3://ml-store/jobs/run-7.json"
 
@@ -90,7 +86,7 @@ TI = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__
 
 def test_docker_retry_reattaches_to_the_running_trainer_instead_of_starting_another(monkeypatch):
     """Issue 14, item 8 (Docker daemon faked: none runs here)."""
-    from training_backends import container_name_for
+    from twocluster.orchestration.backends import container_name_for
 
     name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
     api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}])
@@ -101,7 +97,7 @@ def test_docker_retry_reattaches_to_the_running_trainer_instead_of_starting_anot
 
 
 def test_docker_retry_removes_a_finished_leftover_and_starts_the_trainer(monkeypatch):
-    from training_backends import container_name_for
+    from twocluster.orchestration.backends import container_name_for
 
     name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
     api = FakeDockerAPI([{"Id": "dead01", "Names": [f"/{name}"], "State": "exited"}])
@@ -112,7 +108,8 @@ def test_docker_retry_removes_a_finished_leftover_and_starts_the_trainer(monkeyp
 
 def test_docker_reattached_trainer_that_failed_fails_the_task(monkeypatch):
     from airflow.providers.docker.exceptions import DockerContainerFailedException
-    from training_backends import container_name_for
+
+    from twocluster.orchestration.backends import container_name_for
 
     name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
     api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}], exit_code=137)
@@ -122,7 +119,7 @@ def test_docker_reattached_trainer_that_failed_fails_the_task(monkeypatch):
 
 
 def test_docker_names_of_runs_that_differ_late_do_not_collide():
-    from training_backends import container_name_for
+    from twocluster.orchestration.backends import container_name_for
 
     a, b = "backfill__" + "x" * 200 + "a", "backfill__" + "x" * 200 + "b"
     assert container_name_for("d", "train", a) != container_name_for("d", "train", b)

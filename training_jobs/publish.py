@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from twocluster import layout
-    from twocluster.gate import gate_and_publish
-    from twocluster.storage import ObjectStore
+    from twocluster.store import layout
+    from twocluster.store.storage import ObjectStore
+    from twocluster.training.gate import gate_and_publish
 
     try:
         layout.check_name(args.model, "model")

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
     # Imported after argument parsing so that --help is instant.
-    from twocluster.jobspec import JobSpecError, load_job_spec
-    from twocluster.manifest import ManifestError
-    from twocluster.storage import StorageError
-    from twocluster.training import TrainingError, run_training
+    from twocluster.store.jobspec import JobSpecError, load_job_spec
+    from twocluster.store.manifest import ManifestError
+    from twocluster.store.storage import StorageError
+    from twocluster.training.trainer import TrainingError, run_training
 
     try:
         spec = load_job_spec(args.job_spec)

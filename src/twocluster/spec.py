@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from twocluster import layout
+from twocluster import deployment
+from twocluster.store import layout
 
 STORE_URI_ENV = "TWOCLUSTER_STORE_URI"
 
@@ -170,7 +171,7 @@ class Model(_Strict):
 
 
 class Retrain(_Strict):
-    """See :mod:`twocluster.retrain`."""
+    """See :mod:`twocluster.orchestration.retrain`."""
 
     every_days: int = Field(7, gt=0)
     min_new_examples: int = Field(2000, ge=0)
@@ -305,4 +306,4 @@ def load_pipeline_spec(path: str | os.PathLike[str]) -> PipelineSpec:
 
 def default_spec_path(pipeline: str = "speech_commands") -> Path:
     """The spec shipped in the repository's ``pipelines/`` folder."""
-    return Path(__file__).resolve().parents[2] / "pipelines" / f"{layout.check_name(pipeline, 'pipeline')}.yaml"
+    return deployment.ROOT / "pipelines" / f"{layout.check_name(pipeline, 'pipeline')}.yaml"

@@ -27,11 +27,11 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # The features themselves: datasets, predictions, and the models trained on them.
     "featurizer": ("features/",),
     # How a dataset is listed, labelled, split and written (besides the features).
-    "preprocess": ("preprocess.py", "splits.py", "tfrecord.py"),
+    "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "store/tfrecord.py"),
     # How predictions are computed from features and a model.
-    "scoring": ("scoring.py",),
+    "scoring": ("spark/scoring.py", "spark/io.py"),
     # How a model is trained from staged datasets.
-    "trainer": ("training.py", "jobspec.py"),
+    "trainer": ("training/trainer.py", "store/jobspec.py"),
     # Everything in the package (recorded in lineage; decides nothing).
     "package": ("",),
 }

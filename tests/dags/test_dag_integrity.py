@@ -24,7 +24,6 @@ def _airflow_config(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
                        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"})
-    sys.path.insert(0, str(ROOT / "plugins"))
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -48,7 +47,6 @@ def test_dag_file_imports_no_heavy_library(dag_file, tmp_path):
     """Parsed in a fresh interpreter, as the DAG processor does."""
     code = (
         "import json, sys\n"
-        f"sys.path.insert(0, {str(ROOT / 'plugins')!r})\n"
         "from airflow.dag_processing.dagbag import DagBag\n"
         f"bag = DagBag(dag_folder={str(dag_file)!r}, safe_mode=False)\n"
         f"print(json.dumps({{'errors': list(bag.import_errors), 'heavy': sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))}}))\n"

@@ -9,7 +9,7 @@ import yaml
 from test_monitoring import _dataset, _raw
 
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 
 D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(3)]
 
@@ -28,7 +28,7 @@ def test_an_unhealthy_pipeline_fails_the_check_and_names_the_dates(tmp_path, spe
     _dataset(store, spec, D[1], rejected=40)  # nothing was ever scored, and D[1] rejects 29%
     dags = tmp_path / "dags"
     dags.mkdir()
-    (dags / "health.py").write_text(f'"""Airflow DAG: the health check, for the test."""\nfrom health_dag import build_health_dag\n\n'
+    (dags / "health.py").write_text(f'"""Airflow DAG: the health check, for the test."""\nfrom twocluster.orchestration.health_dag import build_health_dag\n\n'
                                     f"dag = build_health_dag({str(pipelines)!r})\n")
     env = airflow_env(tmp_path / "airflow", store.root_uri, dags_folder=dags)
     prepare(env)

@@ -12,8 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 EMIT = """
 import sys
-sys.path.insert(0, {plugins!r})
-from pipeline_dag import _record_metrics
+from twocluster.orchestration.dag_factory import _record_metrics
 _record_metrics("twocluster.speech_commands.dataset", {{"accepted": 600, "rejected": 2, "reject_rate": 0.0033,
                 "rejected_by_reason": {{"truncated": 1, "not_audio": 1}}, "seconds": {{"featurize": 3.5, "write": 1.25}}}})
 """

@@ -27,11 +27,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from twocluster import layout, registry, sample_data
+from twocluster.demo import sample_data
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
-from twocluster.manifest import read_manifest, scan_location
 from twocluster.spec import load_pipeline_spec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.manifest import read_manifest, scan_location
+from twocluster.store.storage import ObjectStore
 
 pytestmark = pytest.mark.slow
 D0, D1, D2, D3 = (dt.date(2026, 10, 5) + dt.timedelta(days=d) for d in range(4))
@@ -53,7 +54,7 @@ def _make_pipeline(root: Path, dates=(D0, D1, D2, D3)) -> SimpleNamespace:
     dags = root / "dags"
     dags.mkdir()
     (dags / f"{DAG_ID}.py").write_text(
-        '"""Airflow DAG for the tests."""\nfrom pipeline_dag import build_pipeline_dag\n\n'
+        '"""Airflow DAG for the tests."""\nfrom twocluster.orchestration.dag_factory import build_pipeline_dag\n\n'
         f"dag = build_pipeline_dag({str(spec_path)!r})\n"
     )
     spec = load_pipeline_spec(spec_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import pickle
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,12 @@ def airflow_env(tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_TWOCLUSTER_STORE", json.dumps({
         "conn_type": "aws", "login": CANARY_ACCESS, "password": CANARY_SECRET,
         "extra": {"endpoint_url": "http://s3.internal:7480", "region_name": "eu-west-1"}}))
-    sys.path.insert(0, str(ROOT / "plugins"))
     yield
-    sys.path.remove(str(ROOT / "plugins"))
 
 
 @pytest.mark.parametrize("master", ["yarn", "k8s://https://kubernetes.default.svc:443", "spark://127.0.0.1:7077", "local[2]"])
 def test_the_store_secret_is_never_on_the_spark_submit_command_line(airflow_env, monkeypatch, master):
-    from pipeline_dag import PipelineSparkSubmitOperator
+    from twocluster.orchestration.dag_factory import PipelineSparkSubmitOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": master}))
     op = PipelineSparkSubmitOperator(task_id="preprocess", application="spark_jobs/preprocess.py", conn_id="spark_default",
@@ -54,7 +51,7 @@ def test_the_store_secret_is_never_on_the_spark_submit_command_line(airflow_env,
 
 
 def test_no_secret_in_a_pickled_store_or_a_settings_repr():
-    from twocluster.storage import ObjectStore, S3Settings
+    from twocluster.store.storage import ObjectStore, S3Settings
 
     settings = S3Settings(endpoint_url="http://s3.internal:7480", region="eu-west-1", access_key=CANARY_ACCESS,
                           secret_key=CANARY_SECRET, session_token="token-" + CANARY_SECRET)
@@ -70,8 +67,8 @@ def test_the_featurizing_udf_closure_carries_no_secret(spark, speech_spec):
     """The function Spark pickles for the executors (with cloudpickle, as PySpark does)."""
     from pyspark import cloudpickle
 
-    from twocluster.preprocess import featurizing_udf
-    from twocluster.storage import ObjectStore, S3Settings
+    from twocluster.spark.io import featurizing_udf
+    from twocluster.store.storage import ObjectStore, S3Settings
 
     store = ObjectStore("s3://bucket/prefix", S3Settings(endpoint_url="http://s3.internal:7480", access_key=CANARY_ACCESS,
                                                          secret_key=CANARY_SECRET))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from twocluster import layout, sample_data
-from twocluster.manifest import scan_location
+from twocluster.demo import sample_data
+from twocluster.store import layout
+from twocluster.store.manifest import scan_location
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = dt.date(2026, 11, 3)
@@ -28,8 +29,7 @@ def _job_processes(marker: str) -> list[str]:
 
 @pytest.mark.slow
 def test_killing_the_task_stops_the_spark_job_before_it_commits(speech_spec, file_store, monkeypatch):
-    sys.path.insert(0, str(ROOT / "plugins"))
-    from pipeline_dag import PipelineSparkSubmitOperator
+    from twocluster.orchestration.dag_factory import PipelineSparkSubmitOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from twocluster.deployment import ROOT as REPO_ROOT
+
 # SQLite lets one writer in at a time and makes the others wait only 5 s by default; with a
 # scheduler, a DAG processor, a triggerer and an API server writing one file on two busy cores, a
 # CLI write (`airflow backfill create`) waited longer than that and failed with "database is

@@ -7,7 +7,7 @@ all on loopback with cephx disabled. A fresh S3 user with random keys is created
 so no credential is ever written into the repository.
 
     with LocalRGW(workdir) as rgw:
-        rgw.s3_settings  # endpoint + keys for twocluster.storage
+        rgw.s3_settings  # endpoint + keys for twocluster.store.storage
         rgw.create_bucket("test-bucket")
 
 Or by hand: ``python -m twocluster.devtools.local_s3 --dir .local/rgw`` prints the environment
@@ -32,7 +32,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from twocluster.storage import S3Settings
+from twocluster.store.storage import S3Settings
 
 REQUIRED_COMMANDS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "monmaptool")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twocluster.featurespec import FeatureSpec, TensorSpec, TFRecordSpec
 from twocluster.spec import ImageFeaturizer as ImageFeaturizerSpec
 from twocluster.spec import LogMelFeaturizer as LogMelFeaturizerSpec
+from twocluster.store.featurespec import FeatureSpec, TensorSpec, TFRecordSpec
 from twocluster.version import code_hashes
 
 # Reject reasons shared by every featurizer.

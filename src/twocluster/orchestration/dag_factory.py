@@ -8,8 +8,8 @@
                                summarize <- validate_predictions <- score (Spark, the published model) <--------+
 
 Parsing this file imports no Spark and no TensorFlow: the Spark jobs run through the provider's
-``SparkSubmitOperator``, training through the configured backend (``training_backends``), and
-the remaining tasks call :mod:`twocluster.orchestration`, which imports the heavy libraries
+``SparkSubmitOperator``, training through the configured backend (:mod:`twocluster.orchestration.backends`), and
+the remaining tasks call :mod:`twocluster.orchestration.runs`, which imports the heavy libraries
 only inside the task that needs them.
 
 Deployment configuration, never in code:
@@ -20,7 +20,7 @@ Deployment configuration, never in code:
   login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables),
   and ``twocluster_store_spark`` for the Spark drivers where they get credentials of their own;
 * ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``: the training backend as JSON
-  (:class:`training_backends.TrainingBackendConfig`; the local process when unset). It is read
+  (:class:`twocluster.orchestration.backends.TrainingBackendConfig`; the local process when unset). It is read
   when the DAG is parsed because it picks the operator class, so it is an environment-backed
   variable rather than one edited in the UI;
 * pools ``spark_cluster`` and ``gpu_training``: how many Spark jobs / training jobs all runs and
@@ -40,15 +40,16 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, PokeReturnValue, TriggerRule, get_current_context, task
-from notifiers import failure_notifier
-from training_backends import TrainingBackendConfig, training_operator
 
-from twocluster import layout, orchestration
-from twocluster.retrain import decide_retrain as decide_retrain_policy
+from twocluster.deployment import ROOT as REPO_ROOT
+from twocluster.orchestration import runs
+from twocluster.orchestration.backends import TrainingBackendConfig, training_operator
+from twocluster.orchestration.notifiers import failure_notifier
+from twocluster.orchestration.retrain import decide_retrain as decide_retrain_policy
 from twocluster.spec import PipelineSpec, load_pipeline_spec
-from twocluster.storage import ObjectStore, S3Settings
+from twocluster.store import layout
+from twocluster.store.storage import ObjectStore, S3Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STORE_URI_VARIABLE = "twocluster_store_uri"
 STORE_CONNECTION = "twocluster_store"
 SPARK_STORE_CONNECTION = "twocluster_store_spark"
@@ -71,7 +72,7 @@ def _no_retry(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (orchestration.RunParamsError, orchestration.CheckFailed) as e:
+        except (runs.RunParamsError, runs.CheckFailed) as e:
             raise AirflowFailException(str(e)) from e
 
     return wrapper
@@ -124,7 +125,7 @@ class PipelineSparkSubmitOperator(SparkSubmitOperator):
 
     def execute(self, context):
         cache = Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-pyfiles"
-        from twocluster.packaging import package_zip
+        from twocluster.spark.packaging import package_zip
 
         self.py_files = str(package_zip(cache))
         self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
@@ -218,9 +219,9 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         def check_params() -> dict:
             context = get_current_context()
             store = _store(spec)
-            run = orchestration.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"))
+            run = runs.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"))
             run["run_id"] = context["run_id"]
-            run["training_run"] = orchestration.training_run_id(spec.name, run["date"], context["run_id"])
+            run["training_run"] = runs.training_run_id(spec.name, run["date"], context["run_id"])
             run["preprocess_args"] = _spark_args(spec_path, run, "preprocess")
             run["score_args"] = _spark_args(spec_path, run, "score")
             return run
@@ -236,7 +237,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         def wait_for_arrivals(run: dict) -> PokeReturnValue:
             from airflow.sdk.exceptions import AirflowFailException
 
-            from twocluster.arrivals import ArrivalsIncomplete, decide
+            from twocluster.orchestration.arrivals import ArrivalsIncomplete, decide
 
             try:
                 decision = decide(_store(spec), spec, run["date"])
@@ -267,7 +268,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
         @_no_retry
         def validate_dataset(run: dict) -> dict:
-            summary = orchestration.check_dataset(spec, _store(spec), run["date"], run["max_reject_rate"])
+            summary = runs.check_dataset(spec, _store(spec), run["date"], run["max_reject_rate"])
             get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
             _record_metrics(f"twocluster.{spec.name}.dataset", summary)
             return summary
@@ -287,7 +288,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                 print(f"{active} run(s) for earlier dates still active; waiting")
             return PokeReturnValue(is_done=active == 0)
 
-        @task.branch(doc_md="Apply the retrain policy (twocluster.retrain): train a new model or score with the champion.")
+        @task.branch(doc_md="Apply the retrain policy (twocluster.orchestration.retrain): train a new model or score with the champion.")
         def decide_retrain(run: dict) -> str:
             decision = decide_retrain_policy(_store(spec), spec, run["date"], run["retrain"], run["model_alias"]).as_dict()
             get_current_context()["ti"].xcom_push(key="decision", value=decision)
@@ -301,7 +302,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @_no_retry
         def write_training_job(run: dict) -> str:
             decision = get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision")
-            return orchestration.write_training_job(spec, _store(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
+            return runs.write_training_job(spec, _store(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
 
         job_spec_uri = write_training_job(run)
         train = training_operator(
@@ -320,7 +321,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                      "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
         def publish(run: dict) -> dict:
-            decision = orchestration.publish(spec, _store(spec), run["training_run"], run["model_alias"], run["run_id"])
+            decision = runs.publish(spec, _store(spec), run["training_run"], run["model_alias"], run["run_id"])
             if decision["published"]:
                 get_current_context()["outlet_events"][model_alias].add(
                     model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
@@ -339,7 +340,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
         @_no_retry
         def validate_predictions(run: dict) -> dict:
-            summary = orchestration.check_predictions(spec, _store(spec), run["date"])
+            summary = runs.check_predictions(spec, _store(spec), run["date"])
             get_current_context()["outlet_events"][predictions_asset].extra = {"date": run["date"], **summary}
             _record_metrics(f"twocluster.{spec.name}.predictions", summary)
             return summary
@@ -350,8 +351,8 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             decision = ti.xcom_pull(task_ids="decide_retrain", key="decision")
             gate = ti.xcom_pull(task_ids="publish") if decision["retrain"] else None
             predictions = ti.xcom_pull(task_ids="validate_predictions")  # None when scoring was skipped
-            print(orchestration.SUMMARY_MARKER)
-            print(orchestration.format_summary(run, dataset, decision, gate, predictions))
+            print(runs.SUMMARY_MARKER)
+            print(runs.format_summary(run, dataset, decision, gate, predictions))
             return {"date": run["date"], "dataset": dataset, "retrain": decision, "gate": gate, "predictions": predictions}
 
         dataset = validate_dataset(run)

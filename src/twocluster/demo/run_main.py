@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from twocluster import orchestration, sample_data
+from twocluster.demo import sample_data
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
+from twocluster.orchestration import runs
 from twocluster.spec import default_spec_path, load_pipeline_spec
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             result = airflow(env, "dags", "test", spec.name, "-c", json.dumps({"date": date}), stdout=log, stderr=log)
         text = log_path.read_text(errors="replace")
         # Success needs the run's own summary too: a run whose tasks never started also ends "success".
-        ok = result.returncode == 0 and "state=success" in _run_line(text) and orchestration.SUMMARY_MARKER in text
+        ok = result.returncode == 0 and "state=success" in _run_line(text) and runs.SUMMARY_MARKER in text
         print(f"\n  {date}: DAG run {'succeeded' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s")
         if not ok:
             print(f"  see {log_path}", file=sys.stderr)
@@ -83,7 +84,7 @@ def _run_line(log_text: str) -> str:
 def _summary(log_text: str) -> str:
     """The summary the DAG's ``summarize`` task printed (after its marker line)."""
     lines = log_text.splitlines()
-    marks = [i for i, line in enumerate(lines) if line.strip() == orchestration.SUMMARY_MARKER]
+    marks = [i for i, line in enumerate(lines) if line.strip() == runs.SUMMARY_MARKER]
     if not marks:
         return "(no summary in the log)"
     block = []

@@ -26,10 +26,10 @@ import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from twocluster import layout, registry
-from twocluster.commitlog import CommitLog, VersionCommitted, VersionRemoved
-from twocluster.manifest import scan_location
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import CommitLog, VersionCommitted, VersionRemoved
+from twocluster.store.manifest import scan_location
+from twocluster.store.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 from airflow.sdk import BaseOperator
 from pydantic import BaseModel, ConfigDict, Field
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from twocluster.deployment import ROOT as REPO_ROOT
+
 TRAINER_COMMAND = ["python", "training_jobs/train.py"]  # inside the trainer image (WORKDIR /app)
 
 
@@ -150,7 +150,7 @@ def _docker_training_operator_class():
             if self.credentials_conn_id:
                 from airflow.sdk import BaseHook
 
-                from twocluster.storage import S3Settings
+                from twocluster.store.storage import S3Settings
 
                 settings = S3Settings.from_airflow_connection(BaseHook.get_connection(self.credentials_conn_id))
                 self._private_environment = {k: v for k, v in settings.as_env().items() if k in STORE_CREDENTIAL_VARIABLES}

@@ -11,7 +11,7 @@
 
 Every route depends on the caller-supplied ``auth`` dependency (the plugin passes Airflow's
 ``requires_authenticated()``: a plugin's sub-app is public otherwise). Everything is read through
-:mod:`twocluster.monitoring`.
+:mod:`twocluster.ops.monitoring`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
-from twocluster import charts, layout, registry
-from twocluster.manifest import ManifestError, verify_files
-from twocluster.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
+from twocluster.ops import charts
+from twocluster.ops.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
 from twocluster.spec import PipelineSpec, load_pipeline_spec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.manifest import ManifestError, verify_files
+from twocluster.store.storage import ObjectStore
 
 ARTIFACTS = {"training_curves.png": "image/png", "metrics.json": "application/json", "history.csv": "text/csv"}
 
@@ -211,7 +212,7 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
         return {"pipeline": name, "healthy": not problems, "problems": problems}
 
     def run_of(dag_id: str, run_id: str) -> RunView:
-        # A pipeline's DAG id is its name (plugins/pipeline_dag.py).
+        # A pipeline's DAG id is its name (twocluster.orchestration.dag_factory).
         return run_view(overview(dag_id), run_id)
 
     @app.get("/api/runs/{dag_id}/{run_id}")

@@ -1,7 +1,7 @@
 """The object store every stage reads and writes through: ``file://`` folders and ``s3://`` buckets.
 
 An :class:`ObjectStore` is rooted at a URI; callers address objects by ``/``-separated keys relative
-to that root, so the storage layout (:mod:`twocluster.layout`) never deals with URI schemes.
+to that root, so the storage layout (:mod:`twocluster.store.layout`) never deals with URI schemes.
 Bulk IO goes through ``pyarrow.fs``; S3-only features that pyarrow lacks (conditional PUT for
 create-only commits) go through boto3.
 

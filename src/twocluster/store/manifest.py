@@ -2,7 +2,7 @@
 
 A version folder holds data files and ``_MANIFEST.json`` (files with sizes and checksums, counts,
 feature spec, lineage). A version becomes visible when an entry naming it, with its manifest's
-checksum, is appended to its location's commit log (:mod:`twocluster.commitlog`):
+checksum, is appended to its location's commit log (:mod:`twocluster.store.commitlog`):
 
     1. write data files (task attempts write under ``_staging/`` and the winner is promoted)
     2. write ``v=<version>/_MANIFEST.json`` create-only
@@ -29,10 +29,10 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from twocluster import layout
-from twocluster.commitlog import CommitLog, SkippedObject, VersionCommitted, VersionRemoved
-from twocluster.featurespec import FeatureSpec
-from twocluster.storage import ObjectNotFound, ObjectStore, StorageError, checksum_bytes
+from twocluster.store import layout
+from twocluster.store.commitlog import CommitLog, SkippedObject, VersionCommitted, VersionRemoved
+from twocluster.store.featurespec import FeatureSpec
+from twocluster.store.storage import ObjectNotFound, ObjectStore, StorageError, checksum_bytes
 
 log = logging.getLogger(__name__)
 

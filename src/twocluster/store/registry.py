@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from twocluster import layout
-from twocluster.commitlog import AliasMoved, CommitLog, SkippedObject
-from twocluster.manifest import (
+from twocluster.store import layout
+from twocluster.store.commitlog import AliasMoved, CommitLog, SkippedObject
+from twocluster.store.manifest import (
     CommittedVersion,
     LocationState,
     ManifestError,
@@ -28,7 +28,7 @@ from twocluster.manifest import (
     resolve_version,
     scan_location,
 )
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

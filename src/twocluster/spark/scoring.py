@@ -13,7 +13,6 @@ function for analysts.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import logging
 import math
@@ -32,9 +31,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twocluster import layout, registry
 from twocluster.features import featurizer_for
-from twocluster.manifest import (
+from twocluster.spark.io import attempt_folder, featurize, job_fingerprint, list_inputs, promote_staged, worker_featurizer, write_rejects
+from twocluster.spec import PipelineSpec
+from twocluster.store import layout, registry
+from twocluster.store.manifest import (
     Counts,
     InFlight,
     Lineage,
@@ -45,9 +46,7 @@ from twocluster.manifest import (
     commit_version,
     resolve_latest,
 )
-from twocluster.preprocess import attempt_folder, featurize, list_inputs, promote_staged, write_rejects
-from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore
+from twocluster.store.storage import ObjectStore
 from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str):
             _configure_tensorflow_for_task()
             import keras
 
-            from twocluster.gate import stage_model
+            from twocluster.training.gate import stage_model
 
             folder = stage_model(ObjectStore(root_uri, s3_settings), model, version, Path(tempfile.mkdtemp(prefix="model-")))
             _MODEL_CACHE[version] = (keras.models.load_model(folder / "model.keras"), f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -246,10 +245,9 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
     warnings = check_feature_spec(model_manifest, spec)  # before any data is read
     date_prefix = layout.predictions_date_prefix(spec.name, date)
 
-    inputs, ignored, input_fingerprint = list_inputs(store, spec, date)
-    code = "".join(f"{c}={code_hashes()[c]}\n" for c in PREDICTIONS_CODE)
-    fingerprint = "sha256:" + hashlib.sha256(
-        f"{input_fingerprint}\0{model}\0{version}\0{spec.scoring.model_dump_json()}\0{code}".encode()).hexdigest()
+    inputs, ignored, listed = list_inputs(store, spec, date)
+    fingerprint = job_fingerprint(listed, model, version, spec.featurizer.model_dump_json(), spec.scoring.model_dump_json(),
+                                  code=PREDICTIONS_CODE)
     latest = resolve_latest(store, date_prefix, PredictionsManifest, verify_checksums=True)
     if latest and latest.manifest.lineage.input_fingerprint == fingerprint:
         m = latest.manifest
@@ -359,9 +357,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
 
     @pandas_udf("string")
     def predict_sql(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        from twocluster.preprocess import _worker_featurizer
-
-        featurizer = _worker_featurizer(featurizer_json, kind)
+        featurizer = worker_featurizer(featurizer_json, kind)
         loaded, _ = worker_model(root_uri, s3_settings, model, version)
         for content in batches:
             batch = featurizer.featurize_many(list(content))

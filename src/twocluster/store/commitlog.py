@@ -29,8 +29,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from twocluster import layout
-from twocluster.storage import ObjectNotFound, ObjectStore, StorageError
+from twocluster.store import layout
+from twocluster.store.storage import ObjectNotFound, ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from twocluster import layout, registry
-from twocluster.manifest import (
+from twocluster.spec import STORE_URI_ENV
+from twocluster.store import layout, registry
+from twocluster.store.manifest import (
     DatasetManifest,
     ManifestError,
     PredictionsManifest,
@@ -33,8 +34,7 @@ from twocluster.manifest import (
     unlisted_files,
     verify_files,
 )
-from twocluster.spec import STORE_URI_ENV
-from twocluster.storage import ObjectStore, StorageError, StoreSnapshot, split_uri
+from twocluster.store.storage import ObjectStore, StorageError, StoreSnapshot, split_uri
 
 
 class CliError(Exception):
@@ -288,7 +288,7 @@ def _run(args) -> int:
                             + ("" if result["moved"] else f" ({result['reason']})"))
         return 0
     if args.command == "gc":
-        from twocluster.gc import apply_gc, plan_gc
+        from twocluster.store.gc import apply_gc, plan_gc
 
         keep, grace = 3, 24.0
         if args.pipeline:
@@ -306,7 +306,7 @@ def _run(args) -> int:
         _emit(args, {**plan.as_dict(), "applied": args.apply, "deleted_objects": deleted}, "\n".join(lines))
         return 0
     if args.command == "migrate":
-        from twocluster.migrate import migrate
+        from twocluster.store.migrate import migrate
 
         report = migrate(store, apply=args.apply)
         lines = [f"{'migrated' if args.apply else 'would migrate'} {loc['location']}: {len(loc['versions'])} versions" for loc in report.locations]

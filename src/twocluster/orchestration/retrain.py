@@ -27,10 +27,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from twocluster import layout, registry
-from twocluster.manifest import DatasetManifest, ModelManifest, resolve_latest
 from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.manifest import DatasetManifest, ModelManifest, resolve_latest
+from twocluster.store.storage import ObjectStore
 
 RetrainMode = Literal["auto", "force", "never"]
 

@@ -22,9 +22,9 @@ from typing import Literal
 
 import numpy as np
 
-from twocluster import layout, registry
-from twocluster.commitlog import CommitLog, GateDecided
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import CommitLog, GateDecided
+from twocluster.store.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def load_test(model, model_dir: Path, atol: float = 1e-3) -> None:
 
 
 def accuracy_on(model, data, split: str, batch_size: int = 256) -> tuple[float, int]:
-    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.StagedData`)."""
-    from twocluster.training import make_dataset
+    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.trainer.StagedData`)."""
+    from twocluster.training.trainer import make_dataset
 
     correct = total = 0
     for x, y in make_dataset(data, split, batch_size, training=False, seed=0):
@@ -133,7 +133,7 @@ def gate_and_publish(
             seq=seq, model=model, alias=alias, version=version, outcome=outcome, reason=reason, numbers=numbers, run_id=run_id))
         return made
 
-    from twocluster.training import stage_splits
+    from twocluster.training.trainer import stage_splits
 
     with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
         tmp_dir = Path(tmp)

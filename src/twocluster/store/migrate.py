@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from twocluster import layout
-from twocluster.commitlog import AliasMoved, CommitLog, VersionCommitted
-from twocluster.manifest import _MANIFEST, ManifestError
-from twocluster.storage import ObjectStore, StorageError, checksum_bytes
+from twocluster.store import layout
+from twocluster.store.commitlog import AliasMoved, CommitLog, VersionCommitted
+from twocluster.store.manifest import _MANIFEST, ManifestError
+from twocluster.store.storage import ObjectStore, StorageError, checksum_bytes
 
 log = logging.getLogger(__name__)
 

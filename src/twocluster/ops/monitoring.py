@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from twocluster import layout, registry
-from twocluster.arrivals import arrived
-from twocluster.commitlog import CommitLog, GateDecided
-from twocluster.manifest import (
+from twocluster.orchestration.arrivals import arrived
+from twocluster.spec import PipelineSpec
+from twocluster.store import layout, registry
+from twocluster.store.commitlog import CommitLog, GateDecided
+from twocluster.store.manifest import (
     CommittedVersion,
     DatasetManifest,
     LegacyLayoutError,
@@ -28,8 +29,7 @@ from twocluster.manifest import (
     PredictionsManifest,
     scan_location,
 )
-from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore, StoreSnapshot
+from twocluster.store.storage import ObjectStore, StoreSnapshot
 
 _READERS = 32
 

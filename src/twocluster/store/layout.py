@@ -11,7 +11,7 @@ from a user (an Airflow param, a CLI flag) can never escape its folder.
 
 An *output location* is a folder of versions (a dataset date, a predictions date, a model's
 ``versions/``) or an alias. Each has its own commit log (``<location>/_log/<seq>.json``, see
-:mod:`twocluster.commitlog`), and the writers' scratch space next to the versions:
+:mod:`twocluster.store.commitlog`), and the writers' scratch space next to the versions:
 
     <location>/_staging/v=<version>/<attempt>/...   task attempts' files, promoted at commit
     <location>/_inflight/<version>.json             a running writer's heartbeat (for GC)

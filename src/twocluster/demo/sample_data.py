@@ -14,7 +14,7 @@ real Speech Commands drops in unchanged::
 * Optionally, a few broken arrivals per day (empty, truncated, not audio, unknown label,
   too long), because real uploads contain them and the pipeline must reject them, not crash.
 
-**Held-out set.** Splits follow the real dataset's rule (:mod:`twocluster.splits`): a speaker's
+**Held-out set.** Splits follow the real dataset's rule (:mod:`twocluster.spark.splits`): a speaker's
 id decides once and for all whether all of their clips are train, validation or test, so the
 validation and test speakers (about 10% each) are never heard in training.
 
@@ -45,9 +45,9 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from twocluster import layout
 from twocluster.spec import STORE_URI_ENV, PipelineSpec, default_spec_path, load_pipeline_spec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout
+from twocluster.store.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

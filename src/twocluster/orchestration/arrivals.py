@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass
 
-from twocluster import layout
 from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout
+from twocluster.store.storage import ObjectStore
 
 
 class ArrivalsIncomplete(RuntimeError):
@@ -75,7 +75,7 @@ def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.
         waiting = f"no {layout.ARRIVED_MARKER} in {store.uri(prefix)} ({files} files so far)"
     else:
         if store_now_ns is None:
-            from twocluster.gc import store_now_ns as probe
+            from twocluster.store.gc import store_now_ns as probe
 
             store_now_ns = probe(store)
         newest = listed.newest_mtime_ns

@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole twocluster package
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # reproducible archives: same sources, same bytes
 
 

@@ -12,8 +12,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from twocluster import layout
-from twocluster.storage import ObjectStore, split_uri
+from twocluster.store import layout
+from twocluster.store.storage import ObjectStore, split_uri
 
 StoreName = Annotated[str, AfterValidator(layout.check_name)]
 

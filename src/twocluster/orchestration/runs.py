@@ -1,6 +1,6 @@
 """What each task of a pipeline DAG does, as plain functions of (spec, store, run parameters).
 
-The Airflow DAG (``plugins/pipeline_dag.py``) only wires these together; tests call them
+The Airflow DAG (:mod:`twocluster.orchestration.dag_factory`) only wires these together; tests call them
 directly. Nothing here imports Airflow, Spark or TensorFlow.
 
 Every function is idempotent per date: it reads committed manifests and alias records, and the
@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from twocluster import layout, registry
-from twocluster.jobspec import Hyperparameters, Resources, TrainingJobSpec
-from twocluster.manifest import DatasetManifest, ManifestError, PredictionsManifest, scan_location
-from twocluster.retrain import RetrainMode
+from twocluster.orchestration.retrain import RetrainMode
 from twocluster.spec import PipelineSpec
-from twocluster.storage import ObjectStore
+from twocluster.store import layout, registry
+from twocluster.store.jobspec import Hyperparameters, Resources, TrainingJobSpec
+from twocluster.store.manifest import DatasetManifest, ManifestError, PredictionsManifest, scan_location
+from twocluster.store.storage import ObjectStore
 
 SUMMARY_MARKER = "== run summary =="
 
@@ -172,7 +172,7 @@ def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: st
     passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it. The
     decision and the alias move record ``run_id`` (the DAG run that decided; default: the
     training run), so the run's page in the UI finds them."""
-    from twocluster.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
+    from twocluster.training.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
 
     committed = registry.find_version_of_run(store, spec.model.name, training_run)
     if committed is None:

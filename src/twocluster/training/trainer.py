@@ -4,7 +4,7 @@ a committed model version. Reads top to bottom like a Keras example:
     validate + stage data  ->  input pipeline  ->  model  ->  fit (resumable)  ->  evaluate  ->  export
 
 It shares nothing with Spark but the object store and the job spec
-(:class:`twocluster.jobspec.TrainingJobSpec`). TensorFlow cannot open ``s3://`` (that moved to
+(:class:`twocluster.store.jobspec.TrainingJobSpec`). TensorFlow cannot open ``s3://`` (that moved to
 tensorflow-io, which does not load against TF 2.21), so the shards are staged to local disk,
 verified against the manifest's checksums and cached by dataset version.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from twocluster import layout, registry
-from twocluster.featurespec import FeatureSpec
-from twocluster.jobspec import TrainingJobSpec
-from twocluster.manifest import (
+from twocluster.store import layout, registry
+from twocluster.store.featurespec import FeatureSpec
+from twocluster.store.jobspec import TrainingJobSpec
+from twocluster.store.manifest import (
     DatasetManifest,
     InFlight,
     Lineage,
@@ -38,7 +38,7 @@ from twocluster.manifest import (
     commit_version,
     resolve_version,
 )
-from twocluster.storage import ObjectStore, split_uri
+from twocluster.store.storage import ObjectStore, split_uri
 from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ failure notifier (``notifiers``) when the newest scored date is older than the s
 ``monitoring.max_lag_days``, or when dates in the monitoring window reject more than
 ``thresholds.max_reject_rate`` of their inputs or drift more than ``monitoring.max_drift``; the
 failure names the dates. It reads the store exactly as the ops page does
-(``twocluster.monitoring``).
+(``twocluster.ops.monitoring``).
 
 Airflow's own deadline alerts are not used: `dags test` crashes after a run of a DAG that sets
 ``deadline=`` in Airflow 3.3.2 (apache/airflow#73428), and `make run` runs the pipeline DAG
@@ -17,11 +17,10 @@ import os
 from pathlib import Path
 
 from airflow.sdk import DAG, task
-from notifiers import failure_notifier
 
+from twocluster.deployment import PIPELINES_DIR
+from twocluster.orchestration.notifiers import failure_notifier
 from twocluster.spec import load_pipeline_spec
-
-PIPELINES_DIR = Path(os.environ.get("TWOCLUSTER_PIPELINES_DIR") or Path(__file__).resolve().parents[1] / "pipelines")
 
 
 def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_id: str = "twocluster_health") -> DAG:
@@ -50,9 +49,9 @@ def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_
             @task(task_id=f"check_{spec.name}", doc_md=f"Health of `{spec.name}` ({path.name}): freshness, rejects, drift.")
             def check(spec_path: str) -> dict:
                 from airflow.sdk.exceptions import AirflowFailException
-                from pipeline_dag import _store
 
-                from twocluster.monitoring import health_problems, pipeline_overview
+                from twocluster.ops.monitoring import health_problems, pipeline_overview
+                from twocluster.orchestration.dag_factory import _store
 
                 checked = load_pipeline_spec(spec_path)
                 overview = pipeline_overview(_store(checked), checked)

@@ -1,0 +1,1 @@
+"""The embedded demo: realistic sample data and `make run`."""

@@ -1,0 +1,233 @@
+"""What the two Spark jobs share: listing one date's raw arrivals on the driver, fetching and
+featurizing them on the executors (a pandas UDF over the one featurizer), staging each task
+attempt's files and promoting the winners', and the rejects report. The preprocessing and the
+scoring job (:mod:`twocluster.spark.preprocess`, :mod:`twocluster.spark.scoring`) are built from
+these; neither imports the other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import hashlib
+import io
+import posixpath
+import re
+import unicodedata
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from twocluster.features import BAD_NAME, TOO_LARGE, UNKNOWN_LABEL, Featurizer, featurizer_for
+from twocluster.spark import splits
+from twocluster.spec import PipelineSpec
+from twocluster.store import layout
+from twocluster.store.manifest import ManifestFile
+from twocluster.store.storage import ObjectStore, StorageError
+from twocluster.version import code_hashes
+
+UNREADABLE = "unreadable"  # listed, but could not be fetched
+_FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
+
+# ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
+# never read.
+INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split", "reject"]
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+FEATURIZED_SCHEMA = "features array<float>, reason string, detail string"
+
+
+def job_fingerprint(listing_fingerprint: str, *parts: str, code: tuple[str, ...]) -> str:
+    """What a job's output depends on: the listing's fingerprint, the spec sections and other
+    inputs the job reads (``parts``), and the content of the code components that shape it (not
+    the package version: it does not change when the code does, and it changes when unrelated
+    code does)."""
+    digest = hashlib.sha256(listing_fingerprint.encode())
+    for part in parts:
+        digest.update(b"\0" + part.encode())
+    for component in code:
+        digest.update(f"\0{component}={code_hashes()[component]}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> tuple[pd.DataFrame, dict[str, int], str]:
+    """List one date's raw inputs on the driver (one recursive listing, no data read).
+
+    Returns (inputs, files ignored by reason, input fingerprint). Ignored, never read: names the
+    spec's patterns do not match (``pattern``), hidden files and anything under a hidden folder
+    (``hidden``: ``.DS_Store``, ``._clip.wav`` resource forks, editors' temp files), the arrival
+    marker, and symbolic links (``symlink``: never followed, on a local store). Each input gets its
+    label from its parent folder (``None`` for an unknown folder), its source id, its split, and a
+    ``reject`` reason where the listing alone condemns it (``too_large``, ``bad_name``)."""
+    prefix = layout.raw_date_prefix(spec.name, date)
+    patterns = [p.lower() for p in spec.inputs.patterns]
+    rows, ignored, fingerprint = [], Counter(), hashlib.sha256()
+    vocabulary = {label: i for i, label in enumerate(spec.labels.vocabulary)}
+    listing = store.listing(prefix)
+    if listing.links:
+        ignored["symlink"] = len(listing.links)
+    for obj in listing.objects:
+        rel = obj.key[len(prefix) + 1 :]
+        name = posixpath.basename(rel)
+        if rel == layout.ARRIVED_MARKER:
+            continue
+        if any(part.startswith(".") for part in rel.split("/")):
+            ignored["hidden"] += 1
+            continue
+        if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
+            ignored["pattern"] += 1
+            continue
+        # Identities derived from the name (label folder, speaker, split) use its NFC form: the
+        # same clip uploaded from macOS (NFD names) and from Linux lands in the same split. The
+        # key itself stays as listed: it is what reads the object.
+        rel = unicodedata.normalize("NFC", rel)
+        folder = posixpath.basename(posixpath.dirname(rel))
+        label = spec.labels.label_for_folder(folder)
+        reject = ""
+        if _CONTROL_CHARACTERS.search(rel):
+            reject = BAD_NAME
+        elif obj.size > spec.inputs.max_bytes:
+            reject = TOO_LARGE
+        rows.append(
+            {
+                "key": obj.key,
+                "path": rel,
+                "size": obj.size,
+                "folder": folder,
+                "label": label,
+                "label_id": vocabulary[label] if label is not None else -1,
+                "source_id": splits.source_id(rel),
+                "split": splits.split_for_path(rel, spec.splits.validation_percent, spec.splits.testing_percent),
+                "reject": reject,
+            }
+        )
+        fingerprint.update(f"{rel}\0{obj.size}\0{obj.mtime_ns}\n".encode())
+    # What the listing depends on besides the files: the spec sections it reads. Each job adds
+    # what its own output depends on (:func:`job_fingerprint`).
+    for part in (spec.inputs, spec.labels, spec.splits):
+        fingerprint.update(part.model_dump_json().encode())
+    inputs = pd.DataFrame(rows, columns=INPUT_COLUMNS).astype({"size": "int64", "label_id": "int32"})
+    return inputs, dict(sorted(ignored.items())), "sha256:" + fingerprint.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def worker_featurizer(featurizer_spec_json: str, kind: str) -> Featurizer:
+    """One featurizer per Python worker and spec (workers are reused across tasks)."""
+    from twocluster.spec import ImageFeaturizer, LogMelFeaturizer
+
+    model = {"log_mel": LogMelFeaturizer, "image": ImageFeaturizer}[kind]
+    return featurizer_for(model.model_validate_json(featurizer_spec_json))
+
+
+def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: bool = True):
+    """Add ``features`` (flattened float32), ``reason`` and ``detail`` to an inputs DataFrame.
+
+    With ``require_label`` (preprocessing), inputs from an unknown label folder are rejected;
+    scoring featurizes everything, whatever folder it arrived in.
+
+    A scalar-iterator pandas UDF: the featurizer and the store client are set up once per task
+    (the featurizer once per worker), each Arrow batch's objects are fetched concurrently, and
+    the batch is featurized in one vectorised call. Inputs that cannot be used get a reason."""
+    from pyspark.sql import functions as F
+
+    featurize_udf = featurizing_udf(spec, store, require_label)
+    return inputs.withColumn("_f", featurize_udf("key", "label", "folder", "size", "reject")).select(
+        *inputs.columns, F.col("_f.features"), F.col("_f.reason"), F.col("_f.detail")
+    )
+
+
+def featurizing_udf(spec: PipelineSpec, store: ObjectStore, require_label: bool = True):
+    """The pandas UDF :func:`featurize` applies; its closure is what Spark ships to executors
+    (the spec's sections and where the store is; never credentials)."""
+    from pyspark.sql.functions import pandas_udf
+
+    featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
+    input_limits = spec.inputs
+    root_uri, s3_settings = store.root_uri, store.worker_settings
+    max_bytes = spec.inputs.max_bytes
+
+    @pandas_udf(FEATURIZED_SCHEMA)
+    def featurize_udf(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        featurizer = worker_featurizer(featurizer_json, kind)
+        worker_store = ObjectStore(root_uri, s3_settings)
+
+        def fetch(key: str) -> bytes | StorageError:
+            try:
+                return worker_store.read_bytes(key)
+            except StorageError as e:
+                return e
+
+        with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+            for keys, labels, folders, sizes, prechecked in batches:
+                known = labels.notna().to_numpy() if require_label else np.ones(len(keys), dtype=bool)
+                # Condemned by the listing (too large, bad name): never read.
+                listed_ok = prechecked.to_numpy() == ""
+                wanted = known & listed_ok
+                fetched = list(pool.map(fetch, keys[wanted]))
+                blobs = [b if isinstance(b, bytes) else None for b in fetched]
+                batch = featurizer.featurize_many(blobs, list(keys[wanted]), input_limits)
+                features = [None] * len(keys)
+                reasons: list[str | None] = [None] * len(keys)
+                details = [""] * len(keys)
+                for i in np.flatnonzero(known & ~listed_ok):
+                    reasons[i] = prechecked.iloc[i]
+                    details[i] = (f"{sizes.iloc[i]} bytes in the listing; the spec allows {max_bytes}" if reasons[i] == TOO_LARGE
+                                  else "the name holds control characters")
+                for j, i in enumerate(np.flatnonzero(wanted)):
+                    if isinstance(fetched[j], StorageError):
+                        reasons[i], details[i] = UNREADABLE, str(fetched[j])
+                    elif batch.reasons[j] is not None:
+                        reasons[i], details[i] = batch.reasons[j], batch.details[j]
+                    else:
+                        features[i] = batch.features[j].reshape(-1)
+                for i in np.flatnonzero(~known):
+                    reasons[i] = UNKNOWN_LABEL
+                    details[i] = f"folder {folders.iloc[i]!r} is not a keyword, an unknown word or a silence folder"
+                yield pd.DataFrame({"features": features, "reason": reasons, "detail": details})
+
+    return featurize_udf
+
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def attempt_folder() -> str:
+    """A unique folder name for this Spark task attempt's files (partition, attempt, random)."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    where = f"p{context.partitionId():05d}-a{context.attemptNumber()}" if context else "driver"
+    return f"{where}-{uuid.uuid4().hex[:8]}"
+
+
+def promote_staged(store: ObjectStore, written: list[ManifestFile], staged: dict[str, str], version_prefix: str,
+                   staging: str, threads: int = 16) -> None:
+    """Move the winning task attempts' files from the staging area into the version folder
+    (the only writer of the version folder is the driver, so a failed, lost or speculative
+    attempt's files never land there), then drop the staging area. Files a zombie attempt writes
+    into staging later are left to garbage collection."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda f: store.promote(staged[f.path], f"{version_prefix}/{f.path}"), written))
+    store.delete_prefix(staging)
+    store.remove_empty_folders(staging.rsplit("/", 1)[0])
+
+
+def write_rejects(rejects: pd.DataFrame, store: ObjectStore, version_prefix: str) -> ManifestFile:
+    """The rejects report: every input that could not be used, with its path and reason."""
+    table = pa.Table.from_pandas(rejects[["path", "folder", "size", "reason", "detail"]].reset_index(drop=True), preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    rel = "rejects/rejects.parquet"
+    data = buf.getvalue()
+    checksum = store.write_bytes(f"{version_prefix}/{rel}", data)
+    return ManifestFile(path=rel, bytes=len(data), checksum=checksum, rows=len(rejects), kind="rejects")

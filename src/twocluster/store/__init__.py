@@ -1,0 +1,1 @@
+"""The store contract: everything the two clusters share. Keys (layout), objects (storage), the commit log, manifests, the model registry, the feature and training-job specs, TFRecord framing, and the store's maintenance (gc, migrate)."""
