@@ -18,11 +18,15 @@ DAYS ?= 4
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: run test venv lock lint clean sample-data check-java bench bench-quick ui
+.PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
 	$(VENV_PY) -m twocluster.demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+
+# An extra: the second pipeline (handwritten digit images) through the same DAG factory.
+run-images: venv check-java
+	$(VENV_PY) -m twocluster.demo.run_main --spec pipelines/digits.yaml --days 4 --clips-per-day 450
 
 test: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw aplay=alsa-utils docker-compose=docker-compose chromium=chromium
@@ -59,7 +63,7 @@ check-java:
 
 # Re-pin after editing pyproject.toml's dependencies.
 lock: $(UV)
-	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 -o requirements.lock
 
 $(UV):
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)

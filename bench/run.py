@@ -174,7 +174,7 @@ class BenchContext:
 def featurize_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark.sql.functions import udf
 
-    from twocluster.spark.preprocess import FEATURIZED_SCHEMA, featurize, list_inputs
+    from twocluster.spark.io import FEATURIZED_SCHEMA, featurize, list_inputs
     from twocluster.store.storage import ObjectStore
 
     spec, store = ctx.spec, ctx.store
@@ -200,9 +200,9 @@ def featurize_figures(ctx: BenchContext) -> list[Figure]:
     @udf(FEATURIZED_SCHEMA)
     def featurize_row(key: str):
         # Row-at-a-time: one Python call, one fetch and one featurization per row.
-        from twocluster.spark.preprocess import _worker_featurizer
+        from twocluster.spark.io import worker_featurizer
 
-        f = _worker_featurizer(feat_json, "log_mel")
+        f = worker_featurizer(feat_json, "log_mel")
         b = f.featurize_many([ObjectStore(root_uri).read_bytes(key)])
         return (b.features[0].reshape(-1).tolist() if b.reasons[0] is None else None, b.reasons[0], b.details[0])
 
@@ -239,7 +239,8 @@ def write_figure(ctx: BenchContext) -> Figure:
     sequential write of the same bytes, in the same number of files, to the same store."""
     from pyspark import StorageLevel
 
-    from twocluster.spark.preprocess import promote_staged, shards_per_split, write_shards
+    from twocluster.spark.io import promote_staged
+    from twocluster.spark.preprocess import shards_per_split, write_shards
     from twocluster.store import layout
 
     spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
@@ -286,27 +287,25 @@ def input_pipeline_figure(ctx: BenchContext) -> Figure:
     import keras
     import tensorflow as tf
 
-    from twocluster.store.jobspec import TrainingJobSpec
-    from twocluster.training.trainer import build_model, make_dataset, stage_datasets
+    from twocluster.training.data import batches, stage_splits
+    from twocluster.training.models import build_model
 
-    job = TrainingJobSpec(run_id="bench", pipeline=ctx.spec.name, datasets=[ctx.dataset_manifest_uri], model_name="bench",
-                          store_uri=ctx.store.root_uri)
-    data = stage_datasets(job, ctx.workdir / "staged")
+    data = stage_splits([ctx.dataset_manifest_uri], ["train"], ctx.workdir / "staged", "tfrecord")
     batch = ctx.spec.model.batch_size
-    arrays = [(x.numpy(), y.numpy()) for x, y in make_dataset(data, "train", batch, training=False, seed=1)]
+    arrays = [(x.numpy(), y.numpy()) for x, y in batches(data, "train", batch, training=False, seed=1)]
     x_all, y_all = np.concatenate([a for a, _ in arrays]), np.concatenate([b for _, b in arrays])
     epochs = ctx.spec.model.epochs  # a whole training run: the first epoch reads the shards, later ones the cache
 
     def fit_seconds(dataset) -> float:
         keras.utils.set_random_seed(1)
-        model = build_model(data.feature_shape, len(data.vocabulary), x_all[:256])
+        model = build_model(ctx.spec.model.architecture, data.feature_spec, len(data.vocabulary), x_all[:256], augment=False)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         t = time.perf_counter()
         model.fit(dataset, epochs=epochs, verbose=0)
         return (time.perf_counter() - t) / (epochs * int(np.ceil(len(x_all) / batch)))
 
     def project() -> float:  # a fresh pipeline each time: the first epoch reads and parses the shards
-        return fit_seconds(make_dataset(data, "train", batch, training=True, seed=1, augment=False, shuffle_buffer=4096))
+        return fit_seconds(batches(data, "train", batch, training=True, seed=1, shuffle_buffer=4096))
 
     def baseline() -> float:
         ds = tf.data.Dataset.from_tensor_slices((x_all, y_all)).cache().shuffle(4096, seed=1).batch(batch).prefetch(tf.data.AUTOTUNE)
@@ -335,7 +334,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark.sql.functions import pandas_udf
 
     from twocluster.spark.scoring import PREDICTION_SCHEMA, predict_batch, score
-    from twocluster.training.gate import stage_model
+    from twocluster.store.registry import stage_model
 
     spec, store = ctx.spec, ctx.store
     model_name, version = ctx.model_version

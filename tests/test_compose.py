@@ -110,8 +110,8 @@ def test_images_install_the_locked_versions():
     assert f"ARG TF_VERSION={_lock_version('tensorflow-cpu')}" in trainer
     for text in (airflow, spark, trainer, s3):
         assert "requirements.lock" in text
-    # Spark: pyspark comes from the lock (-c pins it), and nothing else installs a Spark.
-    assert re.search(r"pip install[^\n]*-c requirements\.lock[\s\\]+pyspark", spark)
+    # Spark: pyspark comes with the spark extra at the lock's pin (-c), and nothing else installs a Spark.
+    assert re.search(r'pip install[^\n]*-c requirements\.lock[^\n]*"\.\[spark\]"', spark)
     assert _lock_version("pyspark") == "4.2.0" and "FROM apache/spark" not in spark
 
 

@@ -135,7 +135,7 @@ def test_rerun_with_unchanged_inputs_is_a_no_op_and_new_arrivals_make_a_new_vers
     assert list_committed_versions(store, parent) == [first.version]
 
     late = layout.raw_date_prefix(speech_spec.name, DATE) + "/yes/late0000_nohash_0.wav"
-    store.copy(layout.raw_date_prefix(speech_spec.name, DATE) + "/" + _first_good_clip(store, speech_spec), late)
+    store.write_bytes(late, store.read_bytes(layout.raw_date_prefix(speech_spec.name, DATE) + "/" + _first_good_clip(store, speech_spec)))
     newer = run_preprocess(spark, speech_spec, store, DATE, run_id="late-arrival", max_reject_rate=0.2)
     assert newer.status == "committed" and newer.version != first.version
     assert newer.counts["input"] == first.counts["input"] + 1
@@ -228,7 +228,7 @@ def test_ten_kills_at_random_moments_never_leave_a_partial_version(speech_spec, 
     rng = random.Random(12)
     moments, mid_write = [], 0
     for attempt in range(10):
-        file_store.copy(f"{raw}/{good}", f"{raw}/yes/late{attempt:04d}_nohash_0.wav")
+        file_store.write_bytes(f"{raw}/yes/late{attempt:04d}_nohash_0.wav", file_store.read_bytes(f"{raw}/{good}"))
         before = data_files()
         proc = subprocess.Popen(cmd, env=_spark_submit_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:

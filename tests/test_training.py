@@ -20,8 +20,10 @@ from twocluster.store.commitlog import AliasMoved, CommitLog
 from twocluster.store.jobspec import JobSpecError, TrainingJobSpec, load_job_spec, parse_job_spec
 from twocluster.store.manifest import ManifestError, ModelManifest, commit_version, describe_files, read_manifest
 from twocluster.store.storage import ObjectStore
+from twocluster.training.data import DataError, stage_splits
+from twocluster.training.distribute import strategy_kind
 from twocluster.training.gate import gate_and_publish
-from twocluster.training.trainer import TrainingError, run_training, stage_datasets, strategy_kind
+from twocluster.training.trainer import TrainingError, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 17)
@@ -40,6 +42,10 @@ def _job(store: ObjectStore, manifest_uri: str, run_id: str, epochs: int = 8, **
         run_id=run_id, pipeline="speech_commands", datasets=[manifest_uri], model_name="kws_cnn",
         store_uri=store.root_uri, hyperparameters={"epochs": epochs, "batch_size": 32, "learning_rate": 0.002}, **kw,
     )
+
+
+def _stage(job: TrainingJobSpec, into: Path):
+    return stage_splits(job.datasets, [job.train_split, job.validation_split, job.test_split], into)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def test_exported_saved_model_serves(trained, tmp_path):
     for obj in store.list(f"{prefix}/saved_model"):
         store.download_file(obj.key, tmp_path / obj.key[len(prefix) + 1 :])
     served = tf.saved_model.load(str(tmp_path / "saved_model"))
-    out = served.serve(tf.zeros([2, 97, 40, 1]))
+    out = served.serve(tf.zeros([2, 97, 40]))
     assert out.shape == (2, 12) and np.isfinite(out.numpy()).all()
 
 
@@ -224,7 +230,7 @@ def test_gate_refuses_a_model_that_does_not_load(trained):
     dst = layout.model_version_prefix("kws_cnn", broken_version)
     for obj in store.list(src):
         if not obj.key.endswith("_MANIFEST.json"):
-            store.copy(obj.key, dst + obj.key[len(src) :])
+            store.write_bytes(dst + obj.key[len(src) :], store.read_bytes(obj.key))
     store.write_bytes(f"{dst}/model.keras", b"PK\x03\x04 not a keras archive")
     good = read_manifest(store, src)
     commit_version(store, layout.model_versions_prefix("kws_cnn"),
@@ -245,7 +251,7 @@ def test_a_wrong_checksum_fails_before_training(dataset, tmp_path):
     copy_prefix = layout.dataset_version_prefix("speech_commands", DATE, copy_version)
     base = folder.split("/store/", 1)[1]
     for f in manifest.files:
-        store.copy(f"{base}/{f.path}", f"{copy_prefix}/{f.path}")
+        store.write_bytes(f"{copy_prefix}/{f.path}", store.read_bytes(f"{base}/{f.path}"))
     data = bytearray(store.read_bytes(f"{copy_prefix}/{shard.path}"))
     data[-5] ^= 0xFF
     store.write_bytes(f"{copy_prefix}/{shard.path}", bytes(data))
@@ -270,9 +276,9 @@ def test_bad_specs_and_manifests_fail_clearly(dataset, tmp_path):
         load_job_spec(str(tmp_path / "missing.json"))
     missing = manifest_uri.replace("/v=", "/v=20000101T000000Z-00000000-gone/v=")
     with pytest.raises(ManifestError, match="is not committed"):
-        stage_datasets(_job(store, missing, "x"), tmp_path)
-    with pytest.raises(TrainingError, match="no examples in split 'holdout'"):
-        stage_datasets(_job(store, manifest_uri, "x", test_split="holdout"), tmp_path)
+        _stage(_job(store, missing, "x"), tmp_path)
+    with pytest.raises(DataError, match="no examples in split 'holdout'"):
+        _stage(_job(store, manifest_uri, "x", test_split="holdout"), tmp_path)
     spec_file = tmp_path / "bad.json"
     spec_file.write_text("{not json")
     out = subprocess.run([sys.executable, str(ROOT / "training_jobs" / "train.py"), "--job-spec", str(spec_file)], capture_output=True, text=True)
@@ -328,18 +334,18 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_pat
 def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
     store, manifest_uri = dataset
     job = _job(store, manifest_uri, "cache-check")
-    first = stage_datasets(job, tmp_path)
+    first = _stage(job, tmp_path)
     shards = [Path(p) for paths in first.files.values() for p in paths]
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
     assert all(str(p).startswith(str(tmp_path / first.dataset_versions[0])) for p in shards)
-    with caplog.at_level("INFO", logger="twocluster.training.trainer"):
-        second = stage_datasets(job, tmp_path)
+    with caplog.at_level("INFO", logger="twocluster.training.data"):
+        second = _stage(job, tmp_path)
     assert second.files == first.files
     assert {p: p.stat().st_mtime_ns for p in shards} == mtimes, "nothing was downloaded again"
     assert f"0.0 MB fetched, {len(shards)} reused" in caplog.text
     # A corrupted cached shard is detected by size/marker and fetched again.
     shards[0].write_bytes(b"garbage")
-    stage_datasets(job, tmp_path)
+    _stage(job, tmp_path)
     assert shards[0].stat().st_size == next(
         f.bytes for f in read_manifest(ObjectStore(manifest_uri.rsplit("/", 1)[0]), "").files if shards[0].as_posix().endswith(f.path)
     )
@@ -414,14 +420,15 @@ def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dat
 ])
 def test_only_the_chief_of_a_multi_worker_job_writes(tf_config, chief, tmp_path):
     """Issue 14, item 9: a non-chief worker syncs no checkpoint (and commits no version)."""
-    from twocluster.training.trainer import _checkpoint_sync_callback, is_chief
+    from twocluster.training.checkpoints import checkpoint_sync_callback
+    from twocluster.training.distribute import is_chief
 
     assert is_chief(tf_config) is chief
     store = ObjectStore((tmp_path / "store").as_uri())
     backup = tmp_path / "backup"
     backup.mkdir()
     (backup / "weights.bin").write_bytes(b"w")
-    _checkpoint_sync_callback(store, "models/m/runs/r", backup, is_chief(tf_config)).on_epoch_end(0)
+    checkpoint_sync_callback(store, "models/m/runs/r", backup, is_chief(tf_config)).on_epoch_end(0)
     assert bool(store.list("models/m/runs/r")) is chief
 
 
@@ -432,7 +439,7 @@ def test_only_the_chief_of_a_multi_worker_job_writes(tf_config, chief, tmp_path)
     (b"", 2),
 ])
 def test_an_unreadable_checkpoint_pointer_falls_back_to_the_newest_complete_epoch(tmp_path, pointer, expected, caplog):
-    from twocluster.training.trainer import CHECKPOINT_POINTER, EPOCH_COMPLETE, restore_checkpoint
+    from twocluster.training.checkpoints import CHECKPOINT_POINTER, EPOCH_COMPLETE, restore_checkpoint
 
     store = ObjectStore((tmp_path / "store").as_uri())
     prefix = "models/m/runs/r"
@@ -447,3 +454,92 @@ def test_an_unreadable_checkpoint_pointer_falls_back_to_the_newest_complete_epoc
     assert not (backup / EPOCH_COMPLETE).exists()
     if expected == 2:
         assert any("unreadable" in r.message for r in caplog.records)
+
+
+def test_an_unknown_or_mismatched_architecture_fails_before_training(dataset, tmp_path):
+    store, manifest_uri = dataset
+    with pytest.raises(TrainingError, match="'resnet9000' is not a model module; available: image_cnn, keyword_cnn"):
+        run_training(_job(store, manifest_uri, "arch-unknown", architecture="resnet9000"), tmp_path)
+    with pytest.raises(TrainingError, match=r"image_cnn needs \[height, width, channels\] features, the dataset has \[97, 40\]"):
+        run_training(_job(store, manifest_uri, "arch-image", architecture="image_cnn"), tmp_path)
+    assert not store.list("models/kws_cnn/runs/arch-unknown") and not store.list("models/kws_cnn/runs/arch-image")
+
+
+def test_the_parquet_input_path_trains_on_the_tensorflow_backend(dataset, tmp_path):
+    """The input path the JAX and PyTorch backends use (keras.utils.PyDataset over the dataset's
+    Parquet copy), here on TensorFlow: the same model learns from it."""
+    store, manifest_uri = dataset
+    job = _job(store, manifest_uri, "run-parquet", epochs=6, input_format="parquet")
+    job.hyperparameters.augment = True  # the model module's augmentation too
+    result = run_training(job, tmp_path)
+    assert result.status == "trained" and result.metrics["input_format"] == "parquet"
+    assert result.metrics["test_accuracy"] > 0.4, result.metrics
+
+
+JAX_GATE = """
+import json, sys
+from twocluster.store.storage import ObjectStore
+from twocluster.training.gate import gate_and_publish
+print(gate_and_publish(ObjectStore(sys.argv[1]), "kws_jax", sys.argv[2], "production", 0.0, 1.0).to_json())
+"""
+
+
+@pytest.mark.slow
+def test_the_trainer_and_the_gate_run_on_jax_and_tensorflow_serves_the_model(dataset, tmp_path):
+    """Issue 15, item 3: KERAS_BACKEND=jax (the Parquet copy through a PyDataset, no tf.data, no
+    SavedModel export); the gate on JAX too (as in the Airflow image); the exported .keras model loads on
+    TensorFlow (the scoring side) and reproduces the trainer's logits."""
+    import numpy as np
+
+    from twocluster.training.gate import load_model, load_test
+
+    store, manifest_uri = dataset
+    job = _job(store, manifest_uri, "run-jax", epochs=6).model_copy(update={"model_name": "kws_jax"})
+    job.hyperparameters.augment = True  # the augmentation layers compile under jax.jit
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    trained = subprocess.run([sys.executable, str(ROOT / "training_jobs" / "train.py"), "--job-spec", str(tmp_path / "job.json"),
+                              "--work-dir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    result = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert result["status"] == "trained" and result["metrics"]["backend"] == "jax" and result["metrics"]["input_format"] == "parquet"
+    assert result["metrics"]["test_accuracy"] > 0.4, result["metrics"]
+    manifest = registry.read_model_manifest(store, "kws_jax", result["version"])
+    assert manifest.lineage.params["backend"] == "jax" and "saved_model/saved_model.pb" not in {f.path for f in manifest.files}
+
+    gated = subprocess.run([sys.executable, "-c", JAX_GATE, store.root_uri, result["version"]], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert gated.returncode == 0, gated.stderr[-4000:]
+    decision = json.loads(gated.stdout.strip().splitlines()[-1])
+    assert decision["outcome"] == "published", decision
+    assert abs(decision["test_accuracy"] - result["metrics"]["test_accuracy"]) < 1e-6
+
+    folder = registry.stage_model(store, "kws_jax", result["version"], tmp_path / "staged")
+    served = load_model(folder)  # this process runs Keras on TensorFlow
+    load_test(served, folder)
+    assert np.asarray(served.predict(np.load(folder / "load_test.npz")["inputs"], verbose=0)).shape == (16, 12)
+
+
+def test_the_augmentation_layers_shift_each_example_keep_jit_and_vanish_at_inference():
+    import keras
+    import numpy as np
+
+    from twocluster.training.augment import random_shift, with_augmentation
+
+    x = np.tile(np.arange(10, dtype=np.float32)[None, :, None], (64, 1, 3))  # [batch, time, bands]
+    edge = random_shift({1: 3}, fill="edge", seed=7)
+    shifted = np.asarray(edge(x, training=True))
+    offsets = {int(row[5, 0] - 5) for row in shifted}
+    assert offsets <= set(range(-3, 4)) and len(offsets) > 3, "each example gets its own shift"
+    for row in shifted:  # a shift of the whole row, the border repeated
+        d = int(row[5, 0] - 5)
+        assert np.array_equal(row[:, 0], np.clip(np.arange(10) + d, 0, 9)) and np.array_equal(row[:, 0], row[:, 2])
+    zero = np.asarray(random_shift({1: 3}, fill="zero", seed=7)(x + 1, training=True))
+    assert (zero == 0).any() and set(np.unique(zero)) <= set(range(11))
+    assert np.array_equal(np.asarray(edge(x, training=False)), x)
+
+    inputs = keras.Input((10, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    trained = with_augmentation(model, [edge])
+    assert all(layer.supports_jit for layer in trained._flatten_layers()), "Keras' own shift layers turn jit off"
+    assert np.allclose(trained.predict(x, verbose=0), model.predict(x, verbose=0))

@@ -5,6 +5,7 @@ test_training.py-style data below."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -195,3 +196,38 @@ def test_local_backend_runs_the_trainer_and_fails_clearly(tmp_path):
     assert isinstance(op, LocalTrainingOperator)
     with pytest.raises(AirflowException, match="the trainer exited with 1"):
         op.execute(context={})
+
+
+def test_the_backend_is_chosen_when_the_task_runs_not_when_the_dag_is_parsed(tmp_path, monkeypatch):
+    """Issue 15: one operator class whatever the deployment; the variable is read in execute (a
+    change takes effect at the next try, from the UI as from the environment)."""
+    from airflow.exceptions import AirflowException
+
+    from twocluster.orchestration import backends
+
+    bad = tmp_path / "job.json"
+    bad.write_text('{"run_id": "x"}')
+    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "docker", "image": "trainer:1"}))
+    op = backends.TrainingJobOperator(task_id="train", job_spec_uri=str(bad))
+    built = []
+    monkeypatch.setattr(backends, "training_operator", lambda config, **kw: built.append(config.kind) or _Recorder())
+    assert op.execute(context={}) == "ran" and built == ["docker"]
+    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "kubernetes", "image": "trainer:1"}))
+    op.execute(context={})
+    op.on_kill()
+    assert built == ["docker", "kubernetes"] and _Recorder.killed
+    monkeypatch.undo()
+
+    # Unset: the local process, for real.
+    with pytest.raises(AirflowException, match="the trainer exited with 1"):
+        backends.TrainingJobOperator(task_id="train", job_spec_uri=str(bad)).execute(context={})
+
+
+class _Recorder:
+    killed = False
+
+    def execute(self, context):
+        return "ran"
+
+    def on_kill(self):
+        _Recorder.killed = True

@@ -162,9 +162,14 @@ class Gate(_Strict):
 
 class Model(_Strict):
     name: StoreName
+    # A model module in twocluster.training.models (keyword_cnn, image_cnn, ...): the trainer
+    # builds the model from it; checked against the modules when the trainer starts.
+    architecture: str = Field("keyword_cnn", pattern=r"^[a-z][a-z0-9_]*$")
     epochs: int = Field(25, gt=0)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
+    learning_rate_schedule: Literal["constant", "cosine"] = "constant"
+    # The model module's augmentation layers (active in training only).
     augment: bool = False
     seed: int = 1234
     gate: Gate = Gate()

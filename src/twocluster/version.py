@@ -31,7 +31,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # How predictions are computed from features and a model.
     "scoring": ("spark/scoring.py", "spark/io.py"),
     # How a model is trained from staged datasets.
-    "trainer": ("training/trainer.py", "store/jobspec.py"),
+    "trainer": ("training/trainer.py", "training/data.py", "training/models/", "training/distribute.py", "training/checkpoints.py", "store/jobspec.py"),
     # Everything in the package (recorded in lineage; decides nothing).
     "package": ("",),
 }

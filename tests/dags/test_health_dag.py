@@ -28,7 +28,7 @@ def test_an_unhealthy_pipeline_fails_the_check_and_names_the_dates(tmp_path, spe
     _dataset(store, spec, D[1], rejected=40)  # nothing was ever scored, and D[1] rejects 29%
     dags = tmp_path / "dags"
     dags.mkdir()
-    (dags / "health.py").write_text(f'"""Airflow DAG: the health check, for the test."""\nfrom twocluster.orchestration.health_dag import build_health_dag\n\n'
+    (dags / "health.py").write_text(f'"""Airflow DAG: the health check, for the test."""\nfrom twocluster.ops.health_dag import build_health_dag\n\n'
                                     f"dag = build_health_dag({str(pipelines)!r})\n")
     env = airflow_env(tmp_path / "airflow", store.root_uri, dags_folder=dags)
     prepare(env)

@@ -223,6 +223,16 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
     env = {**pipeline.env, "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"}
+    # The backfill is created before the scheduler starts: on SQLite a CLI write racing the
+    # scheduler's own transactions can fail at once with "database is locked" (a read
+    # transaction cannot upgrade to a write while another connection holds the write lock, and
+    # SQLite does not wait in that case). The DAG was registered (paused, the default) by the
+    # `dags test` runs above.
+    unpaused = airflow(env, "dags", "unpause", DAG_ID, capture_output=True, text=True, timeout=120)
+    assert unpaused.returncode == 0, unpaused.stderr[-3000:]
+    created = airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", D1.isoformat(),
+                      "--to-date", D3.isoformat(), capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
     log = (pipeline.root / "standalone.log").open("w")
     server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -245,13 +255,6 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(bad, timeout=10)
         assert refused.value.code == 400 and "date" in refused.value.read().decode()
-
-        # The DAG was registered (paused, the default) by the `dags test` runs above.
-        unpaused = airflow(env, "dags", "unpause", DAG_ID, capture_output=True, text=True, timeout=120)
-        assert unpaused.returncode == 0, unpaused.stderr[-3000:]
-        created = airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", D1.isoformat(),
-                          "--to-date", D3.isoformat(), capture_output=True, text=True, timeout=120)
-        assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
 
         deadline = time.monotonic() + 1200
         while True:

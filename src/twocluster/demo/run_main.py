@@ -1,8 +1,9 @@
-"""`make run`: the main job on the embedded default (a local folder as the store, local Spark,
-the local training backend, Airflow on SQLite under .local/).
+"""`make run` / `make run-images`: a pipeline on the embedded default (a local folder as the
+store, local Spark, the local training backend, Airflow on SQLite under .local/).
 
-1. Sample arrivals for the last few days (generated once; kept on later runs).
-2. The real ``speech_commands`` DAG, run by ``airflow dags test`` for every arrived date, oldest
+1. Sample arrivals for the last few days (generated once; kept on later runs): speech spoken by
+   espeak-ng for an audio pipeline, scikit-learn's scanned digits for an image pipeline.
+2. The pipeline's real DAG (``speech_commands`` by default), run by ``airflow dags test`` for every arrived date, oldest
    first, as the scheduler's catch-up would: each run preprocesses its date with spark-submit;
    the retrain policy decides when the GPU job trains (the first model waits for enough data);
    the gate publishes; spark-submit scores the date with the published model.
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from twocluster.demo import sample_data
+from twocluster.demo import sample_data, sample_images
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 from twocluster.orchestration import runs
 from twocluster.spec import default_spec_path, load_pipeline_spec
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", default=str(default_spec_path()))
     parser.add_argument("--store", default=None, help="store URI (default: $TWOCLUSTER_STORE_URI)")
     parser.add_argument("--days", type=int, default=4)
-    parser.add_argument("--clips-per-day", type=int, default=600)
+    parser.add_argument("--clips-per-day", type=int, default=600, help="examples per day (clips or images)")
     parser.add_argument("--master", default="local[*]", help="Spark master (default: %(default)s)")
     parser.add_argument("--local-dir", default=str(REPO_ROOT / ".local"))
     args = parser.parse_args(argv)
@@ -41,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     local = Path(args.local_dir)
     started = time.perf_counter()
 
-    reports = sample_data.generate(
-        store, spec, sample_data.arrival_dates(args.days), args.clips_per_day, seed=0, bad_files_per_day=2
-    )
+    dates = sample_data.arrival_dates(args.days)
+    if spec.featurizer.kind == "image":
+        reports, what = sample_images.generate(store, spec, dates, args.clips_per_day, seed=0, bad_files_per_day=2), "images"
+    else:
+        reports, what = sample_data.generate(store, spec, dates, args.clips_per_day, seed=0, bad_files_per_day=2), "clips"
     print(f"== {spec.name}: sample arrivals in {store.root_uri}")
     for r in reports:
         state = "already there" if r.skipped else "generated"
-        print(f"  {r.date}: {r.clips} clips + {r.bad_files} broken files, {r.bytes / 1e6:.1f} MB ({state})")
+        print(f"  {r.date}: {r.clips} {what} + {r.bad_files} broken files, {r.bytes / 1e6:.1f} MB ({state})")
 
     env = airflow_env(local / "airflow", store.root_uri, spark_master=args.master)
     prepare(env)

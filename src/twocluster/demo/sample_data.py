@@ -265,16 +265,12 @@ def render_bad_files(spec: PipelineSpec, date: dt.date, count: int, seed: int) -
 
 
 def _tiny_png() -> bytes:
-    import struct
-    import zlib
+    """A real 8x8 grey gradient PNG."""
+    from PIL import Image
 
-    rows = b"".join(b"\x00" + bytes(range(0, 256, 32)) for _ in range(8))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1)), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _render_batch(args: tuple[list[ClipPlan], int, float]) -> list[bytes]:

@@ -68,12 +68,14 @@ def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, A
             continue
         dates: dict[str, dict] = {}
         for kind, manifest_kind in (("datasets", DatasetManifest), ("predictions", PredictionsManifest)):
-            for folder in store.list_folders(f"{kind}/{name}"):
-                if not folder.startswith("date="):
+            parent = layout.datasets_prefix(name) if kind == "datasets" else layout.predictions_prefix(name)
+            for folder in store.list_folders(parent):
+                day = layout.date_from_folder(folder)
+                if day is None:
                     continue
-                state = scan_location(store, f"{kind}/{name}/{folder}", manifest_kind)
+                state = scan_location(store, f"{parent}/{folder}", manifest_kind)
                 skipped(state.skipped)
-                row = dates.setdefault(folder[len("date="):], {"dataset": None, "predictions": None})
+                row = dates.setdefault(day.isoformat(), {"dataset": None, "predictions": None})
                 latest = state.latest
                 if latest is None:
                     continue

@@ -1,5 +1,10 @@
-"""Launching the training job on the GPU cluster from Airflow: one backend per cluster manager,
-chosen by configuration, all running the same trainer entry point with the same job spec.
+"""Launching the training job on the GPU cluster from Airflow: one operator,
+:class:`TrainingJobOperator`, and one backend per cluster manager behind it, chosen when the task
+runs (as the Spark provider picks its cluster from the connection at execute time) from the
+``twocluster_training_backend`` Airflow variable (JSON, :class:`TrainingBackendConfig`; the UI, the
+secrets backend or ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``; the local process when unset). The
+DAG's shape is the same in every deployment, and a change of the variable takes effect at the
+next try. Every backend runs the same trainer entry point with the same job spec:
 
 * ``local``: a separate OS process on the Airflow worker (the embedded default). It shares
   nothing with Airflow but the store and the spec; killing the task kills the process group.
@@ -31,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from twocluster.deployment import ROOT as REPO_ROOT
 
 TRAINER_COMMAND = ["python", "training_jobs/train.py"]  # inside the trainer image (WORKDIR /app)
+BACKEND_VARIABLE = "twocluster_training_backend"
 
 
 class Toleration(BaseModel):
@@ -183,9 +189,40 @@ def _docker_training_operator_class():
     return DockerTrainingOperator
 
 
+class TrainingJobOperator(BaseOperator):
+    """Run one training job (its spec's URI) on the backend the ``twocluster_training_backend``
+    variable names when the task runs: it builds that backend's operator
+    (:func:`training_operator`) and runs it in this task; ``on_kill`` reaches it. Returns the
+    trainer's JSON result (the Docker and Kubernetes backends: what their operator returns)."""
+
+    template_fields = ("job_spec_uri",)
+    ui_color = "#f3e6ff"
+
+    def __init__(self, *, job_spec_uri: str, **kwargs):
+        super().__init__(**kwargs)
+        self.job_spec_uri = job_spec_uri
+        self._backend_operator: BaseOperator | None = None
+
+    @staticmethod
+    def backend_config() -> TrainingBackendConfig:
+        from airflow.sdk import Variable
+
+        return TrainingBackendConfig.from_json(Variable.get(BACKEND_VARIABLE, default=None))
+
+    def execute(self, context: Any):
+        config = self.backend_config()
+        self.log.info("training backend: %s (variable %s)", config.kind, BACKEND_VARIABLE)
+        self._backend_operator = training_operator(config, task_id=self.task_id, job_spec_uri=self.job_spec_uri)
+        return self._backend_operator.execute(context)
+
+    def on_kill(self) -> None:
+        if self._backend_operator is not None:
+            self._backend_operator.on_kill()
+
+
 def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_uri: str, **kwargs) -> BaseOperator:
-    """The operator that runs one training job on the configured backend. ``job_spec_uri`` may be
-    a template or an XComArg (it is resolved when the task runs)."""
+    """The operator that runs one training job on the backend ``config`` describes (built by
+    :class:`TrainingJobOperator` when its task runs)."""
     args = ["--job-spec", job_spec_uri]
     if config.kind == "local":
         return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env, **kwargs)

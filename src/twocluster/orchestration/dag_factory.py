@@ -19,10 +19,9 @@ Deployment configuration, never in code:
   ``store_uri``) and the optional ``twocluster_store`` connection (an ``aws`` connection:
   login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables),
   and ``twocluster_store_spark`` for the Spark drivers where they get credentials of their own;
-* ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``: the training backend as JSON
-  (:class:`twocluster.orchestration.backends.TrainingBackendConfig`; the local process when unset). It is read
-  when the DAG is parsed because it picks the operator class, so it is an environment-backed
-  variable rather than one edited in the UI;
+* ``twocluster_training_backend`` variable: the training backend as JSON
+  (:class:`twocluster.orchestration.backends.TrainingBackendConfig`; the local process when unset),
+  read when the train task runs (the DAG's shape does not depend on it);
 * pools ``spark_cluster`` and ``gpu_training``: how many Spark jobs / training jobs all runs and
   backfills may have in flight together;
 * ``TWOCLUSTER_FAILURE_NOTIFIER``: where failures are reported (``notifiers``).
@@ -43,17 +42,13 @@ from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param
 
 from twocluster.deployment import ROOT as REPO_ROOT
 from twocluster.orchestration import runs
-from twocluster.orchestration.backends import TrainingBackendConfig, training_operator
-from twocluster.orchestration.notifiers import failure_notifier
+from twocluster.orchestration.backends import TrainingJobOperator
+from twocluster.orchestration.notifiers import task_defaults
 from twocluster.orchestration.retrain import decide_retrain as decide_retrain_policy
-from twocluster.spec import PipelineSpec, load_pipeline_spec
+from twocluster.orchestration.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_for, store_settings
+from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout
-from twocluster.store.storage import ObjectStore, S3Settings
 
-STORE_URI_VARIABLE = "twocluster_store_uri"
-STORE_CONNECTION = "twocluster_store"
-SPARK_STORE_CONNECTION = "twocluster_store_spark"
-TRAINING_BACKEND_ENV = "AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND"
 SPARK_POOL = "spark_cluster"
 GPU_POOL = "gpu_training"
 
@@ -76,27 +71,6 @@ def _no_retry(fn):
             raise AirflowFailException(str(e)) from e
 
     return wrapper
-
-
-def _store(spec: PipelineSpec) -> ObjectStore:
-    from airflow.sdk import Variable
-
-    uri = spec.resolve_store_uri(Variable.get(STORE_URI_VARIABLE, default=None))
-    return ObjectStore(uri, _store_settings())
-
-
-def _store_settings(*conn_ids: str) -> S3Settings | None:
-    """The first of these connections that exists (default ``twocluster_store``), else ``None``:
-    the worker's own ``AWS_*`` environment."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    for conn_id in conn_ids or (STORE_CONNECTION,):
-        try:
-            return S3Settings.from_airflow_connection(BaseHook.get_connection(conn_id))
-        except AirflowNotFoundException:
-            continue
-    return None
 
 
 def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
@@ -141,7 +115,7 @@ class PipelineSparkSubmitOperator(SparkSubmitOperator):
         use their own identity (instance profile, IRSA, a Kubernetes secret) and get only the
         endpoint and region. Executors never get credentials from here (storage.ObjectStore
         pickles without them)."""
-        settings = _store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
+        settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         if settings is None:
             return {}
         hook = self._get_hook()
@@ -167,7 +141,6 @@ def _spark_args(spec_path: Path, run: dict, job: str) -> list[str]:
 def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
     spec_path = Path(spec_path).resolve()
     spec = load_pipeline_spec(spec_path)
-    backend = TrainingBackendConfig.from_json(os.environ.get(TRAINING_BACKEND_ENV))
     dataset_asset = Asset(name=f"{spec.name}.dataset", uri=f"twocluster://datasets/{spec.name}", group="twocluster")
     predictions_asset = Asset(name=f"{spec.name}.predictions", uri=f"twocluster://predictions/{spec.name}", group="twocluster")
     model_alias = AssetAlias(name=f"{spec.model.name}.published")
@@ -175,15 +148,8 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
     def model_asset(alias: str) -> Asset:
         return Asset(name=f"{spec.model.name}.{alias}", uri=f"twocluster://models/{spec.model.name}/{alias}", group="twocluster")
 
-    default_args = {
-        "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": dt.timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": dt.timedelta(minutes=30),
-        "execution_timeout": dt.timedelta(minutes=10),
-        "on_failure_callback": [failure_notifier()],
-    }
+    default_args = task_defaults(retries=2, retry_delay=dt.timedelta(minutes=1), execution_timeout=dt.timedelta(minutes=10),
+                                 max_retry_delay=dt.timedelta(minutes=30))
 
     with DAG(
         dag_id=spec.name,
@@ -218,7 +184,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @_no_retry
         def check_params() -> dict:
             context = get_current_context()
-            store = _store(spec)
+            store = store_for(spec)
             run = runs.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"))
             run["run_id"] = context["run_id"]
             run["training_run"] = runs.training_run_id(spec.name, run["date"], context["run_id"])
@@ -240,7 +206,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             from twocluster.orchestration.arrivals import ArrivalsIncomplete, decide
 
             try:
-                decision = decide(_store(spec), spec, run["date"])
+                decision = decide(store_for(spec), spec, run["date"])
             except ArrivalsIncomplete as e:
                 raise AirflowFailException(str(e)) from None  # no retry: only new arrivals and a rerun help
             print(f"arrivals: {decision.reason} ({decision.files} files, {decision.bytes} bytes)")
@@ -268,7 +234,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
         @_no_retry
         def validate_dataset(run: dict) -> dict:
-            summary = runs.check_dataset(spec, _store(spec), run["date"], run["max_reject_rate"])
+            summary = runs.check_dataset(spec, store_for(spec), run["date"], run["max_reject_rate"])
             get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
             _record_metrics(f"twocluster.{spec.name}.dataset", summary)
             return summary
@@ -290,7 +256,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         @task.branch(doc_md="Apply the retrain policy (twocluster.orchestration.retrain): train a new model or score with the champion.")
         def decide_retrain(run: dict) -> str:
-            decision = decide_retrain_policy(_store(spec), spec, run["date"], run["retrain"], run["model_alias"]).as_dict()
+            decision = decide_retrain_policy(store_for(spec), spec, run["date"], run["retrain"], run["model_alias"]).as_dict()
             get_current_context()["ti"].xcom_push(key="decision", value=decision)
             print(f"retrain: {decision['retrain']}: {decision['reason']}")
             if decision["retrain"]:
@@ -302,12 +268,14 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @_no_retry
         def write_training_job(run: dict) -> str:
             decision = get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision")
-            return runs.write_training_job(spec, _store(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
+            backend = TrainingJobOperator.backend_config()
+            return runs.write_training_job(spec, store_for(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
 
         job_spec_uri = write_training_job(run)
-        train = training_operator(
-            backend, task_id="train", job_spec_uri=job_spec_uri, pool=GPU_POOL, execution_timeout=dt.timedelta(hours=12),
-            doc_md=f"Train on the GPU cluster ({backend.kind} backend); a retry resumes the run from its last checkpoint.",
+        train = TrainingJobOperator(
+            task_id="train", job_spec_uri=job_spec_uri, pool=GPU_POOL, execution_timeout=dt.timedelta(hours=12),
+            doc_md="Train on the GPU cluster (the backend the `twocluster_training_backend` variable names); "
+                   "a retry resumes the run from its last checkpoint.",
         )
         skipped = EmptyOperator(task_id="training_skipped", doc_md="The policy kept the champion.")
         no_model_yet = EmptyOperator(
@@ -321,7 +289,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                      "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
         def publish(run: dict) -> dict:
-            decision = runs.publish(spec, _store(spec), run["training_run"], run["model_alias"], run["run_id"])
+            decision = runs.publish(spec, store_for(spec), run["training_run"], run["model_alias"], run["run_id"])
             if decision["published"]:
                 get_current_context()["outlet_events"][model_alias].add(
                     model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
@@ -340,7 +308,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
         @_no_retry
         def validate_predictions(run: dict) -> dict:
-            summary = runs.check_predictions(spec, _store(spec), run["date"])
+            summary = runs.check_predictions(spec, store_for(spec), run["date"])
             get_current_context()["outlet_events"][predictions_asset].extra = {"date": run["date"], **summary}
             _record_metrics(f"twocluster.{spec.name}.predictions", summary)
             return summary

@@ -13,6 +13,7 @@ Credentials stay in the notifier's Airflow connection, never in this setting.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -47,3 +48,10 @@ def failure_notifier(setting: str | None = None) -> BaseNotifier:
         return cls(**config.get("kwargs", {}))
     except (ValueError, KeyError, ImportError, TypeError) as e:
         raise ValueError(f"{NOTIFIER_ENV}: cannot build the notifier from {setting!r}: {e}") from None
+
+
+def task_defaults(*, retries: int, retry_delay: dt.timedelta, execution_timeout: dt.timedelta, **more) -> dict:
+    """``default_args`` of this project's DAGs: the owner, retries with exponential backoff, a
+    timeout, and the configured failure notifier."""
+    return {"owner": "ml-platform", "retries": retries, "retry_delay": retry_delay, "retry_exponential_backoff": True,
+            "execution_timeout": execution_timeout, "on_failure_callback": [failure_notifier()], **more}

@@ -23,7 +23,6 @@ The training set for date D is the newest committed dataset version of every dat
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -33,9 +32,6 @@ from twocluster.store.manifest import DatasetManifest, ModelManifest, resolve_la
 from twocluster.store.storage import ObjectStore
 
 RetrainMode = Literal["auto", "force", "never"]
-
-_DATE_IN_KEY = re.compile(r"/date=([0-9]{4}-[0-9]{2}-[0-9]{2})/")
-
 
 @dataclass
 class RetrainDecision:
@@ -58,13 +54,8 @@ def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: 
     found: dict[str, DatasetManifest] = {}
     parent = layout.datasets_prefix(pipeline)
     for folder in store.list_folders(parent):
-        if not folder.startswith("date="):
-            continue
-        try:
-            day = dt.date.fromisoformat(folder[len("date="):])
-        except ValueError:
-            continue
-        if first <= day <= last:
+        day = layout.date_from_folder(folder)
+        if day is not None and first <= day <= last:
             latest = resolve_latest(store, layout.dataset_date_prefix(pipeline, day), DatasetManifest)
             if latest is not None:
                 found[day.isoformat()] = latest.manifest
@@ -77,7 +68,7 @@ def dataset_manifest_uri(store: ObjectStore, pipeline: str, date: str, version: 
 
 def data_through(model_manifest: ModelManifest) -> str | None:
     """The newest data date a model was trained on (from the dataset manifest URIs in its lineage)."""
-    dates = [m.group(1) for uri in model_manifest.lineage.inputs if (m := _DATE_IN_KEY.search(uri))]
+    dates = [dv[0] for uri in model_manifest.lineage.inputs if (dv := layout.dated_version(uri))]
     return max(dates) if dates else None
 
 

@@ -150,8 +150,9 @@ def training_job(spec: PipelineSpec, training_run: str, datasets: list[str], sto
     """The training job spec for the pipeline's model (hyper-parameters and seed from the spec)."""
     m = spec.model
     return TrainingJobSpec(
-        run_id=training_run, pipeline=spec.name, datasets=datasets, model_name=m.name, store_uri=store_uri,
-        hyperparameters=Hyperparameters(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate, augment=m.augment),
+        run_id=training_run, pipeline=spec.name, datasets=datasets, model_name=m.name, architecture=m.architecture, store_uri=store_uri,
+        hyperparameters=Hyperparameters(epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
+                                        learning_rate_schedule=m.learning_rate_schedule, augment=m.augment),
         seed=m.seed, resources=Resources(gpus=gpus),
     )
 

@@ -161,9 +161,7 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str):
             _configure_tensorflow_for_task()
             import keras
 
-            from twocluster.training.gate import stage_model
-
-            folder = stage_model(ObjectStore(root_uri, s3_settings), model, version, Path(tempfile.mkdtemp(prefix="model-")))
+            folder = registry.stage_model(ObjectStore(root_uri, s3_settings), model, version, Path(tempfile.mkdtemp(prefix="model-")))
             _MODEL_CACHE[version] = (keras.models.load_model(folder / "model.keras"), f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         return _MODEL_CACHE[version]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -28,6 +28,7 @@ class Hyperparameters(BaseModel):
     epochs: int = Field(25, gt=0)
     batch_size: int = Field(64, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
+    learning_rate_schedule: Literal["constant", "cosine"] = "constant"
     augment: bool = False
     shuffle_buffer: int = Field(4096, gt=0)
 
@@ -38,8 +39,6 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpus: int = Field(1, ge=0)
-    cpus: float = Field(4, gt=0)
-    memory_gb: float = Field(16, gt=0)
 
 
 class TrainingJobSpec(BaseModel):
@@ -52,6 +51,9 @@ class TrainingJobSpec(BaseModel):
     validation_split: str = "validation"
     test_split: str = "test"
     model_name: StoreName
+    architecture: str = Field("keyword_cnn", pattern=r"^[a-z][a-z0-9_]*$", description="a module in twocluster.training.models")
+    # auto: TFRecords through tf.data on the TensorFlow backend, the Parquet copy on JAX/PyTorch.
+    input_format: Literal["auto", "tfrecord", "parquet"] = "auto"
     store_uri: str = Field(description="store root that models/ is written under")
     hyperparameters: Hyperparameters = Hyperparameters()
     seed: int = 1234

@@ -201,6 +201,19 @@ def inflight_key(location: str, version: str) -> str:
     return f"{location.rstrip('/')}/{INFLIGHT_FOLDER}/{check_version(version)}.json"
 
 
+DATE_FOLDER_PREFIX = "date="
+
+
+def date_from_folder(folder: str) -> dt.date | None:
+    """The date of a ``date=<YYYY-MM-DD>`` folder name, or None if it is not one."""
+    if not folder.startswith(DATE_FOLDER_PREFIX):
+        return None
+    try:
+        return dt.date.fromisoformat(check_date(folder[len(DATE_FOLDER_PREFIX) :]))
+    except (LayoutError, ValueError):
+        return None
+
+
 _DATED_VERSION = re.compile(r"/date=([0-9]{4}-[0-9]{2}-[0-9]{2})/v=([^/]+)/")
 
 
@@ -236,6 +249,11 @@ def model_gate_prefix(model: str) -> str:
 
 def model_runs_prefix(model: str) -> str:
     return f"models/{check_name(model, 'model')}/runs"
+
+
+def model_run_prefix(model: str, run_id: str) -> str:
+    """One training run's checkpoints."""
+    return f"{model_runs_prefix(model)}/{run_key(run_id)}"
 
 
 def jobs_prefix(model: str) -> str:

@@ -154,9 +154,13 @@ class DatasetManifest(_ManifestBase):
     ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
     complete: bool = Field(True, description="false: committed at the arrivals deadline without the date's marker / quiet listing")
 
-    def tfrecord_files(self, splits: Iterable[str] | None = None) -> list[ManifestFile]:
+    def data_files(self, kind: Literal["tfrecord", "parquet"], splits: Iterable[str] | None = None) -> list[ManifestFile]:
+        """The shards of one format (the TFRecords, or their Parquet copy), of ``splits`` or all."""
         wanted = None if splits is None else set(splits)
-        return [f for f in self.files if f.kind == "tfrecord" and (wanted is None or f.split in wanted)]
+        return [f for f in self.files if f.kind == kind and (wanted is None or f.split in wanted)]
+
+    def tfrecord_files(self, splits: Iterable[str] | None = None) -> list[ManifestFile]:
+        return self.data_files("tfrecord", splits)
 
 
 class ModelMetrics(_Strict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twocluster.store import layout
@@ -175,3 +176,16 @@ def published_versions(store: ObjectStore, model: str) -> dict[str, list[str]]:
             if alias not in found[entry.version]:
                 found[entry.version].append(alias)
     return found
+
+
+def stage_model(store: ObjectStore, model: str, version: str, into: Path) -> Path:
+    """Download a committed model version, every file verified against its manifest's checksum."""
+    prefix = layout.model_version_prefix(model, version)
+    manifest = read_model_manifest(store, model, version)
+    folder = into / version
+    for f, (key, checksum) in zip(
+        manifest.files, store.download_many([(f"{prefix}/{f.path}", folder / f.path) for f in manifest.files]), strict=True
+    ):
+        if checksum != f.checksum:
+            raise RegistryError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
+    return folder

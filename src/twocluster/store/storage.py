@@ -250,10 +250,6 @@ class ObjectStore:
         """The local filesystem path of a key, for ``file://`` stores only (else ``None``)."""
         return Path(self._path(key)) if self.scheme == "file" else None
 
-    def child(self, key: str) -> ObjectStore:
-        """A store rooted at ``key`` under this one (shares credentials)."""
-        return ObjectStore(self.uri(key), self.s3_settings)
-
     # -- reads -------------------------------------------------------------------------------
 
     def read_bytes(self, key: str) -> bytes:
@@ -503,15 +499,6 @@ class ObjectStore:
         except FileNotFoundError as e:
             raise ObjectNotFound(f"{self.uri(src_key)}: no such object") from e
 
-    def copy(self, src_key: str, dst_key: str) -> None:
-        dst = self._path(dst_key)
-        if self.scheme == "file":
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            self.fs.copy_file(self._path(src_key), dst)
-        except FileNotFoundError as e:
-            raise ObjectNotFound(f"{self.uri(src_key)}: no such object") from e
-
     def delete(self, key: str) -> None:
         try:
             self.fs.delete_file(self._path(key))
@@ -674,10 +661,6 @@ class StoreSnapshot:
 
         with ThreadPoolExecutor(self._readers) as pool:
             list(pool.map(read, wanted))
-
-
-def open_store(uri: str, s3_settings: S3Settings | None = None) -> ObjectStore:
-    return ObjectStore(uri, s3_settings)
 
 
 def split_uri(uri: str) -> tuple[str, str]:

@@ -88,24 +88,3 @@ def tfrecord_bytes(records: Iterable[bytes], compression: str = "GZIP") -> bytes
     if compression in ("NONE", "", None):
         return raw
     raise ValueError(f"unsupported TFRecord compression {compression!r} (GZIP or NONE)")
-
-
-def read_records(data: bytes, compression: str = "GZIP") -> list[bytes]:
-    """Parse a TFRecord file, verifying both CRCs (used to check shards without TensorFlow)."""
-    if compression == "GZIP":
-        data = gzip.decompress(data)
-    records, offset = [], 0
-    while offset < len(data):
-        header = data[offset : offset + 12]
-        if len(header) < 12:
-            raise ValueError(f"truncated record header at byte {offset}")
-        (length,) = struct.unpack("<Q", header[:8])
-        if struct.unpack("<I", header[8:12])[0] != _masked_crc(header[:8]):
-            raise ValueError(f"bad length CRC at byte {offset}")
-        record = data[offset + 12 : offset + 12 + length]
-        footer = data[offset + 12 + length : offset + 16 + length]
-        if len(record) < length or len(footer) < 4 or struct.unpack("<I", footer)[0] != _masked_crc(record):
-            raise ValueError(f"truncated or corrupt record at byte {offset}")
-        records.append(record)
-        offset += 16 + length
-    return records

@@ -25,6 +25,7 @@ import numpy as np
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import CommitLog, GateDecided
 from twocluster.store.storage import ObjectStore
+from twocluster.training import data, report
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,6 @@ class GateDecision:
         return json.dumps(self.as_dict())
 
 
-def stage_model(store: ObjectStore, model: str, version: str, into: Path) -> Path:
-    """Download a committed model version, every file verified against its manifest's checksum."""
-    prefix = layout.model_version_prefix(model, version)
-    manifest = registry.read_model_manifest(store, model, version)
-    folder = into / version
-    for f, (key, checksum) in zip(
-        manifest.files, store.download_many([(f"{prefix}/{f.path}", folder / f.path) for f in manifest.files]), strict=True
-    ):
-        if checksum != f.checksum:
-            raise GateError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
-    return folder
-
-
 def load_model(model_dir: Path):
     import keras
 
@@ -94,18 +82,12 @@ def load_test(model, model_dir: Path, atol: float = 1e-3) -> None:
         raise ValueError(f"the reloaded model's logits differ from the trainer's by up to {worst:.2e}")
 
 
-def accuracy_on(model, data, split: str, batch_size: int = 256) -> tuple[float, int]:
-    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.trainer.StagedData`)."""
-    from twocluster.training.trainer import make_dataset
-
-    correct = total = 0
-    for x, y in make_dataset(data, split, batch_size, training=False, seed=0):
-        predicted = np.argmax(model.predict_on_batch(x), axis=-1)
-        correct += int(np.sum(predicted == y.numpy()))
-        total += len(predicted)
-    if total == 0:
+def accuracy_on(model, staged, split: str, batch_size: int = 256) -> tuple[float, int]:
+    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.data.StagedData`)."""
+    y_true, y_pred = report.predict_labels(model, data.batches(staged, split, batch_size, training=False, seed=0))
+    if len(y_true) == 0:
         raise GateError(f"the {split!r} split is empty")
-    return correct / total, total
+    return float(np.mean(y_true == y_pred)), len(y_true)
 
 
 def gate_and_publish(
@@ -133,13 +115,11 @@ def gate_and_publish(
             seq=seq, model=model, alias=alias, version=version, outcome=outcome, reason=reason, numbers=numbers, run_id=run_id))
         return made
 
-    from twocluster.training.trainer import stage_splits
-
     with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
         tmp_dir = Path(tmp)
         try:
             candidate_manifest = registry.read_model_manifest(store, model, version, verify_checksums=True)
-            model_dir = stage_model(store, model, version, tmp_dir / "models")
+            model_dir = registry.stage_model(store, model, version, tmp_dir / "models")
             candidate = load_model(model_dir)
             load_test(candidate, model_dir)
         except Exception as e:  # noqa: BLE001 - any failure to load means "do not publish"
@@ -147,7 +127,7 @@ def gate_and_publish(
         recorded = candidate_manifest.metrics.test_accuracy
         # The candidate's own test split is the common ground: the champion is measured on it too.
         try:
-            test_data = stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data")
+            test_data = data.stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data", data.input_format_for_backend())
             accuracy, examples = accuracy_on(candidate, test_data, test_split)
         except Exception as e:  # noqa: BLE001 - no trustworthy measurement means "do not publish"
             return decision("refused", f"its test data could not be read and verified: {e}")
@@ -204,5 +184,5 @@ def _measure_champion(store: ObjectStore, model: str, champion: str, candidate_m
         return None, manifest.metrics.test_accuracy, (
             f"the champion {champion} was trained on other features ({'; '.join(problems)}), so it cannot be measured on "
             "this test data; only the floor applies")
-    measured, _ = accuracy_on(load_model(stage_model(store, model, champion, tmp_dir / "models")), test_data, test_split)
+    measured, _ = accuracy_on(load_model(registry.stage_model(store, model, champion, tmp_dir / "models")), test_data, test_split)
     return measured, manifest.metrics.test_accuracy, ""

@@ -19,7 +19,7 @@ from pathlib import Path
 from airflow.sdk import DAG, task
 
 from twocluster.deployment import PIPELINES_DIR
-from twocluster.orchestration.notifiers import failure_notifier
+from twocluster.orchestration.notifiers import task_defaults
 from twocluster.spec import load_pipeline_spec
 
 
@@ -33,14 +33,7 @@ def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_
         catchup=False,
         max_active_runs=1,
         tags=["twocluster", "ops", "health"],
-        default_args={
-            "owner": "ml-platform",
-            "retries": 1,
-            "retry_delay": dt.timedelta(minutes=2),
-            "retry_exponential_backoff": True,
-            "execution_timeout": dt.timedelta(minutes=5),
-            "on_failure_callback": [failure_notifier()],
-        },
+        default_args=task_defaults(retries=1, retry_delay=dt.timedelta(minutes=2), execution_timeout=dt.timedelta(minutes=5)),
         doc_md=__doc__,
     ) as dag:
         for path in spec_paths:
@@ -51,10 +44,10 @@ def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_
                 from airflow.sdk.exceptions import AirflowFailException
 
                 from twocluster.ops.monitoring import health_problems, pipeline_overview
-                from twocluster.orchestration.dag_factory import _store
+                from twocluster.orchestration.store_access import store_for
 
                 checked = load_pipeline_spec(spec_path)
-                overview = pipeline_overview(_store(checked), checked)
+                overview = pipeline_overview(store_for(checked), checked)
                 problems = health_problems(overview)
                 for problem in problems:
                     print(f"UNHEALTHY {problem}")

@@ -1,0 +1,260 @@
+"""The trainer's data: dataset manifests -> verified local shards -> batches.
+
+A dataset version is validated (committed in its date's log, feature specs compatible across the
+window) before anything is downloaded; its shards are staged to local disk in parallel, each
+checked against the manifest's checksum and cached by dataset version (TensorFlow cannot open
+``s3://``: that moved to tensorflow-io, which does not load against TF 2.21).
+
+Two input pipelines read the same staged dataset, chosen by the Keras backend:
+
+* TensorFlow: ``tf.data`` over the TFRecords (parallel interleave and parse, cache, shuffle,
+  prefetch), which tf.distribute strategies shard;
+* JAX or PyTorch: a ``keras.utils.PyDataset`` over the Parquet copy, decoded once into one
+  contiguous array (no TensorFlow in the image at all).
+
+Both yield ``(features shaped like the feature spec, label ids)``; augmentation is part of the
+model (its own Keras layers, active only in training), so both pipelines train the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from twocluster.store import layout
+from twocluster.store.featurespec import FeatureSpec
+from twocluster.store.manifest import DatasetManifest, ManifestError, resolve_version
+from twocluster.store.storage import ObjectStore, split_uri
+
+log = logging.getLogger(__name__)
+
+InputFormat = Literal["tfrecord", "parquet"]
+STAGE_CACHE_MAX_AGE_SECONDS = 7 * 86400  # staged datasets no job used for a week are evicted
+
+
+class DataError(RuntimeError):
+    pass
+
+
+@dataclass
+class StagedData:
+    feature_spec: FeatureSpec
+    format: InputFormat
+    files: dict[str, list[str]]  # split -> local shard paths
+    rows: dict[str, int]
+    dataset_versions: list[str] = field(default_factory=list)
+    featurizer_code: list[str] = field(default_factory=list)  # distinct hashes across the datasets
+
+    @property
+    def feature_name(self) -> str:
+        return self.feature_spec.feature_name
+
+    @property
+    def feature_shape(self) -> list[int]:
+        return self.feature_spec.feature_shape
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self.feature_spec.label_vocabulary
+
+
+def input_format_for_backend(backend: str | None = None) -> InputFormat:
+    """TFRecords through tf.data on the TensorFlow backend; the Parquet copy on the others."""
+    if backend is None:
+        import keras
+
+        backend = keras.backend.backend()
+    return "tfrecord" if backend == "tensorflow" else "parquet"
+
+
+# -- validate and stage ------------------------------------------------------------------------------
+
+
+def open_dataset_manifest(uri: str) -> tuple[ObjectStore, DatasetManifest]:
+    """A dataset by its manifest URI, only if it is committed in its date's log (not removed, the
+    manifest unchanged since the commit). Returns a store rooted at the version folder."""
+    folder, name = split_uri(uri)
+    location, version_folder = split_uri(folder)
+    version = layout.version_from_folder(version_folder)
+    if name != layout.MANIFEST_NAME or version is None:
+        raise DataError(f"{uri}: not a dataset manifest URI (.../v=<version>/{layout.MANIFEST_NAME})")
+    manifest = resolve_version(ObjectStore(location), "", version, DatasetManifest).manifest
+    if manifest.feature_spec.tfrecord is None:
+        raise DataError(f"{uri}: the manifest records no TFRecord feature spec")
+    return ObjectStore(folder), manifest
+
+
+def load_dataset_manifests(uris: list[str], splits: list[str]) -> list[tuple[ObjectStore, DatasetManifest]]:
+    """Read and cross-check every dataset manifest before anything is downloaded."""
+    loaded = [open_dataset_manifest(uri) for uri in uris]
+    first_uri, first = uris[0], loaded[0][1].feature_spec
+    for uri, (_, m) in zip(uris[1:], loaded[1:], strict=True):
+        problems = first.compatible_with(m.feature_spec)
+        if m.feature_spec.tfrecord != first.tfrecord or m.feature_spec.label_vocabulary != first.label_vocabulary:
+            problems.append("TFRecord layout or label vocabulary")
+        if problems:
+            raise DataError(f"{uri}: feature spec differs from {first_uri}'s ({'; '.join(problems)}); datasets cannot be mixed")
+        if not m.feature_spec.same_code_as(first):
+            raise DataError(
+                f"{uri} was featurized by other featurizer code ({m.feature_spec.featurizer_code[:19]}) than {first_uri} "
+                f"({first.featurizer_code[:19]}); reprocess the older dates of the window before training on them together"
+            )
+    for split in splits:
+        if sum(m.counts.per_split.get(split, 0) for _, m in loaded) == 0:
+            raise DataError(f"no examples in split {split!r} across {len(loaded)} dataset(s) {uris}")
+    return loaded
+
+
+def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, fmt: InputFormat = "tfrecord",
+                 max_workers: int = 8) -> StagedData:
+    """Download the shards of ``splits`` in format ``fmt`` that the manifests list, in parallel,
+    verifying each checksum. Shards already in ``cache_dir`` with a matching checksum are not
+    fetched again (a retry or a resumed run on the same node starts at once)."""
+    loaded = load_dataset_manifests(uris, splits)
+    files: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    started, fetched_bytes, reused = time.perf_counter(), 0, 0
+    for store, manifest in loaded:
+        todo = []
+        for f in manifest.data_files(fmt, splits):
+            local = cache_dir / manifest.version / f.path
+            files.setdefault(f.split, []).append(str(local))
+            rows[f.split] = rows.get(f.split, 0) + (f.rows or 0)
+            marker = local.with_name(local.name + ".sha256")
+            if local.exists() and marker.exists() and marker.read_text() == f.checksum and local.stat().st_size == f.bytes:
+                reused += 1
+                continue
+            todo.append((f, local, marker))
+        for (key, checksum), (f, local, marker) in zip(
+            store.download_many([(f.path, local) for f, local, _ in todo], max_workers=max_workers), todo, strict=True
+        ):
+            if checksum != f.checksum:
+                local.unlink(missing_ok=True)
+                raise ManifestError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")
+            marker.write_text(checksum)
+            fetched_bytes += f.bytes
+        if (cache_dir / manifest.version).exists():
+            os.utime(cache_dir / manifest.version)  # recently used: kept by prune_stage_cache
+    log.info("staged %d %s shards (%.1f MB fetched, %d reused from %s) in %.1fs", sum(map(len, files.values())), fmt,
+             fetched_bytes / 1e6, reused, cache_dir, time.perf_counter() - started)
+    return StagedData(
+        feature_spec=loaded[0][1].feature_spec,
+        format=fmt,
+        files={s: sorted(v) for s, v in files.items()},
+        rows=rows,
+        dataset_versions=[m.version for _, m in loaded],
+        featurizer_code=sorted({m.feature_spec.featurizer_code for _, m in loaded}),
+    )
+
+
+def prune_stage_cache(cache_dir: Path, keep: set[str], max_age_seconds: float = STAGE_CACHE_MAX_AGE_SECONDS) -> list[Path]:
+    """Remove staged dataset versions not in ``keep`` that no job has used for ``max_age_seconds``
+    (the trainer's local cache would otherwise grow by a dataset per day forever)."""
+    removed = []
+    if not cache_dir.is_dir():
+        return removed
+    now = time.time()
+    for entry in cache_dir.iterdir():
+        if entry.is_dir() and entry.name not in keep and now - entry.stat().st_mtime > max_age_seconds:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+# -- input pipelines ---------------------------------------------------------------------------------
+
+
+def batches(data: StagedData, split: str, batch_size: int, *, training: bool, seed: int, shuffle_buffer: int = 4096):
+    """``(features, label ids)`` batches of one staged split, in the pipeline its format needs."""
+    if not data.files.get(split):
+        raise DataError(f"no staged shards for split {split!r}")
+    if data.format == "tfrecord":
+        return _tf_dataset(data, split, batch_size, training=training, seed=seed, shuffle_buffer=shuffle_buffer)
+    return ParquetBatches(data, split, batch_size, training=training, seed=seed)
+
+
+def _tf_dataset(data: StagedData, split: str, batch_size: int, *, training: bool, seed: int, shuffle_buffer: int):
+    import tensorflow as tf
+
+    files = data.files[split]
+    tfrecord = data.feature_spec.tfrecord
+    parse_spec = tfrecord.parse_spec([data.feature_name, "label_id"])
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, parse_spec)
+        return example[data.feature_name], example["label_id"]
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=tfrecord.compression_type),
+        cycle_length=min(len(files), 8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training,
+    )
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _read_parquet_split(data: StagedData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(data.files[split]).read(columns=["features", "label_id"])
+    n = table.num_rows
+    features = table["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return features.astype(np.float32, copy=False).reshape(n, *data.feature_shape), table["label_id"].to_numpy().astype(np.int64)
+
+
+def _py_dataset_base():
+    import keras
+
+    return keras.utils.PyDataset
+
+
+class ParquetBatches(_py_dataset_base()):
+    """A split of the Parquet copy decoded once into one contiguous array (the tf.data path's
+    ``cache()``), served in shuffled batches; backend-agnostic (JAX, PyTorch, TensorFlow)."""
+
+    def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
+        super().__init__()
+        self.x, self.y = _read_parquet_split(data, split)
+        self.batch_size, self.training = batch_size, training
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(len(self.y)) if training else np.arange(len(self.y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        if not self.training:  # a contiguous slice: no copy
+            return self.x[rows[0] : rows[-1] + 1], self.y[rows[0] : rows[-1] + 1]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        if self.training:
+            self._order = self._rng.permutation(len(self.y))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+def feature_sample(ds, max_rows: int = 2048) -> np.ndarray:
+    """Up to ``max_rows`` feature rows of a pipeline (what a model adapts its normalization to)."""
+    rows, n = [], 0
+    for x, _ in ds:
+        rows.append(np.asarray(x))
+        n += len(rows[-1])
+        if n >= max_rows:
+            break
+    return np.concatenate(rows)[:max_rows]

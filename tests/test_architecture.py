@@ -1,0 +1,138 @@
+"""The folders are the architecture: each component imports only the store contract, its own
+code and its own dependency set (the pyproject extra its image installs), and no job imports a
+sibling job. Static checks over the sources; they fail on the first import that crosses a line."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "twocluster"
+
+# The distribution that provides an import name (where the two differ).
+DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "google_crc32c": "google-crc32c", "airflow": "apache-airflow",
+                "fastapi": "apache-airflow", "botocore": "boto3", "sklearn": "scikit-learn", "docker": "apache-airflow-providers-docker",
+                "kubernetes": "apache-airflow-providers-cncf-kubernetes", "pyspark": "pyspark"}
+# Keras backends: chosen by the image, imported only inside functions that run on that backend.
+BACKENDS = {"tensorflow", "jax", "torch"}
+# Which extras each part of the package may use (the core dependencies always).
+COMPONENT_EXTRAS = {
+    "store": [], "spec.py": [], "version.py": [], "deployment.py": [], "__init__.py": [],
+    "features": ["spark"],
+    "spark": ["spark"],
+    "training": ["trainer"],
+    "orchestration": ["airflow"],
+    "ops": ["airflow"],
+    "demo": ["spark", "trainer", "airflow", "demo"],
+    "devtools": ["airflow"],
+}
+# Code of the package a component may import besides its own folder.
+SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment"}
+MAY_IMPORT = {
+    "features": SHARED,
+    "spark": SHARED | {"twocluster.features"},
+    "training": SHARED,
+    # The orchestration launches jobs by their entry points; the gate runs in the Airflow worker,
+    # and the --py-files zip is built there.
+    "orchestration": SHARED | {"twocluster.training.gate", "twocluster.spark.packaging"},
+    "ops": SHARED | {"twocluster.orchestration.arrivals", "twocluster.orchestration.notifiers", "twocluster.orchestration.store_access"},
+}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level) for every import in a file."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            if isinstance(child, ast.Import):
+                found.extend((alias.name, top) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                found.extend(((f"{child.module}.{alias.name}" if child.module == "twocluster" else child.module), top) for alias in child.names)
+            visit(child, nested if not isinstance(child, ast.ClassDef) else top)
+
+    visit(tree, True)
+    return found
+
+
+def _component(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0]
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_component_imports_only_its_own_dependency_set(path):
+    project = _project()
+    allowed = _requirement_names(project["dependencies"])
+    for extra in COMPONENT_EXTRAS[_component(path)]:
+        allowed |= _requirement_names(project["optional-dependencies"][extra])
+    stdlib = sys.stdlib_module_names
+    for module, top in _imports(path):
+        name = module.split(".")[0]
+        if name in stdlib or name == "twocluster" or name == "__future__":
+            continue
+        if name in BACKENDS and not top:
+            continue
+        assert DISTRIBUTION.get(name, name).lower() in allowed, (
+            f"{path.relative_to(ROOT)} imports {module} ({'module level' if top else 'in a function'}), which is not in its "
+            f"component's dependency set {COMPONENT_EXTRAS[_component(path)]}")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_component_reaches_into_another(path):
+    component = _component(path)
+    if component not in MAY_IMPORT:
+        return
+    own = f"twocluster.{component}" if not component.endswith(".py") else ""
+    for module, _ in _imports(path):
+        if not module.startswith("twocluster") or module.startswith(own):
+            continue
+        assert any(module == ok or module.startswith(ok + ".") for ok in MAY_IMPORT[component]), (
+            f"{path.relative_to(ROOT)} ({component}) imports {module}")
+
+
+def test_no_job_imports_a_sibling_job():
+    for job, sibling in (("preprocess", "scoring"), ("scoring", "preprocess")):
+        imports = [m for m, _ in _imports(PACKAGE / "spark" / f"{job}.py")]
+        assert not [m for m in imports if m.startswith(f"twocluster.spark.{sibling}")], f"spark/{job}.py imports spark/{sibling}.py"
+
+
+def test_each_image_installs_only_its_components_extra():
+    images = {"airflow": ROOT / "docker" / "airflow" / "Dockerfile", "spark": ROOT / "docker" / "spark" / "Dockerfile",
+              "trainer": ROOT / "training_jobs" / "Dockerfile"}
+    extras = _project()["optional-dependencies"]
+    for component, dockerfile in images.items():
+        text = dockerfile.read_text()
+        assert "-r requirements.lock" not in text and "-r /opt/twocluster/requirements.lock" not in text, f"{dockerfile}: installs the whole lock"
+        assert re.search(rf'pip install [^\n]*-c \S*requirements\.lock [^\n]*\[{component}\]', text), f"{dockerfile}: does not install .[{component}]"
+        others = set().union(*(_requirement_names(v) for k, v in extras.items() if k not in (component, "dev", "demo", "tensorflow")))
+        others -= _requirement_names(extras[component]) | _requirement_names(_project()["dependencies"])
+        named = set(re.findall(r"pip install[^\n]*", text)[0].split())
+        assert not (others & named - {"pyspark"} if component == "airflow" else others & named), f"{dockerfile} names {others & named}"
+    assert "tensorflow" not in " ".join(extras["airflow"]) and "apache-airflow" not in " ".join(extras["trainer"] + extras["spark"])
+    assert "pyspark" not in " ".join(extras["trainer"])
+
+
+def test_the_dev_extra_installs_every_component():
+    dev = " ".join(_project()["optional-dependencies"]["dev"])
+    for extra in ("airflow", "spark", "trainer", "tensorflow", "demo"):
+        assert re.search(rf"twocluster\[[^\]]*\b{extra}\b", dev), extra
