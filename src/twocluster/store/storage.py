@@ -12,6 +12,7 @@ Credentials are never in code: S3 settings come from the standard AWS environmen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -154,6 +155,23 @@ def _local_temp_file(folder: str, prefix: str) -> tuple[int, str]:
             if attempt == 4:
                 raise
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _local_temp_copy(path: str, prefix: str, data: bytes, *, durable: bool = False):
+    """A complete temp file holding ``data`` beside ``path`` (flushed to disk if ``durable``), for
+    the caller to rename or link into place; removed on exit if it is still there."""
+    fd, tmp = _local_temp_file(os.path.dirname(path), prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class ObjectStore:
@@ -390,17 +408,11 @@ class ObjectStore:
                 raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
             return checksum_bytes(data)
         path = self._path(key)
-        folder = os.path.dirname(path)
-        fd, tmp = _local_temp_file(folder, ".write-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with _local_temp_copy(path, ".write-", data) as tmp:
+                os.replace(tmp, path)
         except OSError as e:
             raise StorageError(f"{self.uri(key)}: write failed: {e}") from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return checksum_bytes(data)
 
     def upload_file(self, local_path: str | os.PathLike[str], key: str) -> str:
@@ -466,20 +478,12 @@ class ObjectStore:
                     time.sleep(0.05 * (attempt + 1))  # the 409 winner gave up; try again
             raise StorageError(f"{self.uri(key)}: create-only write kept conflicting")
         path = self._path(key)
-        folder = os.path.dirname(path)
-        fd, tmp = _local_temp_file(folder, ".create-only-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        with _local_temp_copy(path, ".create-only-", data, durable=True) as tmp:
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
             return True
-        finally:
-            os.unlink(tmp)
 
     def promote(self, src_key: str, dst_key: str) -> None:
         """Move a complete object to its final key (a task attempt's file into its committed
