@@ -74,9 +74,9 @@ def test_predictions_match_model_predict_outside_spark(spark, speech_spec, publi
     batch = featurizer.featurize_many([store.read_bytes(f"{raw}/{p}") for p in paths])
     expected = predict_batch(model, batch.features, speech_spec.labels.vocabulary, 3, 32)
     for i, p in enumerate(paths):
-        assert rows[p]["predicted_label"] == expected["predicted_label"][i]
-        assert rows[p]["top_labels"] == list(expected["top_labels"][i])
-        assert np.allclose(rows[p]["top_probabilities"], expected["top_probabilities"][i], atol=1e-4)
+        assert rows[p]["predicted_label"] == expected.predicted_label[i]
+        assert rows[p]["top_labels"] == list(expected.labels[i])
+        assert np.allclose(rows[p]["top_probabilities"], expected.probabilities[i], atol=1e-4)
         assert rows[p]["model_version"] == model_version and rows[p]["run_id"] == "t1"
     rejects = pq.read_table(store.local_path(f"{prefix}/rejects/rejects.parquet")).to_pylist()
     assert {r["reason"] for r in rejects} == {"empty", "truncated", "undecodable", "not_audio", "too_long"}

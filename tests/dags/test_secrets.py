@@ -67,11 +67,11 @@ def test_the_featurizing_udf_closure_carries_no_secret(spark, speech_spec):
     """The function Spark pickles for the executors (with cloudpickle, as PySpark does)."""
     from pyspark import cloudpickle
 
-    from twocluster.spark.io import featurizing_udf
+    from twocluster.spark.io import featurizing_function
     from twocluster.store.storage import ObjectStore, S3Settings
 
     store = ObjectStore("s3://bucket/prefix", S3Settings(endpoint_url="http://s3.internal:7480", access_key=CANARY_ACCESS,
                                                          secret_key=CANARY_SECRET))
-    shipped = cloudpickle.dumps(featurizing_udf(speech_spec, store).func)
+    shipped = cloudpickle.dumps(featurizing_function(speech_spec, store))
     assert b"s3.internal" in shipped  # the closure was really serialized
     assert CANARY_SECRET.encode() not in shipped and CANARY_ACCESS.encode() not in shipped

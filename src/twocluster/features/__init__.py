@@ -60,6 +60,13 @@ class Featurizer:
     def decode(self, data: bytes) -> np.ndarray:
         raise NotImplementedError
 
+    def read(self, data: bytes, name: str = "", inputs=None) -> np.ndarray:
+        """Decode one input; with ``inputs``, check its header against their limits first.
+        Featurizers that can check and decode in one pass over the header override this."""
+        if inputs is not None:
+            self.check_header(data, name, inputs)
+        return self.decode(data)
+
     def transform(self, decoded: np.ndarray) -> np.ndarray:
         """[n, *decoded_shape] -> [n, *shape]."""
         return decoded
@@ -77,9 +84,7 @@ class Featurizer:
         )
 
     def featurize_one(self, data: bytes, name: str = "", inputs=None) -> np.ndarray:
-        if inputs is not None:
-            self.check_header(data, name, inputs)
-        return self.transform(self.decode(data)[None, ...])[0]
+        return self.transform(self.read(data, name, inputs)[None, ...])[0]
 
     def featurize_many(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None, inputs=None) -> FeaturizedBatch:
         """Featurize a batch; with ``inputs`` (the spec's inputs section) each blob's header is
@@ -91,9 +96,7 @@ class Featurizer:
             try:
                 if not data:
                     raise FeaturizeError(EMPTY, "zero bytes")
-                if inputs is not None:
-                    self.check_header(bytes(data), names[i] if names is not None else "", inputs)
-                decoded[i] = self.decode(bytes(data))
+                decoded[i] = self.read(bytes(data), names[i] if names is not None else "", inputs)
                 reasons.append(None)
                 details.append("")
             except FeaturizeError as e:

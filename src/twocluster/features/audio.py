@@ -1,5 +1,10 @@
 """Audio: decode any soundfile-readable clip, resample to the spec's rate, pad or trim to the
-clip length, and compute a log-mel spectrogram (librosa's STFT and mel filterbank)."""
+clip length, and compute a log-mel spectrogram (librosa's mel filterbank).
+
+The spectrogram is computed for a whole batch at once: every frame of every clip goes through one
+real FFT call (scipy's pocketfft over a contiguous ``[frames, fft_length]`` buffer) and one matmul
+with the filterbank. ``librosa.stft`` computes the same thing (the tests hold the two equal on
+real clips) at about twice the cost per clip."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import io
 
 import numpy as np
 import soundfile as sf
+from numpy.lib.stride_tricks import sliding_window_view
 
 from twocluster.features import UNDECODABLE, WRONG_FORMAT, FeaturizeError, Featurizer, extension_of
 from twocluster.spec import AudioInputs
@@ -17,6 +23,8 @@ NOT_AUDIO = "not_audio"
 TOO_LONG = "too_long"
 BAD_SAMPLE_RATE = "bad_sample_rate"
 BAD_CHANNELS = "bad_channels"
+
+_TRANSFORM_CHUNK = 32  # clips per FFT call: ~6 MB of buffers
 
 # The containers a file name's extension promises (libsndfile detects the container from the
 # content, so a FLAC named .wav would otherwise decode as FLAC).
@@ -60,6 +68,14 @@ class LogMelFeaturizer(Featurizer):
             sr=spec.sample_rate, n_fft=spec.fft_length, n_mels=spec.num_mel_bins,
             fmin=spec.lower_edge_hz, fmax=spec.upper_edge_hz,
         ).astype(np.float32)
+        # librosa.stft's window: a periodic Hann of frame_length samples, centred in fft_length.
+        # Only the window's support is copied into each FFT buffer: the zeros it would have on
+        # the left rotate the spectrum's phase, never its power.
+        self._window = librosa.filters.get_window("hann", spec.frame_length, fftbins=True).astype(np.float32)
+        self._window_offset = (spec.fft_length - spec.frame_length) // 2
+        # Power = re^2 + im^2 folded into the filterbank matmul: the squared spectrum is read
+        # as interleaved (re, im) floats, so each filter weight appears twice.
+        self._mel_interleaved = np.repeat(self._mel_basis.T, 2, axis=0)  # [2 * bins, mels]
 
 
     def check_header(self, data: bytes, name: str, inputs: AudioInputs) -> None:
@@ -70,6 +86,11 @@ class LogMelFeaturizer(Featurizer):
             raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e.error_string})") from None
         except (RuntimeError, TypeError, ValueError) as e:
             raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e})") from None
+        self._check_info(info, name, inputs)
+
+    def _check_info(self, info, name: str, inputs: AudioInputs) -> None:
+        """The header checks, on anything with soundfile's header attributes (``sf.info``'s
+        result or an open ``SoundFile``)."""
         promised = _CONTAINERS_BY_EXTENSION.get(extension_of(name))
         if info.format not in inputs.formats:
             raise FeaturizeError(WRONG_FORMAT, f"a {info.format} file; the spec allows {', '.join(inputs.formats)}")
@@ -86,17 +107,28 @@ class LogMelFeaturizer(Featurizer):
                                            f"{self.spec.max_source_seconds}s allowed")
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Mono float32 at the spec's sample rate, exactly one clip long. Callers check the
-        header first (:meth:`check_header`); the decoder reads at most the allowed duration, so
-        a header that understates the length cannot make it allocate more."""
+        return self.read(data)
+
+    def read(self, data: bytes, name: str = "", inputs: AudioInputs | None = None) -> np.ndarray:
+        """Mono float32 at the spec's sample rate, exactly one clip long; with ``inputs``, the
+        header is checked against its limits first, in the same open of the file. The decoder
+        reads at most the allowed duration, so a header that understates the length cannot make
+        it allocate more."""
         _check_container(data)
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
+                if inputs is not None:
+                    self._check_info(f, name, inputs)
                 rate = f.samplerate
                 if not 0 < rate <= 1_000_000:
                     raise FeaturizeError(BAD_SAMPLE_RATE, f"{rate} Hz in the header")
                 limit = int(self.spec.max_source_seconds * rate) + 1
-                audio = f.read(limit, dtype="float32", always_2d=True)
+                if f.subtype == "PCM_16":
+                    # libsndfile's float conversion of 16-bit PCM is x / 32768; reading the
+                    # integers and scaling here gives the same floats at half the cost.
+                    audio = f.read(limit, dtype="int16", always_2d=True).astype(np.float32) * np.float32(1 / 32768)
+                else:
+                    audio = f.read(limit, dtype="float32", always_2d=True)
         except FeaturizeError:
             raise
         except sf.LibsndfileError as e:
@@ -118,14 +150,35 @@ class LogMelFeaturizer(Featurizer):
         return clip
 
     def transform(self, clips: np.ndarray) -> np.ndarray:
-        """[n, samples] -> [n, frames, mels] log-mel spectrograms."""
+        """[n, samples] -> [n, frames, mels] log-mel spectrograms, in chunks of clips whose FFT
+        buffers stay in cache."""
+        out = np.empty((len(clips), *self.shape), dtype=np.float32)
+        for start in range(0, len(clips), _TRANSFORM_CHUNK):
+            out[start : start + _TRANSFORM_CHUNK] = self._log_mel(clips[start : start + _TRANSFORM_CHUNK])
+        return out
+
+    def _log_mel(self, clips: np.ndarray) -> np.ndarray:
+        import scipy.fft
+
+        spec, (num_frames, num_mels) = self.spec, self.shape
+        n = len(clips)
+        frames = sliding_window_view(clips[:, self._window_offset :], spec.frame_length, axis=1)[:, :: spec.frame_step][:, :num_frames]
+        buffers = np.zeros((n * num_frames, spec.fft_length), dtype=np.float32)
+        np.multiply(frames.reshape(n * num_frames, spec.frame_length), self._window, out=buffers[:, : spec.frame_length])
+        interleaved = scipy.fft.rfft(buffers, axis=-1).view(np.float32)  # complex64 as (re, im) pairs
+        np.square(interleaved, out=interleaved)
+        mel = interleaved @ self._mel_interleaved
+        np.add(mel, spec.log_offset, out=mel)
+        return np.log(mel, out=mel).reshape(n, num_frames, num_mels)
+
+    def reference_transform(self, clips: np.ndarray) -> np.ndarray:
+        """The same spectrogram through ``librosa.stft`` (the tests' reference)."""
         import librosa
 
         stft = librosa.stft(
             clips, n_fft=self.spec.fft_length, hop_length=self.spec.frame_step,
             win_length=self.spec.frame_length, window="hann", center=False,
         )
-        power = np.abs(stft) ** 2  # [n, freq, frames]
-        mel = np.einsum("mf,nft->ntm", self._mel_basis, power, optimize=True)
+        mel = np.einsum("mf,nft->ntm", self._mel_basis, np.abs(stft) ** 2, optimize=True)
         return np.log(mel + self.spec.log_offset).astype(np.float32)
 

@@ -1,7 +1,7 @@
 """The Spark batch-scoring job: a date's raw inputs scored by the *published* model.
 
     resolve alias -> check feature spec (before any data is read) -> list + featurize (the
-    preprocessing job's own functions) -> score (pandas UDF, model loaded once per Python worker)
+    preprocessing job's own functions) -> score (mapInArrow, model loaded once per Python worker)
     -> predictions + rejects -> manifest (last)
 
 The model is staged from the store and loaded once per Python worker (a per-process cache keyed
@@ -51,7 +51,6 @@ from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SCHEMA = "predicted_label string, confidence float, top_labels array<string>, top_probabilities array<float>, load_id string"
 WRITTEN_SCHEMA = "path string, staged string, bytes long, checksum string, rows long"
 PREDICTIONS_CODE = ("featurizer", "scoring")  # the code components a predictions fingerprint covers
 
@@ -166,40 +165,81 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str):
         return _MODEL_CACHE[version]
 
 
-def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int, batch_size: int) -> pd.DataFrame:
-    """Top-k predictions for a batch of features shaped [n, *feature_shape]."""
+@dataclass
+class TopK:
+    """A batch's top-k predictions: ``labels[i, 0]`` is row i's predicted label,
+    ``probabilities[i, 0]`` its confidence."""
+
+    labels: np.ndarray  # [n, k] str (object)
+    probabilities: np.ndarray  # [n, k] float32
+
+    @property
+    def predicted_label(self) -> np.ndarray:
+        return self.labels[:, 0]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities[:, 0]
+
+    def arrow_columns(self) -> dict[str, pa.Array]:
+        """The prediction columns of :data:`PREDICTION_FIELDS` (without ``load_id``), each list
+        column over one contiguous buffer."""
+        n, k = self.labels.shape
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        return {
+            "predicted_label": pa.array(self.predicted_label, pa.string()),
+            "confidence": pa.array(self.confidence, pa.float32()),
+            "top_labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels.reshape(-1), pa.string())),
+            "top_probabilities": pa.ListArray.from_arrays(offsets, pa.array(self.probabilities.reshape(-1), pa.float32())),
+        }
+
+
+def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int, batch_size: int) -> TopK:
+    """Top-k predictions for a batch of features shaped [n, *feature_shape], through the model
+    ``batch_size`` rows at a time."""
     x = features[..., None] if features.ndim == 3 else features
-    logits = np.concatenate([model.predict_on_batch(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, len(vocabulary)))
+    logits = (np.concatenate([np.asarray(model.predict_on_batch(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+              if len(x) else np.zeros((0, len(vocabulary)), np.float32))
     z = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
     k = min(top_k, len(vocabulary))
     top = np.argsort(-probs, axis=1)[:, :k]
-    labels = np.asarray(vocabulary, dtype=object)
-    return pd.DataFrame({
-        "predicted_label": labels[top[:, 0]] if len(top) else [],
-        "confidence": probs[np.arange(len(probs)), top[:, 0]].astype(np.float32) if len(top) else [],
-        "top_labels": [list(labels[row]) for row in top],
-        "top_probabilities": [probs[i, row].astype(np.float32) for i, row in enumerate(top)],
-    })
+    return TopK(np.asarray(vocabulary, dtype=object)[top], np.take_along_axis(probs, top, axis=1).astype(np.float32))
 
 
 def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
           top_k: int, inference_batch_size: int):
-    """Add predictions to a featurized DataFrame (rows with features)."""
-    from pyspark.sql.functions import pandas_udf
+    """Replace the ``features`` column of a featurized DataFrame (rows with features) by the
+    model's predictions: ``mapInArrow``, the features read as one float32 buffer per batch."""
+    from pyspark.sql.types import StructType
 
+    schema = StructType([f for f in featurized.schema.fields if f.name != "features"] + list(prediction_fields().fields))
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
-    @pandas_udf(PREDICTION_SCHEMA)
-    def predict_udf(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+    def predict_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         loaded, load_id = worker_model(root_uri, s3_settings, model, version)
-        for features in batches:
-            x = np.stack(features.to_numpy()).astype(np.float32).reshape(len(features), *feature_shape) if len(features) else np.zeros((0, *feature_shape), np.float32)
-            out = predict_batch(loaded, x, vocabulary, top_k, inference_batch_size)
-            out["load_id"] = load_id
-            yield out
+        for batch in batches:
+            n = batch.num_rows
+            features = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, *feature_shape)
+            predictions = predict_batch(loaded, features, vocabulary, top_k, inference_batch_size)
+            columns = {name: batch.column(name) for name in batch.schema.names if name != "features"}
+            columns |= predictions.arrow_columns()
+            columns["load_id"] = pa.array([load_id] * n, pa.string())
+            yield pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
-    return featurized.withColumn("_p", predict_udf("features")).select("*", "_p.*").drop("_p", "features")
+    return featurized.mapInArrow(predict_batches, schema)
+
+
+def prediction_fields():
+    """The columns :func:`score` adds (a StructType)."""
+    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+    return StructType([
+        StructField("predicted_label", StringType()), StructField("confidence", FloatType()),
+        StructField("top_labels", ArrayType(StringType())), StructField("top_probabilities", ArrayType(FloatType())),
+        StructField("load_id", StringType()),
+    ])
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -362,7 +402,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
             ok = np.array([r is None for r in batch.reasons], dtype=bool)
             labels = pd.Series([None] * len(content), dtype=object)
             if ok.any():
-                labels[ok] = predict_batch(loaded, batch.features[ok], vocabulary, 1, batch_size)["predicted_label"].to_numpy()
+                labels[ok] = predict_batch(loaded, batch.features[ok], vocabulary, 1, batch_size).predicted_label
             yield labels
 
     spark.udf.register(name, predict_sql)
