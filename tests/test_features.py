@@ -9,7 +9,7 @@ import soundfile as sf
 from PIL import Image
 
 from twocluster.features import featurizer_for
-from twocluster.features.audio import LogMelFeaturizer
+from twocluster.features.audio import LogMelFeaturizer, slaney_mel_filterbank
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.spec import ImageFeaturizer, parse_pipeline_spec
 from twocluster.store import layout
@@ -96,6 +96,44 @@ def test_batched_spectrogram_equals_librosa_on_real_speech(audio, speech_spec, t
     # float32 FFTs in a different order: agreement to ~1e-4 in the log domain (values span ~-14..5)
     assert np.abs(batch.features - reference).max() < 1e-3
     assert np.abs(batch.features - reference).mean() < 1e-5
+
+
+def test_filterbank_and_window_are_librosas(audio, speech_spec):
+    import librosa
+
+    f = speech_spec.featurizer
+    expected = librosa.filters.mel(sr=f.sample_rate, n_fft=f.fft_length, n_mels=f.num_mel_bins, fmin=f.lower_edge_hz,
+                                   fmax=f.upper_edge_hz)
+    assert audio._mel_basis.shape == expected.shape == (40, 257)
+    assert np.allclose(audio._mel_basis, expected, rtol=1e-5, atol=1e-8)
+    assert np.allclose(audio._window, librosa.filters.get_window("hann", f.frame_length, fftbins=True), atol=1e-7)
+    assert np.allclose(librosa.filters.mel(sr=44100, n_fft=2048, n_mels=128, fmin=0.0, fmax=22050.0),
+                       slaney_mel_filterbank(44100, 2048, 128, 0.0, 22050.0),
+                       rtol=1e-5, atol=1e-8)
+
+
+def test_resampling_is_librosas_soxr_hq(audio):
+    import librosa
+
+    tone = _tone(44100, 700.0).astype(np.float32)
+    ours = audio.decode(_wav(tone, 44100, subtype="FLOAT"))
+    theirs = librosa.resample(tone, orig_sr=44100, target_sr=16000, res_type="soxr_hq")
+    assert np.allclose(ours[: len(theirs)], theirs[:16000], atol=1e-6)
+
+
+def test_the_featurizer_does_not_import_librosa():
+    """A Spark Python worker's featurizer start-up: importing librosa (numba, scipy.signal) costs
+    seconds per process, every run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, numpy as np, soundfile as sf; from twocluster.spec import LogMelFeaturizer; "
+            "from twocluster.features import featurizer_for; f = featurizer_for(LogMelFeaturizer()); "
+            "b = io.BytesIO(); sf.write(b, np.zeros(8000), 8000, subtype='PCM_16', format='WAV'); "
+            "assert f.featurize_many([b.getvalue()]).reasons == [None]; "
+            "print(sorted(m for m in ('librosa', 'numba', 'scipy.signal', 'tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_batch_equals_one_by_one(audio):

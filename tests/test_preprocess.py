@@ -78,7 +78,7 @@ def test_tfrecords_read_back_with_tf_data(committed, speech_spec):
         assert f.path.split("/")[1] == split
         path = store.local_path(f"{prefix}/{f.path}")
         n = 0
-        for record in tf.data.TFRecordDataset([str(path)], compression_type="GZIP"):
+        for record in tf.data.TFRecordDataset([str(path)], compression_type=manifest.feature_spec.tfrecord.compression_type):
             ex = tf.io.parse_single_example(record, parse_spec)
             assert ex["log_mel"].shape == tuple(shape)
             assert np.isfinite(ex["log_mel"].numpy()).all()

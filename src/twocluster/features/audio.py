@@ -1,10 +1,13 @@
 """Audio: decode any soundfile-readable clip, resample to the spec's rate, pad or trim to the
-clip length, and compute a log-mel spectrogram (librosa's mel filterbank).
+clip length, and compute a log-mel spectrogram (Slaney-style mel filterbank, as librosa's).
 
 The spectrogram is computed for a whole batch at once: every frame of every clip goes through one
 real FFT call (scipy's pocketfft over a contiguous ``[frames, fft_length]`` buffer) and one matmul
-with the filterbank. ``librosa.stft`` computes the same thing (the tests hold the two equal on
-real clips) at about twice the cost per clip."""
+with the filterbank. ``librosa.stft`` and ``librosa.filters.mel`` compute the same thing (the tests
+hold them equal on real clips) at about twice the cost per clip, and importing librosa (numba,
+scipy.signal) costs 4.4 s in every process that featurizes, every Spark Python worker of every
+run included; here the worker imports soundfile and scipy.fft (~1.3 s), and soxr when it
+resamples (librosa's own ``soxr_hq`` resampler)."""
 
 from __future__ import annotations
 
@@ -52,26 +55,49 @@ def _check_container(data: bytes) -> None:
             raise FeaturizeError(TRUNCATED, f"the WAV header declares {declared} bytes, the file has {len(data)}")
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, ``htk=False``): linear below 1 kHz, log above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3)
+    return np.where(hz >= 1000.0, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    return np.where(mel >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0)), mel * (200.0 / 3))
+
+
+def slaney_mel_filterbank(sample_rate: int, fft_length: int, num_mels: int, fmin: float, fmax: float) -> np.ndarray:
+    """[num_mels, fft_length // 2 + 1] triangular filters on Slaney's mel scale, area-normalised
+    (``librosa.filters.mel(..., htk=False, norm="slaney")``, which the tests compare it with)."""
+    fft_hz = np.fft.rfftfreq(fft_length, d=1.0 / sample_rate)
+    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), num_mels + 2))
+    widths = np.diff(edges_hz)
+    ramps = edges_hz[:, None] - fft_hz[None, :]
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
 class LogMelFeaturizer(Featurizer):
     feature_name = "log_mel"
 
     def __init__(self, spec: LogMelSpec):
-        import librosa  # imported here so that merely importing the module stays cheap
-
         self.spec = spec
         self.num_samples = int(round(spec.sample_rate * spec.clip_seconds))
         num_frames = 1 + (self.num_samples - spec.fft_length) // spec.frame_step
         self.shape = (num_frames, spec.num_mel_bins)
         self.decoded_shape = (self.num_samples,)
         # The filterbank is computed once per featurizer (once per Spark Python worker).
-        self._mel_basis = librosa.filters.mel(
-            sr=spec.sample_rate, n_fft=spec.fft_length, n_mels=spec.num_mel_bins,
-            fmin=spec.lower_edge_hz, fmax=spec.upper_edge_hz,
-        ).astype(np.float32)
+        self._mel_basis = slaney_mel_filterbank(spec.sample_rate, spec.fft_length, spec.num_mel_bins,
+                                                spec.lower_edge_hz, spec.upper_edge_hz)
         # librosa.stft's window: a periodic Hann of frame_length samples, centred in fft_length.
         # Only the window's support is copied into each FFT buffer: the zeros it would have on
         # the left rotate the spectrum's phase, never its power.
-        self._window = librosa.filters.get_window("hann", spec.frame_length, fftbins=True).astype(np.float32)
+        n = np.arange(spec.frame_length)
+        self._window = (0.5 - 0.5 * np.cos(2 * np.pi * n / spec.frame_length)).astype(np.float32)
         self._window_offset = (spec.fft_length - spec.frame_length) // 2
         # Power = re^2 + im^2 folded into the filterbank matmul: the squared spectrum is read
         # as interleaved (re, im) floats, so each filter weight appears twice.
@@ -141,10 +167,11 @@ class LogMelFeaturizer(Featurizer):
             raise FeaturizeError(TOO_LONG, f"more than the {self.spec.max_source_seconds}s allowed")
         mono = audio.mean(axis=1)
         if rate != self.spec.sample_rate:
-            import librosa
+            import soxr
 
-            # soxr's high-quality resampler: correct anti-aliasing for 22.05/44.1/48 kHz sources.
-            mono = librosa.resample(mono, orig_sr=rate, target_sr=self.spec.sample_rate, res_type="soxr_hq")
+            # soxr's high-quality resampler (librosa's res_type="soxr_hq"): correct
+            # anti-aliasing for 22.05/44.1/48 kHz sources.
+            mono = soxr.resample(mono, rate, self.spec.sample_rate, quality="HQ").astype(np.float32)
         clip = np.zeros(self.num_samples, dtype=np.float32)
         clip[: min(mono.size, self.num_samples)] = mono[: self.num_samples]
         return clip

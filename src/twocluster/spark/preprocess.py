@@ -1,7 +1,8 @@
 """The Spark preprocessing job: one date's raw arrivals -> a committed, versioned dataset.
 
-    list (driver) -> fetch + featurize (pandas UDF on executors) -> split -> write shards
-    (mapInArrow on executors: TFRecords + Parquet) -> rejects -> manifest (driver, last)
+    list (driver) -> fetch + featurize (mapInArrow on executors, partitions sized to the
+    target shard) -> write each partition's shards where it is (TFRecords + Parquet per split)
+    -> promote -> rejects -> manifest (driver, last)
 
 Object-store IO runs in Python on the executors through :mod:`twocluster.store.storage`, so the same
 code path serves ``file://`` and ``s3://`` (Spark's S3A connector is not needed). The transforms
@@ -77,38 +78,35 @@ class PreprocessResult:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def shards_per_split(rows_per_split: dict[str, int], bytes_per_row: int, target_shard_mb: float) -> dict[str, int]:
-    """Enough shards per split that each is about ``target_shard_mb`` (TF's guidance: files of
-    10 MB+ read efficiently; one small shard when there is little data)."""
-    target = target_shard_mb * 1e6
-    return {s: max(1, math.ceil(n * bytes_per_row / target)) for s, n in rows_per_split.items() if n}
+def partitions_for(rows: int, bytes_per_row: int, target_shard_mb: float, parallelism: int) -> int:
+    """How many partitions to featurize ``rows`` inputs in: each writes one shard per split, of
+    about ``target_shard_mb`` in all, and there are never fewer than the cluster's cores."""
+    return max(parallelism, math.ceil(rows * bytes_per_row / (target_shard_mb * 1e6)))
 
 
-def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefix: str, staging: str, feature_name: str,
-                 feature_shape: tuple[int, ...], shard_counts: dict[str, int],
-                 after_write=None) -> tuple[list[ManifestFile], dict[str, str]]:
-    """Write accepted rows as TFRecord and Parquet shards, in parallel on the executors.
+def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, staging: str, feature_name: str,
+                 feature_shape: tuple[int, ...], after_write=None) -> tuple[list[ManifestFile], dict[str, str]]:
+    """Write accepted rows as TFRecord and Parquet shards where they are: each partition writes
+    one shard of each kind per split (``part-<partition>``), rows sorted by key, so the features
+    are never shuffled between executors.
 
-    Rows are hashed into ``shard_counts[split]`` shards per split and repartitioned so that each
-    shard sits in one task. Each task attempt writes its files under its own folder in
-    ``staging`` (one object-store PUT per file) and reports (path, staged key, bytes, checksum,
-    rows) back; the caller promotes exactly the reported files. ``after_write`` (tests: fault
+    Each task attempt writes its files under its own folder in ``staging`` (one object-store
+    PUT per file, hashed in the same pass) and reports (path, staged key, bytes, checksum, rows)
+    back; the caller promotes exactly the reported files. ``after_write`` (tests: fault
     injection) is called in the task after each file is written."""
-    from pyspark.sql import functions as F
-
-    if not shard_counts:
-        return [], {}
-    shard_of_split = F.create_map(*[x for s, n in sorted(shard_counts.items()) for x in (F.lit(s), F.lit(n))])
-    keyed = accepted.withColumn("shard", F.pmod(F.xxhash64("key"), F.element_at(shard_of_split, F.col("split"))).cast("int"))
-    compression = spec.output.tfrecord_compression
+    tfrecord_compression, parquet_compression = spec.output.tfrecord_compression, spec.output.parquet_compression
     root_uri, s3_settings = store.root_uri, store.worker_settings
-    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+    suffix = ".tfrecord.gz" if tfrecord_compression == "GZIP" else ".tfrecord"
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
         batch_list = list(batches)
         table = pa.Table.from_batches(batch_list) if batch_list else None
         if table is None or table.num_rows == 0:
             return
+        context = TaskContext.get()
+        partition = context.partitionId() if context else 0
         worker_store = ObjectStore(root_uri, s3_settings)
         attempt = f"{staging}/{attempt_folder()}"
         written = []
@@ -119,11 +117,8 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefi
             if after_write is not None:
                 after_write(rel)
 
-        groups = table.group_by(["split", "shard"]).aggregate([]).to_pylist()
-        for group in groups:
-            split, shard = group["split"], group["shard"]
-            mask = pa.compute.and_(pa.compute.equal(table["split"], split), pa.compute.equal(table["shard"], shard))
-            part = table.filter(mask).sort_by("key")
+        for split in sorted(set(table["split"].to_pylist())):
+            part = table.filter(pa.compute.equal(table["split"], split)).sort_by("key")
             features = part["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(part.num_rows, *feature_shape)
             records = [
                 encode_example({feature_name: f, "label": lbl, "label_id": np.int64(lid), "source_id": src, "path": p})
@@ -132,21 +127,26 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, version_prefi
                     part["source_id"].to_pylist(), part["path"].to_pylist(), strict=True,
                 )
             ]
-            put("tfrecord", split, f"tfrecords/{split}/part-{shard:05d}{suffix}", tfrecord_bytes(records, compression), part.num_rows)
+            name = f"part-{partition:05d}"
+            put("tfrecord", split, f"tfrecords/{split}/{name}{suffix}", tfrecord_bytes(records, tfrecord_compression), part.num_rows)
             buf = io.BytesIO()
-            pq.write_table(part.drop_columns(["split", "shard", "key"]), buf, compression="zstd")
-            put("parquet", split, f"parquet/split={split}/part-{shard:05d}.parquet", buf.getvalue(), part.num_rows)
+            pq.write_table(part.drop_columns(["split", "key"]), buf, compression=parquet_compression)
+            put("parquet", split, f"parquet/split={split}/{name}.parquet", buf.getvalue(), part.num_rows)
         yield pa.RecordBatch.from_pylist(
             [dict(zip(["kind", "split", "path", "staged", "bytes", "checksum", "rows"], w, strict=True)) for w in written]
         )
 
-    total = sum(shard_counts.values())
-    result = keyed.repartition(total, "split", "shard").mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
+    result = accepted.mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
     files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in result]
     return files, {r.path: r.staged for r in result}
 
 
 # -- the job -------------------------------------------------------------------------------------
+
+
+def bytes_per_row(featurizer: Featurizer) -> int:
+    """About what one featurized row takes in a shard (float32 features + label, ids, path)."""
+    return 4 * int(np.prod(featurizer.shape)) + 128
 
 
 def dataset_feature_spec(featurizer: Featurizer, spec: PipelineSpec):
@@ -217,7 +217,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
 
     files: list[ManifestFile] = []
     if len(inputs):
-        n_partitions = max(spark.sparkContext.defaultParallelism, math.ceil(len(inputs) / 500))
+        n_partitions = partitions_for(len(inputs), bytes_per_row(featurizer), spec.output.target_shard_mb,
+                                      spark.sparkContext.defaultParallelism)
         featurized = featurize(spark.createDataFrame(inputs).repartition(n_partitions), spec, store)
         featurized = featurized.persist(StorageLevel.MEMORY_AND_DISK)
         t = time.perf_counter()
@@ -252,11 +253,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
 
     if featurized is not None:
         t = time.perf_counter()
-        bytes_per_row = 4 * int(np.prod(featurizer.shape)) + 128
-        shard_counts = shards_per_split(counts.per_split, bytes_per_row, spec.output.target_shard_mb)
         accepted = featurized.filter("reason IS NULL").drop("reason", "detail")
-        written, staged = write_shards(accepted, spec, store, version_prefix, staging, featurizer.feature_name, featurizer.shape,
-                                       shard_counts, after_write)
+        written, staged = write_shards(accepted, spec, store, staging, featurizer.feature_name, featurizer.shape, after_write)
         featurized.unpersist()
         written_rows = sum(f.rows for f in written if f.kind == "tfrecord")
         if written_rows != counts.accepted:
