@@ -124,6 +124,7 @@ class BenchContext:
 
         self.workdir, self.repeats, self.quick = workdir, repeats, quick
         self.scale_repeats = 1 if quick else 2
+        self.scale_copies = 1 if quick else 16  # 1x = 16 re-mixes of each base clip (38,400 clips)
         self.orchestration_repeats = 1 if quick else 2
         self.spec = load_pipeline_spec(default_spec_path())
         if quick:  # a short training run keeps the quick bench quick; the full run trains as specified
@@ -461,15 +462,16 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
 def scale_figures(ctx: BenchContext) -> list[Figure]:
     """Whole preprocessing and scoring jobs (run_preprocess / run_scoring, as spark-submit runs
     them) at 1x and 4x the data: time ratio, and the driver's peak memory ratio."""
-    from twocluster.demo import sample_data
     from twocluster.spark.preprocess import run_preprocess
     from twocluster.spark.scoring import run_scoring
 
-    small_date, big_date = ctx.date + dt.timedelta(days=1), ctx.date
-    sample_data.generate_day(ctx.store, ctx.spec, small_date, clips=ctx.clips // 4, seed=7, bad_files=0)
+    # Sizes where the 1x run does 30 s+ of work (full run): re-mixes of the base day's clips.
+    small_date, big_date = ctx.base_date + dt.timedelta(days=2), ctx.base_date + dt.timedelta(days=3)
+    n_small = remix_day(ctx.store, ctx.spec, ctx.base_date, small_date, ctx.scale_copies, seed=7)
+    n_big = remix_day(ctx.store, ctx.spec, ctx.base_date, big_date, 4 * ctx.scale_copies, seed=8)
     pre = {small_date: [], big_date: []}
     sco = {small_date: [], big_date: []}
-    warmup_rounds = 0 if ctx.quick else 1  # quick: the earlier figures already warmed the workers
+    warmup_rounds = 0  # the earlier figures warmed the session's Python workers
     for i in range(warmup_rounds + ctx.scale_repeats):
         for day in (small_date, big_date):
             store = ctx.fresh_store_with(day)  # nothing committed there: the jobs do their full work
@@ -484,12 +486,14 @@ def scale_figures(ctx: BenchContext) -> list[Figure]:
                 pre[day].append(t_pre)
                 sco[day].append(t_sco)
     figures = []
+    work_1x = _median(pre[small_date]) + _median(sco[small_date])
     for fid, what, times in (("scale_preprocess", "preprocess job time, 4x data / 1x", pre),
                              ("scale_score", "scoring job time, 4x data / 1x", sco)):
         ratio = _median(times[big_date]) / _median(times[small_date])
-        figures.append(Figure(fid, what, "s", _median(times[big_date]), _median(times[small_date]), ratio, "<= 4.4", ratio <= 4.4,
-                              times[big_date], times[small_date], _spread(times[big_date]),
-                              f"{ctx.clips // 4} vs {ctx.clips} clips, Spark local[2], the same session"))
+        met = ratio <= 4.4 and (ctx.quick or work_1x >= 30)
+        figures.append(Figure(fid, what, "s", _median(times[big_date]), _median(times[small_date]), ratio,
+                              "<= 4.4, 1x >= 30 s", met, times[big_date], times[small_date], _spread(times[big_date]),
+                              f"{n_big} vs {n_small} clips, Spark local[2], the same session; 1x preprocess + score: {work_1x:.1f} s"))
     figures.append(memory_figure(ctx, small_date, big_date))
     return figures
 

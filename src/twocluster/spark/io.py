@@ -19,9 +19,9 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,6 +32,9 @@ from twocluster.store import layout
 from twocluster.store.manifest import ManifestFile
 from twocluster.store.storage import ObjectStore, StorageError
 from twocluster.version import code_hashes
+
+if TYPE_CHECKING:  # imported where used: Spark's Python workers never need pandas (2+ s of import each)
+    import pandas as pd
 
 UNREADABLE = "unreadable"  # listed, but could not be fetched
 _FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
@@ -67,6 +70,8 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     marker, and symbolic links (``symlink``: never followed, on a local store). Each input gets its
     label from its parent folder (``None`` for an unknown folder), its source id, its split, and a
     ``reject`` reason where the listing alone condemns it (``too_large``, ``bad_name``)."""
+    import pandas as pd
+
     prefix = layout.raw_date_prefix(spec.name, date)
     patterns = [p.lower() for p in spec.inputs.patterns]
     rows, ignored, fingerprint = [], Counter(), hashlib.sha256()

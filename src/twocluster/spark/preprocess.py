@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -226,6 +225,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         summary = featurized.filter("reason IS NULL").groupBy("split", "label").count().toPandas()
         timings["featurize"] = time.perf_counter() - t
     else:
+        import pandas as pd
+
         featurized, rejects = None, pd.DataFrame(columns=[*INPUT_COLUMNS, "reason", "detail"])
         summary = pd.DataFrame(columns=["split", "label", "count"])
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +47,8 @@ from twocluster.store.manifest import (
 )
 from twocluster.store.storage import ObjectStore
 from twocluster.version import code_hashes, code_version
+
+# pandas is imported where it is used: Spark's Python workers never need it (2+ s of import each).
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,8 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     files: list[ManifestFile] = []
     loads = workers = 0
     summary = PredictionSummary(confidence_floor=spec.scoring.confidence_floor)
+    import pandas as pd
+
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
     accepted = 0
     if len(inputs):
@@ -384,6 +387,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
 
     Returns the model version it is bound to (resolved once, so one query uses one model).
     Inputs that cannot be featurized give NULL."""
+    import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
     version, manifest = resolve_model(store, spec.model.name, alias or spec.scoring.alias, model_version)
@@ -393,8 +397,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
     root_uri, s3_settings, model = store.root_uri, store.worker_settings, spec.model.name
     batch_size = spec.scoring.inference_batch_size
 
-    @pandas_udf("string")
-    def predict_sql(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+    def predict_sql(batches):
         featurizer = worker_featurizer(featurizer_json, kind)
         loaded, _ = worker_model(root_uri, s3_settings, model, version)
         for content in batches:
@@ -405,5 +408,8 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
                 labels[ok] = predict_batch(loaded, batch.features[ok], vocabulary, 1, batch_size).predicted_label
             yield labels
 
-    spark.udf.register(name, predict_sql)
+    # The UDF's kind comes from its type hints, resolved here (pandas is imported in this
+    # function only, not where the module's annotations are evaluated).
+    predict_sql.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
+    spark.udf.register(name, pandas_udf(predict_sql, "string"))
     return version
