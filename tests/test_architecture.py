@@ -136,3 +136,16 @@ def test_the_dev_extra_installs_every_component():
     dev = " ".join(_project()["optional-dependencies"]["dev"])
     for extra in ("airflow", "spark", "trainer", "tensorflow", "demo"):
         assert re.search(rf"twocluster\[[^\]]*\b{extra}\b", dev), extra
+
+
+def test_what_spark_python_workers_import_stays_light():
+    """The modules a Spark Python worker imports to run the jobs' functions (their closures
+    refer to these modules). Every run starts fresh workers, so each heavy import here is paid
+    per worker per run: pandas 2+ s, librosa 4.4 s (numba, scipy.signal), TensorFlow 15 s on
+    this 2-core machine (scoring imports Keras only once it loads the model)."""
+    import subprocess
+
+    code = ("import sys, twocluster.spark.io, twocluster.spark.preprocess, twocluster.spark.scoring, twocluster.store.tfrecord; "
+            "print(sorted(m for m in ('pandas', 'librosa', 'numba', 'scipy.signal', 'tensorflow', 'keras', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
