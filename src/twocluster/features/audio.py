@@ -104,19 +104,9 @@ class LogMelFeaturizer(Featurizer):
         self._mel_interleaved = np.repeat(self._mel_basis.T, 2, axis=0)  # [2 * bins, mels]
 
 
-    def check_header(self, data: bytes, name: str, inputs: AudioInputs) -> None:
-        _check_container(data)
-        try:
-            info = sf.info(io.BytesIO(data))
-        except sf.LibsndfileError as e:
-            raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e.error_string})") from None
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise FeaturizeError(UNDECODABLE, f"not a readable audio file ({e})") from None
-        self._check_info(info, name, inputs)
-
     def _check_info(self, info, name: str, inputs: AudioInputs) -> None:
-        """The header checks, on anything with soundfile's header attributes (``sf.info``'s
-        result or an open ``SoundFile``)."""
+        """The header checks (``Featurizer.check_header``), on an open ``SoundFile``: :meth:`read`
+        checks and decodes in one open of the file."""
         promised = _CONTAINERS_BY_EXTENSION.get(extension_of(name))
         if info.format not in inputs.formats:
             raise FeaturizeError(WRONG_FORMAT, f"a {info.format} file; the spec allows {', '.join(inputs.formats)}")

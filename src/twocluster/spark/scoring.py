@@ -183,7 +183,7 @@ class TopK:
         return self.probabilities[:, 0]
 
     def arrow_columns(self) -> dict[str, pa.Array]:
-        """The prediction columns of :data:`PREDICTION_FIELDS` (without ``load_id``), each list
+        """The prediction columns of :func:`prediction_fields` (without ``load_id``), each list
         column over one contiguous buffer."""
         n, k = self.labels.shape
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))

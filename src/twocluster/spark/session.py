@@ -22,9 +22,8 @@ SPARK_SETTINGS = {
     # Python UDF output is already small batches; keep the JVM side from buffering more.
     "spark.sql.execution.pandas.udf.buffer.size": str(1 << 20),
     # A persisted DataFrame is cached in column batches of this many rows. A featurized row is
-    # ~16 KB, so the default 10,000 rows is a 160 MB buffer per batch: two tasks building one
-    # each overran a 1 GB driver heap on a 100 MB partition (measured: OutOfMemoryError in
-    # ColumnBuilder, 38,400 clips, local[2]). 512 rows: ~8 MB.
+    # ~16 KB, so the default 10,000 rows would be a 160 MB column buffer per batch; 512 rows is
+    # ~8 MB. (Caching 38,400 featurized clips still ran out of a 1 GB local heap with it: open.)
     "spark.sql.inMemoryColumnarStorage.batchSize": "512",
 }
 
