@@ -113,8 +113,8 @@ def render_overview(o: PipelineOverview, base: str = "") -> str:
                           ("below confidence floor", [d.predictions.below_confidence_floor_share if d.predictions else None for d in o.dates])],
                          y_max=1.0, fmt="{:.2f}")
     predictions = f"<section id='predictions'><h2>Predictions</h2>{drift}</section>"
-    stages = [("preprocess: featurize", lambda d: d.dataset and d.dataset.seconds.get("featurize")),
-              ("preprocess: write", lambda d: d.dataset and d.dataset.seconds.get("write")),
+    stages = [("preprocess: featurize + write shards", lambda d: d.dataset and d.dataset.seconds.get("featurize")),
+              ("preprocess: promote", lambda d: d.dataset and d.dataset.seconds.get("write")),
               ("scoring: total", lambda d: d.predictions and d.predictions.seconds.get("total"))]
     timings = charts.lines("Run timings per date (seconds)", labels, [(n, [fn(d) or None for d in o.dates]) for n, fn in stages], fmt="{:.1f}")
     skipped = "".join(f"<li><code>{escape(s.uri)}</code>: {escape(s.problem)}</li>" for s in o.skipped) or "<li>none</li>"

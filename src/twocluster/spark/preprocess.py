@@ -1,8 +1,12 @@
 """The Spark preprocessing job: one date's raw arrivals -> a committed, versioned dataset.
 
-    list (driver) -> fetch + featurize (mapInArrow on executors, partitions sized to the
-    target shard) -> write each partition's shards where it is (TFRecords + Parquet per split)
-    -> promote -> rejects -> manifest (driver, last)
+    list (driver) -> one pass per partition on the executors (mapInArrow; partitions sized to
+    the target shard): fetch + featurize -> write the partition's shards where they are
+    (TFRecords + Parquet per split, into staging) -> report files, rejects and counts
+    -> reject-rate check -> promote -> rejects report -> manifest (driver, last)
+
+The features never go back to the JVM and nothing is cached there: caching the featurized
+DataFrame (to count, then write) ran the default 1 GB driver heap out of memory at 38,400 clips.
 
 Object-store IO runs in Python on the executors through :mod:`twocluster.store.storage`, so the same
 code path serves ``file://`` and ``s3://`` (Spark's S3A connector is not needed). The transforms
@@ -19,7 +23,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,9 +32,8 @@ import pyarrow.parquet as pq
 
 from twocluster.features import Featurizer, featurizer_for
 from twocluster.spark.io import (
-    INPUT_COLUMNS,
     attempt_folder,
-    featurize,
+    featurizing_function,
     job_fingerprint,
     list_inputs,
     promote_staged,
@@ -48,6 +51,12 @@ log = logging.getLogger(__name__)
 
 DATASET_CODE = ("featurizer", "preprocess")  # the code components a dataset's fingerprint covers
 WRITTEN_SCHEMA = "kind string, split string, path string, staged string, bytes long, checksum string, rows long"
+# What one partition's pass reports to the driver: its files (kind tfrecord | parquet), each
+# (split, label)'s accepted rows (kind "accepted") and each rejected input (kind "reject"). Small:
+# the features stay in the shards.
+OUTCOME_SCHEMA = ("kind string, split string, path string, staged string, bytes long, checksum string, rows long, "
+                  "label string, folder string, size long, reason string, detail string")
+_OUTCOME_FIELDS = ("kind", "split", "path", "staged", "bytes", "checksum", "rows", "label", "folder", "size", "reason", "detail")
 
 
 class PreprocessError(RuntimeError):
@@ -83,15 +92,16 @@ def partitions_for(rows: int, bytes_per_row: int, target_shard_mb: float, parall
     return max(parallelism, math.ceil(rows * bytes_per_row / (target_shard_mb * 1e6)))
 
 
-def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, staging: str, feature_name: str,
-                 feature_shape: tuple[int, ...], after_write=None) -> tuple[list[ManifestFile], dict[str, str]]:
-    """Write accepted rows as TFRecord and Parquet shards where they are: each partition writes
-    one shard of each kind per split (``part-<partition>``), rows sorted by key, so the features
-    are never shuffled between executors.
+def shard_writer(spec: PipelineSpec, store: ObjectStore, staging: str, feature_name: str, feature_shape: tuple[int, ...],
+                 after_write=None) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function that writes one partition of featurized rows as shards and reports what it
+    did (:data:`OUTCOME_SCHEMA`): each partition writes one TFRecord and one Parquet shard per
+    split (``part-<partition>``), rows sorted by key, so the features are never shuffled between
+    executors; rows with a ``reason`` are reported as rejects, not written.
 
     Each task attempt writes its files under its own folder in ``staging`` (one object-store
     PUT per file, hashed in the same pass) and reports (path, staged key, bytes, checksum, rows)
-    back; the caller promotes exactly the reported files. ``after_write`` (tests: fault
+    back; the driver promotes exactly the reported files. ``after_write`` (tests: fault
     injection) is called in the task after each file is written."""
     tfrecord_compression, parquet_compression = spec.output.tfrecord_compression, spec.output.parquet_compression
     root_uri, s3_settings = store.root_uri, store.worker_settings
@@ -104,15 +114,21 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, staging: str,
         table = pa.Table.from_batches(batch_list) if batch_list else None
         if table is None or table.num_rows == 0:
             return
+        outcomes: list[dict] = []
+        if "reason" in table.column_names:
+            rejected = pa.compute.is_valid(table["reason"])
+            for row in table.filter(rejected).select(["path", "folder", "size", "reason", "detail"]).to_pylist():
+                outcomes.append({"kind": "reject", **row})
+            table = table.filter(pa.compute.invert(rejected))
         context = TaskContext.get()
         partition = context.partitionId() if context else 0
         worker_store = ObjectStore(root_uri, s3_settings)
         attempt = f"{staging}/{attempt_folder()}"
-        written = []
 
         def put(kind: str, split: str, rel: str, data: bytes, rows: int) -> None:
             checksum = worker_store.write_bytes(f"{attempt}/{rel}", data)
-            written.append((kind, split, rel, f"{attempt}/{rel}", len(data), checksum, rows))
+            outcomes.append({"kind": kind, "split": split, "path": rel, "staged": f"{attempt}/{rel}", "bytes": len(data),
+                             "checksum": checksum, "rows": rows})
             if after_write is not None:
                 after_write(rel)
 
@@ -129,15 +145,29 @@ def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, staging: str,
             name = f"part-{partition:05d}"
             put("tfrecord", split, f"tfrecords/{split}/{name}{suffix}", tfrecord_bytes(records, tfrecord_compression), part.num_rows)
             buf = io.BytesIO()
-            pq.write_table(part.drop_columns(["split", "key"]), buf, compression=parquet_compression)
+            pq.write_table(part.drop_columns([c for c in ("split", "key", "reason", "detail") if c in part.column_names]), buf,
+                           compression=parquet_compression)
             put("parquet", split, f"parquet/split={split}/{name}.parquet", buf.getvalue(), part.num_rows)
-        yield pa.RecordBatch.from_pylist(
-            [dict(zip(["kind", "split", "path", "staged", "bytes", "checksum", "rows"], w, strict=True)) for w in written]
-        )
+            for label, rows in Counter(part["label"].to_pylist()).items():
+                outcomes.append({"kind": "accepted", "split": split, "label": label, "rows": rows})
+        yield pa.RecordBatch.from_pylist([{k: o.get(k) for k in _OUTCOME_FIELDS} for o in outcomes])
 
-    result = accepted.mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
-    files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in result]
-    return files, {r.path: r.staged for r in result}
+    return write_partition
+
+
+def write_shards(accepted, spec: PipelineSpec, store: ObjectStore, staging: str, feature_name: str,
+                 feature_shape: tuple[int, ...], after_write=None) -> tuple[list[ManifestFile], dict[str, str]]:
+    """Write a DataFrame of accepted, featurized rows as shards (:func:`shard_writer`); returns
+    the files and where each is staged. The job itself featurizes and writes in one pass
+    (:func:`run_preprocess`); this is the write step alone (the bench's write figure)."""
+    outcomes = accepted.mapInArrow(shard_writer(spec, store, staging, feature_name, feature_shape, after_write), OUTCOME_SCHEMA).collect()
+    return _files(outcomes)
+
+
+def _files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:
+    written = [o for o in outcomes if o.kind in ("tfrecord", "parquet")]
+    files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in written]
+    return files, {r.path: r.staged for r in written}
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -205,7 +235,7 @@ def run_preprocess(
 
 def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored, fingerprint, max_reject_rate,
                       started, timings, after_write, complete=True) -> PreprocessResult:
-    from pyspark import StorageLevel
+    import pandas as pd
 
     date_prefix = layout.dataset_date_prefix(spec.name, date)
     version_prefix = layout.dataset_version_prefix(spec.name, date, version)
@@ -215,35 +245,48 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
              spec.inputs.patterns, store.uri(version_prefix))
 
     files: list[ManifestFile] = []
+    staged: dict[str, str] = {}
+    rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
+    summary: Counter[tuple[str, str]] = Counter()
     if len(inputs):
         n_partitions = partitions_for(len(inputs), bytes_per_row(featurizer), spec.output.target_shard_mb,
                                       spark.sparkContext.defaultParallelism)
-        featurized = featurize(spark.createDataFrame(inputs).repartition(n_partitions), spec, store)
-        featurized = featurized.persist(StorageLevel.MEMORY_AND_DISK)
+        featurize_batches = featurizing_function(spec, store)
+        write_partition = shard_writer(spec, store, staging, featurizer.feature_name, featurizer.shape, after_write)
         t = time.perf_counter()
-        rejects = featurized.filter("reason IS NOT NULL").drop("features").toPandas()
-        summary = featurized.filter("reason IS NULL").groupBy("split", "label").count().toPandas()
+        # One pass: each task featurizes its partition and writes its shards into staging; only
+        # file names, counts and rejects come back.
+        outcomes = spark.createDataFrame(inputs).repartition(n_partitions) \
+            .mapInArrow(lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA).collect()
         timings["featurize"] = time.perf_counter() - t
-    else:
-        import pandas as pd
+        files, staged = _files(outcomes)
+        reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]
+        if reject_rows:
+            rejects = pd.DataFrame(reject_rows, columns=list(rejects.columns)).sort_values("path", ignore_index=True)
+        for o in outcomes:
+            if o.kind == "accepted":
+                summary[(o.split, o.label)] += o.rows
 
-        featurized, rejects = None, pd.DataFrame(columns=[*INPUT_COLUMNS, "reason", "detail"])
-        summary = pd.DataFrame(columns=["split", "label", "count"])
-
-    accepted_count = int(summary["count"].sum()) if len(summary) else 0
+    per_split: Counter[str] = Counter()
+    per_label: Counter[str] = Counter()
+    for (split, label), n in summary.items():
+        per_split[split] += n
+        per_label[label] += n
     counts = Counts(
         input=len(inputs),
-        accepted=accepted_count,
+        accepted=sum(summary.values()),
         rejected=len(rejects),
-        per_split={s: int(n) for s, n in summary.groupby("split")["count"].sum().items()} if len(summary) else {},
-        per_label={lbl: int(n) for lbl, n in summary.groupby("label")["count"].sum().items()} if len(summary) else {},
+        per_split=dict(sorted(per_split.items())),
+        per_label=dict(sorted(per_label.items())),
         rejected_by_reason=dict(sorted(Counter(rejects["reason"]).items())),
     )
+    if counts.accepted + counts.rejected != counts.input:
+        raise PreprocessError(f"date {date}: {counts.input} inputs but {counts.accepted} accepted and {counts.rejected} "
+                              "rejected; not committing")
     reject_rate = counts.rejected / counts.input if counts.input else 0.0
     if reject_rate > max_reject_rate:
-        if featurized is not None:
-            featurized.unpersist()
-        # The report goes to the staging area: it is for people, and the version never commits.
+        # The shards stay in staging (never promoted; garbage collection drops them). The report
+        # goes there too: it is for people, and the version never commits.
         report = f"{staging}/driver/rejects/rejects.parquet"
         write_rejects(rejects, store, report.rsplit("/rejects/", 1)[0])
         raise RejectRateExceeded(
@@ -252,16 +295,12 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
             f"{store.uri(report)}. The dataset was not committed."
         )
 
-    if featurized is not None:
+    if files:
         t = time.perf_counter()
-        accepted = featurized.filter("reason IS NULL").drop("reason", "detail")
-        written, staged = write_shards(accepted, spec, store, staging, featurizer.feature_name, featurizer.shape, after_write)
-        featurized.unpersist()
-        written_rows = sum(f.rows for f in written if f.kind == "tfrecord")
+        written_rows = sum(f.rows for f in files if f.kind == "tfrecord")
         if written_rows != counts.accepted:
             raise PreprocessError(f"wrote {written_rows} TFRecord rows but accepted {counts.accepted}; not committing")
-        promote_staged(store, written, staged, version_prefix, staging)
-        files += written
+        promote_staged(store, files, staged, version_prefix, staging)
         timings["write"] = time.perf_counter() - t
     if len(rejects):
         files.append(write_rejects(rejects, store, version_prefix))
