@@ -4,8 +4,8 @@ image model when the retrain policy says so, and Spark batch scoring with the pu
 Declared in ``pipelines/digits.yaml``; built by :mod:`twocluster.orchestration.dag_factory`.
 """
 
-from pathlib import Path
-
+from twocluster.deployment import PIPELINES_DIR
 from twocluster.orchestration.dag_factory import build_pipeline_dag
 
-dag = build_pipeline_dag(Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml")
+# The deployment's pipelines folder: pipelines/ next to dags/, or $TWOCLUSTER_PIPELINES_DIR.
+dag = build_pipeline_dag(PIPELINES_DIR / "digits.yaml")

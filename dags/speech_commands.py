@@ -6,8 +6,8 @@ built by :mod:`twocluster.orchestration.dag_factory` (see its docstring for the 
 pools it uses).
 """
 
-from pathlib import Path
-
+from twocluster.deployment import PIPELINES_DIR
 from twocluster.orchestration.dag_factory import build_pipeline_dag
 
-dag = build_pipeline_dag(Path(__file__).resolve().parents[1] / "pipelines" / "speech_commands.yaml")
+# The deployment's pipelines folder: pipelines/ next to dags/, or $TWOCLUSTER_PIPELINES_DIR.
+dag = build_pipeline_dag(PIPELINES_DIR / "speech_commands.yaml")

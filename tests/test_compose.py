@@ -145,6 +145,16 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
         spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/v=x/_MANIFEST.json", Body=b"{}", IfNoneMatch="*")
         spark.put_object(Bucket="stack", Key="datasets/p/date=2026-11-20/_staging/v=x/a/part-0", Body=b"rows")
         spark.delete_object(Bucket="stack", Key="datasets/p/date=2026-11-20/_staging/v=x/a/part-0")  # promotion cleans up
+        # ... through the store, as promote_staged does: RGW refused the multi-object delete
+        # (pyarrow's delete_dir) to this prefix-limited user (found by the stack test).
+        from twocluster.store.storage import ObjectStore, S3Settings
+
+        as_spark = ObjectStore("s3://stack", S3Settings(endpoint_url=rgw.endpoint_url, region="us-east-1",
+                                                        access_key=keys["S3_SPARK_ACCESS_KEY"], secret_key=keys["S3_SPARK_SECRET_KEY"]))
+        for i in range(3):
+            as_spark.write_bytes(f"datasets/p/date=2026-11-20/_staging/v=x/p{i}/part-{i}", b"rows")
+        as_spark.delete_prefix("datasets/p/date=2026-11-20/_staging/v=x")
+        assert as_spark.list("datasets/p/date=2026-11-20/_staging/") == []
         trainer = s3_check._client(rgw.endpoint_url, "trainer")
         trainer.put_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json", Body=b"{}", IfNoneMatch="*")
         trainer.put_object(Bucket="stack", Key="models/m/runs/r/LATEST.json", Body=b"{}")
@@ -159,7 +169,7 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
 
         from twocluster.store import layout
         from twocluster.store.commitlog import AliasMoved, CommitLog
-        from twocluster.store.storage import ObjectStore, S3Settings, StorageError
+        from twocluster.store.storage import StorageError
 
         denied = [(trainer, "models/m/aliases/production/_log/00000000000000000002.json"),
                   (trainer, "models/m/gate/_log/00000000000000000002.json"),

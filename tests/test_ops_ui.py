@@ -42,6 +42,9 @@ def served(spark, tmp_path_factory):
     pipelines = root / "pipelines"
     pipelines.mkdir()
     (pipelines / "speech_commands.yaml").write_text(yaml.safe_dump(data))
+    digits = yaml.safe_load((REPO_ROOT / "pipelines" / "digits.yaml").read_text())
+    digits.update(start_date=DATES[0].isoformat(), end_date=DATES[-1].isoformat())
+    (pipelines / "digits.yaml").write_text(yaml.safe_dump(digits))
     spec = load_pipeline_spec(pipelines / "speech_commands.yaml")
     store = ObjectStore((root / "store").as_uri())
     sample_data.generate(store, spec, DATES, clips_per_day=160, seed=41, bad_files_per_day=2)

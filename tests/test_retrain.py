@@ -139,6 +139,11 @@ def test_run_params_resolve_to_the_run_settings(file_store, speech_spec):
     assert (manual["date"], manual["model_alias"], manual["max_reject_rate"]) == ("2026-11-18", "staging", 0.2)
     with pytest.raises(RunParamsError, match="no data interval"):
         resolve_run(speech_spec, file_store, {}, None)
+    # A backfill's runs all get the same params: a date among them would process one date N times.
+    with pytest.raises(RunParamsError, match=r"this backfill sets the 'date' parameter \(2026-11-18\) for every one of its runs"):
+        resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="backfill")
+    assert resolve_run(speech_spec, file_store, {"date": None}, INTERVAL, run_type="backfill")["date"] == "2026-11-20"
+    assert resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="manual")["date"] == "2026-11-18"
     assert training_run_id("p", "2026-11-20", "manual__2026-11-22T10:46:53.78+00:00") == "p.2026-11-20.manual__2026-11-22T10:46:53.78+00:00"
     assert training_run_id("p", "2026-11-20", "my run/../x").startswith("p.2026-11-20.my-run-..-x-")
 

@@ -73,6 +73,11 @@ def _no_retry(fn):
     return wrapper
 
 
+def _value(enum_or_str) -> str | None:
+    """An enum's value (the Task SDK's ``DagRunType``), or the string itself."""
+    return None if enum_or_str is None else str(getattr(enum_or_str, "value", enum_or_str))
+
+
 def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
     """Stage figures through Airflow's metrics (StatsD or OpenTelemetry; a no-op when off): numbers
     as gauges, ``rejected_by_reason`` as counters per reason, and the stage timings the manifest
@@ -185,7 +190,8 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         def check_params() -> dict:
             context = get_current_context()
             store = store_for(spec)
-            run = runs.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"))
+            run = runs.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"),
+                                   run_type=_value(getattr(context["dag_run"], "run_type", None)))
             run["run_id"] = context["run_id"]
             run["training_run"] = runs.training_run_id(spec.name, run["date"], context["run_id"])
             run["preprocess_args"] = _spark_args(spec_path, run, "preprocess")

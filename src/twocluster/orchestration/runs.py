@@ -64,14 +64,22 @@ class RunParams(BaseModel):
         return None if v in (None, "") else layout.check_version(v, "model_version")
 
 
-def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], interval_start: dt.datetime | None) -> dict:
+def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], interval_start: dt.datetime | None,
+                run_type: str | None = None) -> dict:
     """Validate a run's parameters against the spec and the store and return the run's settings
-    (date, alias, pinned model version, retrain mode, reject threshold)."""
+    (date, alias, pinned model version, retrain mode, reject threshold). ``run_type``: the DAG
+    run's (``backfill`` runs must take their date from their data interval)."""
     try:
         p = RunParams.model_validate(params)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
         raise RunParamsError(f"invalid run parameters for {spec.name}: {problems}") from None
+    if run_type == "backfill" and p.date is not None:
+        # Every run of a backfill gets the same parameters: an explicit date would make all of
+        # them process that one date.
+        raise RunParamsError(f"{spec.name}: this backfill sets the 'date' parameter ({p.date}) for every one of its runs, so "
+                             "each would process that one date instead of its own data interval; clear 'date' and start "
+                             "the backfill again")
     if p.date is not None:
         date = p.date
     elif interval_start is not None:

@@ -529,8 +529,21 @@ class ObjectStore:
         if self.scheme == "file":
             shutil.rmtree(path, ignore_errors=True)
             return
+        # One DeleteObject per key, not pyarrow's delete_dir: its multi-object delete (POST
+        # ?delete) is refused by Ceph RGW to a user whom a bucket policy allows s3:DeleteObject
+        # under a prefix only (the Spark side's identity in the compose stack; found by
+        # tests/test_stack.py), while single deletes are authorised per key everywhere.
         try:
-            self.fs.delete_dir(path)
+            infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except FileNotFoundError:
+            return
+        files = [i.path for i in infos if i.type == pafs.FileType.File]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self._delete_quietly, files))
+
+    def _delete_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
         except FileNotFoundError:
             pass
 
