@@ -1,8 +1,10 @@
 """The Spark batch-scoring job: a date's raw inputs scored by the *published* model.
 
-    resolve alias -> check feature spec (before any data is read) -> list + featurize (the
-    preprocessing job's own functions) -> score (mapInArrow, model loaded once per Python worker)
-    -> predictions + rejects -> manifest (last)
+    resolve alias -> check feature spec (before any data is read) -> list (driver) -> one pass
+    per partition on the executors (mapInArrow): featurize (the preprocessing job's own
+    functions) -> predict (model loaded once per Python worker) -> write the partition's
+    predictions into staging -> report files, counts and rejects -> promote -> rejects report
+    -> manifest (driver, last)
 
 The model is staged from the store and loaded once per Python worker (a per-process cache keyed
 by model version); every output row carries the id of the load that scored it, so the job can
@@ -31,7 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twocluster.features import featurizer_for
-from twocluster.spark.io import attempt_folder, featurize, job_fingerprint, list_inputs, promote_staged, worker_featurizer, write_rejects
+from twocluster.spark.io import (
+    attempt_folder,
+    featurizing_function,
+    job_fingerprint,
+    list_inputs,
+    promote_staged,
+    worker_featurizer,
+    write_rejects,
+)
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.manifest import (
@@ -52,7 +62,13 @@ from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
 
-WRITTEN_SCHEMA = "path string, staged string, bytes long, checksum string, rows long"
+# What one partition's scoring pass reports to the driver (:func:`scoring_writer`): its file
+# (kind "file"), per predicted label counts (kind "label"), model loads (kind "load", the load id
+# in ``label``) and rejected inputs (kind "reject").
+OUTCOME_SCHEMA = ("kind string, path string, staged string, bytes long, checksum string, rows long, label string, "
+                  "confidence double, low long, folder string, size long, reason string, detail string")
+_OUTCOME_FIELDS = ("kind", "path", "staged", "bytes", "checksum", "rows", "label", "confidence", "low", "folder", "size", "reason",
+                   "detail")
 PREDICTIONS_CODE = ("featurizer", "scoring")  # the code components a predictions fingerprint covers
 
 
@@ -209,13 +225,10 @@ def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int
     return TopK(np.asarray(vocabulary, dtype=object)[top], np.take_along_axis(probs, top, axis=1).astype(np.float32))
 
 
-def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
-          top_k: int, inference_batch_size: int):
-    """Replace the ``features`` column of a featurized DataFrame (rows with features) by the
-    model's predictions: ``mapInArrow``, the features read as one float32 buffer per batch."""
-    from pyspark.sql.types import StructType
-
-    schema = StructType([f for f in featurized.schema.fields if f.name != "features"] + list(prediction_fields().fields))
+def predicting_function(store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
+                        top_k: int, inference_batch_size: int):
+    """The function :func:`score` maps over Arrow batches of rows with features: the batch with
+    ``features`` replaced by the prediction columns (:func:`prediction_fields`)."""
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def predict_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -229,7 +242,18 @@ def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: 
             columns["load_id"] = pa.array([load_id] * n, pa.string())
             yield pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
-    return featurized.mapInArrow(predict_batches, schema)
+    return predict_batches
+
+
+def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
+          top_k: int, inference_batch_size: int):
+    """Replace the ``features`` column of a featurized DataFrame (rows with features) by the
+    model's predictions: ``mapInArrow``, the features read as one float32 buffer per batch."""
+    from pyspark.sql.types import StructType
+
+    schema = StructType([f for f in featurized.schema.fields if f.name != "features"] + list(prediction_fields().fields))
+    return featurized.mapInArrow(predicting_function(store, model, version, vocabulary, feature_shape, top_k, inference_batch_size),
+                                 schema)
 
 
 def prediction_fields():
@@ -246,30 +270,55 @@ def prediction_fields():
 # -- writing -------------------------------------------------------------------------------------
 
 
-def write_predictions(predictions, store: ObjectStore, staging: str) -> tuple[list[ManifestFile], dict[str, str]]:
-    """Each partition writes one Parquet file with one PUT into its task attempt's folder under
-    ``staging`` and reports it back; the caller promotes exactly the reported files."""
+def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, staging: str, columns: dict[str, str],
+                   confidence_floor: float):
+    """One partition's whole scoring pass, as the function ``mapInArrow`` runs: featurize its
+    inputs, predict the accepted rows, write them as one Parquet file with one PUT into the task
+    attempt's folder under ``staging``, and report (:data:`OUTCOME_SCHEMA`) the file, each
+    predicted label's count, confidence sum and rows below ``confidence_floor``, the model loads
+    and the rejected inputs. ``columns``: constant string columns added to every prediction
+    (model version, run id, time). Nothing is cached in the JVM, and the features never return to it."""
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
-    def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
-        batch_list = list(batches)
-        if not batch_list or sum(b.num_rows for b in batch_list) == 0:
-            return
-        table = pa.Table.from_batches(batch_list)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        context = TaskContext.get()
-        rel = f"predictions/part-{context.partitionId() if context else 0:05d}.parquet"
-        staged = f"{staging}/{attempt_folder()}/{rel}"
-        data = buf.getvalue()
-        checksum = ObjectStore(root_uri, s3_settings).write_bytes(staged, data)
-        yield pa.RecordBatch.from_pylist([{"path": rel, "staged": staged, "bytes": len(data), "checksum": checksum, "rows": table.num_rows}])
+        outcomes: list[dict] = []
+        accepted: list[pa.RecordBatch] = []
+        for batch in featurize_batches(batches):
+            rejected = pa.compute.is_valid(batch.column("reason"))
+            for row in batch.filter(rejected).select(["path", "folder", "size", "reason", "detail"]).to_pylist():
+                outcomes.append({"kind": "reject", **row})
+            kept = batch.filter(pa.compute.invert(rejected))
+            if kept.num_rows:
+                accepted.append(kept.select(["path", "source_id", "features"]))
+        predicted = [b for b in predict_batches(iter(accepted)) if b.num_rows]
+        if predicted:
+            table = pa.Table.from_batches(predicted)
+            for load_id in set(table["load_id"].to_pylist()):
+                outcomes.append({"kind": "load", "label": load_id})
+            table = table.drop_columns(["load_id"])
+            for name, value in columns.items():
+                table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+            confidence = table["confidence"].to_numpy()
+            labels = np.asarray(table["predicted_label"].to_pylist(), dtype=object)
+            for label in sorted(set(labels)):
+                mine = labels == label
+                outcomes.append({"kind": "label", "label": label, "rows": int(mine.sum()),
+                                 "confidence": float(confidence[mine].sum()), "low": int((confidence[mine] < confidence_floor).sum())})
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            context = TaskContext.get()
+            rel = f"predictions/part-{context.partitionId() if context else 0:05d}.parquet"
+            staged = f"{staging}/{attempt_folder()}/{rel}"
+            data = buf.getvalue()
+            checksum = ObjectStore(root_uri, s3_settings).write_bytes(staged, data)
+            outcomes.append({"kind": "file", "path": rel, "staged": staged, "bytes": len(data), "checksum": checksum,
+                             "rows": table.num_rows})
+        if outcomes:
+            yield pa.RecordBatch.from_pylist([{k: o.get(k) for k in _OUTCOME_FIELDS} for o in outcomes])
 
-    rows = predictions.mapInArrow(write_partition, WRITTEN_SCHEMA).collect()
-    files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in rows]
-    return files, {r.path: r.staged for r in rows}
+    return score_partition
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -302,9 +351,6 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
 
 def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, version, model_manifest, inputs, ignored,
                       fingerprint, out_version, warnings, started) -> ScoringResult:
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     model = spec.model.name
     featurizer = featurizer_for(spec.featurizer)
     date_prefix = layout.predictions_date_prefix(spec.name, date)
@@ -319,34 +365,36 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     accepted = 0
     if len(inputs):
         n_partitions = max(spark.sparkContext.defaultParallelism, math.ceil(len(inputs) / 500))
-        featurized = featurize(spark.createDataFrame(inputs).repartition(n_partitions), spec, store, require_label=False)
-        featurized = featurized.persist(StorageLevel.MEMORY_AND_DISK)
-        rejects = featurized.filter("reason IS NOT NULL").drop("features").toPandas()
-        scored = score(
-            featurized.filter("reason IS NULL").select("path", "source_id", "features"), store, model, version,
-            model_manifest.label_vocabulary, list(featurizer.shape), spec.scoring.top_k, spec.scoring.inference_batch_size,
-        ).withColumns({
-            "model_version": F.lit(version),
-            "scored_at": F.lit(dt.datetime.now(dt.UTC).isoformat()),
-            "run_id": F.lit(run_id),
-        }).persist(StorageLevel.MEMORY_AND_DISK)
         floor = spec.scoring.confidence_floor
-        by_label = scored.groupBy("predicted_label").agg(
-            F.count("*").alias("n"), F.sum("confidence").alias("confidence"),
-            F.sum((F.col("confidence") < floor).cast("int")).alias("low")).collect()
-        n_scored = sum(r.n for r in by_label)
+        score_partition = scoring_writer(
+            featurizing_function(spec, store, require_label=False),
+            predicting_function(store, model, version, model_manifest.label_vocabulary, list(featurizer.shape), spec.scoring.top_k,
+                                spec.scoring.inference_batch_size),
+            store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor)
+        # One pass: each task featurizes, predicts and writes its partition; only file names,
+        # counts and rejects come back (caching the featurized rows ran the JVM out of memory).
+        outcomes = spark.createDataFrame(inputs).repartition(n_partitions).mapInArrow(score_partition, OUTCOME_SCHEMA).collect()
+        reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]
+        if reject_rows:
+            rejects = pd.DataFrame(reject_rows, columns=list(rejects.columns)).sort_values("path", ignore_index=True)
+        by_label: dict[str, list] = {}
+        for o in outcomes:
+            if o.kind == "label":
+                n, conf, low = by_label.get(o.label, (0, 0.0, 0))
+                by_label[o.label] = (n + o.rows, conf + o.confidence, low + o.low)
+        n_scored = sum(n for n, _, _ in by_label.values())
         summary = PredictionSummary(
-            predicted_labels={r.predicted_label: r.n for r in sorted(by_label, key=lambda r: r.predicted_label)},
-            mean_confidence=round(sum(r.confidence for r in by_label) / n_scored, 6) if n_scored else None,
-            confidence_floor=floor, below_confidence_floor=sum(r.low for r in by_label))
-        load_ids = [r.load_id for r in scored.select("load_id").distinct().collect()]
+            predicted_labels={label: n for label, (n, _, _) in sorted(by_label.items())},
+            mean_confidence=round(sum(c for _, c, _ in by_label.values()) / n_scored, 6) if n_scored else None,
+            confidence_floor=floor, below_confidence_floor=sum(low for _, _, low in by_label.values()))
+        load_ids = {o.label for o in outcomes if o.kind == "load"}
         loads, workers = len(load_ids), len({lid.split("-")[0] for lid in load_ids})
-        written, staged = write_predictions(scored.drop("load_id"), store, staging)
-        promote_staged(store, written, staged, version_prefix, staging)
-        files += written
+        written = [o for o in outcomes if o.kind == "file"]
+        files += [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in written]
+        promote_staged(store, files, {r.path: r.staged for r in written}, version_prefix, staging)
         accepted = sum(f.rows or 0 for f in files)
-        scored.unpersist()
-        featurized.unpersist()
+        if accepted != n_scored:
+            raise RuntimeError(f"wrote {accepted} predictions but scored {n_scored}; not committing")
     if len(rejects):
         files.append(write_rejects(rejects, store, version_prefix))
     counts = Counts(input=len(inputs), accepted=accepted, rejected=len(rejects),
