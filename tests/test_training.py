@@ -223,6 +223,24 @@ def test_malformed_alias_entries_are_skipped_and_reported(trained):
     assert decision.outcome == "already_published"
 
 
+@pytest.mark.s3
+def test_the_gate_reads_test_data_with_its_stores_settings_not_the_environment(dataset, s3_store, monkeypatch, tmp_path):
+    """On the multi-process stack the gate's worker had no AWS_* environment: reading the
+    candidate's test split went to AWS and the gate refused a good model. The store's settings
+    travel with the dataset URIs."""
+    from twocluster.training.data import stage_splits
+
+    store, manifest_uri = dataset
+    date_prefix = manifest_uri.split("/datasets/", 1)[1].rsplit("/v=", 1)[0]
+    for obj in store.list(f"datasets/{date_prefix}"):
+        s3_store.write_bytes(obj.key, store.read_bytes(obj.key))
+    s3_uri = s3_store.uri(manifest_uri.split(store.root_uri.rstrip("/") + "/", 1)[1])
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    staged = stage_splits([s3_uri], ["test"], tmp_path / "staged", settings=s3_store.s3_settings)
+    assert staged.rows["test"] > 0
+
+
 def test_gate_refuses_a_model_that_does_not_load(trained):
     store, _, first = trained
     src = layout.model_version_prefix("kws_cnn", first.version)

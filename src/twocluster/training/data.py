@@ -32,7 +32,7 @@ import numpy as np
 from twocluster.store import layout
 from twocluster.store.featurespec import FeatureSpec
 from twocluster.store.manifest import DatasetManifest, ManifestError, resolve_version
-from twocluster.store.storage import ObjectStore, split_uri
+from twocluster.store.storage import ObjectStore, S3Settings, split_uri
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +78,25 @@ def input_format_for_backend(backend: str | None = None) -> InputFormat:
 # -- validate and stage ------------------------------------------------------------------------------
 
 
-def open_dataset_manifest(uri: str) -> tuple[ObjectStore, DatasetManifest]:
+def open_dataset_manifest(uri: str, settings: S3Settings | None = None) -> tuple[ObjectStore, DatasetManifest]:
     """A dataset by its manifest URI, only if it is committed in its date's log (not removed, the
-    manifest unchanged since the commit). Returns a store rooted at the version folder."""
+    manifest unchanged since the commit). Returns a store rooted at the version folder.
+    ``settings``: how to reach an ``s3://`` URI (default: this process's ``AWS_*`` environment,
+    the trainer's identity; the gate passes its own store's)."""
     folder, name = split_uri(uri)
     location, version_folder = split_uri(folder)
     version = layout.version_from_folder(version_folder)
     if name != layout.MANIFEST_NAME or version is None:
         raise DataError(f"{uri}: not a dataset manifest URI (.../v=<version>/{layout.MANIFEST_NAME})")
-    manifest = resolve_version(ObjectStore(location), "", version, DatasetManifest).manifest
+    manifest = resolve_version(ObjectStore(location, settings), "", version, DatasetManifest).manifest
     if manifest.feature_spec.tfrecord is None:
         raise DataError(f"{uri}: the manifest records no TFRecord feature spec")
-    return ObjectStore(folder), manifest
+    return ObjectStore(folder, settings), manifest
 
 
-def load_dataset_manifests(uris: list[str], splits: list[str]) -> list[tuple[ObjectStore, DatasetManifest]]:
+def load_dataset_manifests(uris: list[str], splits: list[str], settings: S3Settings | None = None) -> list[tuple[ObjectStore, DatasetManifest]]:
     """Read and cross-check every dataset manifest before anything is downloaded."""
-    loaded = [open_dataset_manifest(uri) for uri in uris]
+    loaded = [open_dataset_manifest(uri, settings) for uri in uris]
     first_uri, first = uris[0], loaded[0][1].feature_spec
     for uri, (_, m) in zip(uris[1:], loaded[1:], strict=True):
         problems = first.compatible_with(m.feature_spec)
@@ -114,11 +116,11 @@ def load_dataset_manifests(uris: list[str], splits: list[str]) -> list[tuple[Obj
 
 
 def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, fmt: InputFormat = "tfrecord",
-                 max_workers: int = 8) -> StagedData:
+                 max_workers: int = 8, settings: S3Settings | None = None) -> StagedData:
     """Download the shards of ``splits`` in format ``fmt`` that the manifests list, in parallel,
     verifying each checksum. Shards already in ``cache_dir`` with a matching checksum are not
     fetched again (a retry or a resumed run on the same node starts at once)."""
-    loaded = load_dataset_manifests(uris, splits)
+    loaded = load_dataset_manifests(uris, splits, settings)
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     started, fetched_bytes, reused = time.perf_counter(), 0, 0

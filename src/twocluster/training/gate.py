@@ -127,7 +127,10 @@ def gate_and_publish(
         recorded = candidate_manifest.metrics.test_accuracy
         # The candidate's own test split is the common ground: the champion is measured on it too.
         try:
-            test_data = data.stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data", data.input_format_for_backend())
+            # Read with the gate's own store settings (Airflow's identity), not whatever AWS_* the
+            # worker's environment holds (none on the stack's scheduler: it went to AWS).
+            test_data = data.stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data", data.input_format_for_backend(),
+                                          settings=store.s3_settings)
             accuracy, examples = accuracy_on(candidate, test_data, test_split)
         except Exception as e:  # noqa: BLE001 - no trustworthy measurement means "do not publish"
             return decision("refused", f"its test data could not be read and verified: {e}")
