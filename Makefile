@@ -18,7 +18,7 @@ DAYS ?= 4
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui
+.PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui stack-up stack-down
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
@@ -29,7 +29,7 @@ run-images: venv check-java
 	$(VENV_PY) -m twocluster.demo.run_main --spec pipelines/digits.yaml --days 4 --clips-per-day 450
 
 test: venv check-java
-	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw aplay=alsa-utils docker-compose=docker-compose chromium=chromium
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw pg_ctlcluster=postgresql aplay=alsa-utils docker-compose=docker-compose chromium=chromium
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv check-java
@@ -43,6 +43,17 @@ bench-quick: venv check-java
 # An extra: the Airflow UI with the ops page over .local/store (after `make run`), until Ctrl-C.
 ui: venv
 	$(VENV_PY) -m twocluster.devtools.ui
+
+# An extra: the compose topology as processes on 127.0.0.1 (no Docker): PostgreSQL, Ceph RGW with
+# per-component users, a Spark standalone master + 2 workers, Airflow's api-server, scheduler,
+# dag-processor and triggerer. Returns once healthy; URLs and login in .local/stack/endpoints.json.
+STACK_PACKAGES := ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw pg_ctlcluster=postgresql
+stack-up: venv check-java
+	@tools/ensure_system_packages.sh $(STACK_PACKAGES) espeak-ng=espeak-ng
+	$(VENV_PY) -m twocluster.devtools.stack up
+
+stack-down:
+	@test -x $(VENV_PY) && $(VENV_PY) -m twocluster.devtools.stack down || true
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng

@@ -107,12 +107,47 @@ class LocalRGW:
             self._run("ceph-osd", "-c", str(self.conf), "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
             self._spawn("ceph-osd", "-f", "-c", str(self.conf), "-i", osd_id)
             self._wait(lambda: json.loads(self._ceph("osd", "stat", "-f", "json", deadline=deadline))["num_up_osds"] == 1, deadline, "the OSD to come up")
-            self._spawn("radosgw", "-f", "-c", str(self.conf), "-n", "client.admin")
-            self._wait(self._rgw_answers, deadline, f"radosgw to answer on {self.endpoint_url}")
+            self.start_gateway(deadline - time.monotonic())
             self.add_user("tests", self.access_key, self.secret_key)
         except BaseException:
             self.stop()
             raise
+
+    def start_gateway(self, timeout: float = 60) -> None:
+        """Start radosgw (again, after :meth:`stop_gateway`: the objects live in the OSD)."""
+        self._procs = [p for p in self._procs if p.args[0] != "radosgw"]
+        self._spawn("radosgw", "-f", "-c", str(self.conf), "-n", "client.admin")
+        self._wait(self._rgw_answers, time.monotonic() + timeout, f"radosgw to answer on {self.endpoint_url}")
+
+    def stop_gateway(self) -> None:
+        """Stop radosgw only (an S3 outage; the cluster and its objects stay)."""
+        for proc in self._procs:
+            if proc.args[0] == "radosgw" and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The daemons' process ids by name (each leads its own process group)."""
+        return {proc.args[0]: proc.pid for proc in self._procs}
+
+    @property
+    def gateway_pid(self) -> int:
+        return self.pids["radosgw"]
+
+    def configure_bucket(self, bucket: str, users: dict[str, tuple[str, str]], policy: Path | None = None) -> None:
+        """Create ``bucket``, one S3 user per component (name -> (access key, secret key)) and
+        the bucket policy that limits each (its ``$bucket`` placeholder filled in): the compose
+        stack's ``s3`` service and ``make stack-up`` both set the store up this way."""
+        self.create_bucket(bucket)
+        for name, (access_key, secret_key) in users.items():
+            self.add_user(name, access_key, secret_key)
+        if policy is not None:
+            self.client().put_bucket_policy(Bucket=bucket, Policy=string.Template(Path(policy).read_text()).substitute(bucket=bucket))
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
@@ -239,16 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     admin = (os.environ.get("S3_ADMIN_ACCESS_KEY"), os.environ.get("S3_ADMIN_SECRET_KEY"))
     with LocalRGW(args.dir, port=args.port, bind=args.bind, access_key=admin[0], secret_key=admin[1]) as rgw:
-        rgw.create_bucket(args.bucket)
+        users = {}
         for name in args.user:
             keys = [os.environ.get(f"S3_{name.upper()}_{k}_KEY") for k in ("ACCESS", "SECRET")]
             if not all(keys):
                 raise SystemExit(f"--user {name}: set S3_{name.upper()}_ACCESS_KEY and S3_{name.upper()}_SECRET_KEY")
-            rgw.add_user(name, *keys)
-        if args.bucket_policy:
-            # The policy names the bucket as $bucket, so one file serves any bucket name.
-            policy = string.Template(Path(args.bucket_policy).read_text()).substitute(bucket=args.bucket)
-            rgw.client().put_bucket_policy(Bucket=args.bucket, Policy=policy)
+            users[name] = (keys[0], keys[1])
+        # The policy names the bucket as $bucket, so one file serves any bucket name.
+        rgw.configure_bucket(args.bucket, users, Path(args.bucket_policy) if args.bucket_policy else None)
         print(f"# local RGW up in {time.perf_counter() - started:.1f}s; export these to use it:")
         for key, value in rgw.s3_settings.as_env().items():
             print(f"export {key}={value}")

@@ -67,7 +67,7 @@ class TrainingBackendConfig(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
     credentials_secret: str | None = Field(None, description="Kubernetes secret with the AWS_* variables for the store")
-    # docker: the Airflow connection (type aws) holding the trainer's own store credentials;
+    # local, docker: the Airflow connection (type aws) holding the trainer's own store credentials;
     # unset: the worker's AWS_* variables are handed over
     credentials_conn_id: str | None = None
     # every backend: non-secret environment for the trainer (e.g. AWS_ENDPOINT_URL_S3, TWOCLUSTER_WORK_DIR)
@@ -91,18 +91,35 @@ class LocalTrainingOperator(BaseOperator):
 
     template_fields = ("job_spec_uri",)
 
-    def __init__(self, *, job_spec_uri: str, env: dict[str, str] | None = None, python: str | None = None, **kwargs):
+    def __init__(self, *, job_spec_uri: str, env: dict[str, str] | None = None, python: str | None = None,
+                 credentials_conn_id: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.job_spec_uri = job_spec_uri
         self.env = env or {}
         self.python = python or sys.executable
+        self.credentials_conn_id = credentials_conn_id
         self._proc: subprocess.Popen | None = None
+
+    def trainer_environment(self) -> dict[str, str]:
+        """The worker's environment, with the store credentials replaced by the trainer's own
+        (the ``credentials_conn_id`` connection) where one is configured: the trainer never runs
+        with the Airflow worker's or the Spark side's identity."""
+        env = {**os.environ, **self.env}
+        if self.credentials_conn_id:
+            from airflow.sdk import BaseHook
+
+            from twocluster.store.storage import S3Settings
+
+            settings = S3Settings.from_airflow_connection(BaseHook.get_connection(self.credentials_conn_id))
+            env = {k: v for k, v in env.items() if k not in STORE_CREDENTIAL_VARIABLES}
+            env.update({k: v for k, v in settings.as_env().items() if k in STORE_CREDENTIAL_VARIABLES})
+        return env
 
     def execute(self, context: Any) -> dict:
         cmd = [self.python, str(REPO_ROOT / "training_jobs" / "train.py"), "--job-spec", self.job_spec_uri]
         self.log.info("starting the trainer: %s", " ".join(cmd))
         self._proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env={**os.environ, **self.env, "TWOCLUSTER_DIE_WITH_PARENT": str(os.getpid())},
+            cmd, cwd=REPO_ROOT, env={**self.trainer_environment(), "TWOCLUSTER_DIE_WITH_PARENT": str(os.getpid())},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )
@@ -225,7 +242,8 @@ def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_u
     :class:`TrainingJobOperator` when its task runs)."""
     args = ["--job-spec", job_spec_uri]
     if config.kind == "local":
-        return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env, **kwargs)
+        return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env,
+                                     credentials_conn_id=config.credentials_conn_id, **kwargs)
     if config.kind == "docker":
         from docker.types import DeviceRequest
 
