@@ -68,3 +68,33 @@ def spark():
 @pytest.fixture(scope="session")
 def speech_spec() -> PipelineSpec:
     return load_pipeline_spec(default_spec_path("speech_commands"))
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def airflow_page():
+    """A function that opens Debian's headless Chromium signed in to an Airflow API server
+    through its login form: ``with airflow_page(url, user, password) as page: ...``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def signed_in(url: str, user: str, password: str, viewport: dict | None = None):
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport=viewport or {"width": 1280, "height": 900})
+                page.goto(f"{url}/auth/login", wait_until="networkidle")
+                page.fill("input[name=username]", user)
+                page.fill("input[name=password]", password)
+                page.click("button[type=submit]")
+                page.wait_for_url(f"{url}/**", timeout=30_000)
+                yield page
+            finally:
+                browser.close()
+
+    return signed_in

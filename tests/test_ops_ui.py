@@ -29,8 +29,6 @@ from twocluster.training.trainer import run_training
 pytestmark = pytest.mark.slow
 DATES = [dt.date(2026, 10, 20), dt.date(2026, 10, 21)]
 SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "ops-page.png"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -88,50 +86,38 @@ def test_unauthenticated_requests_are_refused_and_the_plugin_is_registered(serve
     assert all(d["predictions"]["predicted_labels"] for d in overview["dates"])
 
 
-def test_an_operator_signs_in_and_sees_the_page(served):
-    from playwright.sync_api import sync_playwright
-
+def test_an_operator_signs_in_and_sees_the_page(served, airflow_page):
     server, spec, model_version = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{server.url}/auth/login", wait_until="networkidle")
-            page.fill("input[name=username]", server.user)
-            page.fill("input[name=password]", server.password)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{server.url}/**", timeout=30_000)
-            page.wait_for_function("document.cookie.includes('_token') || true")
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            response = page.goto(f"{server.url}/twocluster/pipelines/{spec.name}", wait_until="networkidle")
-            assert response.status == 200, response.status
-            assert page.title() == f"{spec.name}: operations"
-            charts = page.locator("svg.chart")
-            assert charts.count() == 4
-            for i in range(charts.count()):
-                assert charts.nth(i).locator(".mark").count() > 0, f"chart {i} drew nothing"
-                box = charts.nth(i).bounding_box()
-                assert box and box["width"] > 300 and box["height"] > 80
-            assert page.locator(f"text={model_version}").count() >= 1
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-            # The lineage of a date, one click away.
-            page.click(f"#freshness a:has-text('{DATES[-1]}')")
-            page.wait_for_url(f"**/dates/{DATES[-1]}", timeout=30_000)
-            assert "lineage" in page.title() and page.locator(f"a:has-text('{model_version}')").count() == 1
-            # The DAG run's "Store lineage" tab in Airflow's own UI: an iframe on the run's commits.
-            page.goto(f"{server.url}/dags/{spec.name}/runs/ui-train/plugin/store-lineage", wait_until="networkidle")
-            frame_element = page.wait_for_selector("iframe", timeout=30_000)
-            assert "/twocluster/runs/" in frame_element.get_attribute("src")
-            frame = frame_element.content_frame()
-            frame.wait_for_selector("#run", timeout=30_000)
-            assert frame.locator(f"a:has-text('{model_version}')").count() == 1
-            assert frame.locator("text=published").count() >= 1
-            page.screenshot(path=str(SCREENSHOT.with_name("run-lineage.png")))
-            errors = [e for e in errors if "/api/v2/" not in e]  # the queued run's UI polls; not ours
-            assert errors == [], errors
-        finally:
-            browser.close()
+    with airflow_page(server.url, server.user, server.password) as page:
+        page.wait_for_function("document.cookie.includes('_token') || true")
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        response = page.goto(f"{server.url}/twocluster/pipelines/{spec.name}", wait_until="networkidle")
+        assert response.status == 200, response.status
+        assert page.title() == f"{spec.name}: operations"
+        charts = page.locator("svg.chart")
+        assert charts.count() == 4
+        for i in range(charts.count()):
+            assert charts.nth(i).locator(".mark").count() > 0, f"chart {i} drew nothing"
+            box = charts.nth(i).bounding_box()
+            assert box and box["width"] > 300 and box["height"] > 80
+        assert page.locator(f"text={model_version}").count() >= 1
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        # The lineage of a date, one click away.
+        page.click(f"#freshness a:has-text('{DATES[-1]}')")
+        page.wait_for_url(f"**/dates/{DATES[-1]}", timeout=30_000)
+        assert "lineage" in page.title() and page.locator(f"a:has-text('{model_version}')").count() == 1
+        # The DAG run's "Store lineage" tab in Airflow's own UI: an iframe on the run's commits.
+        page.goto(f"{server.url}/dags/{spec.name}/runs/ui-train/plugin/store-lineage", wait_until="networkidle")
+        frame_element = page.wait_for_selector("iframe", timeout=30_000)
+        assert "/twocluster/runs/" in frame_element.get_attribute("src")
+        frame = frame_element.content_frame()
+        frame.wait_for_selector("#run", timeout=30_000)
+        assert frame.locator(f"a:has-text('{model_version}')").count() == 1
+        assert frame.locator("text=published").count() >= 1
+        page.screenshot(path=str(SCREENSHOT.with_name("run-lineage.png")))
+        errors = [e for e in errors if "/api/v2/" not in e]  # the queued run's UI polls; not ours
+        assert errors == [], errors
     assert SCREENSHOT.stat().st_size > 20_000

@@ -36,8 +36,6 @@ from twocluster.store.storage import ObjectStore, S3Settings
 
 D1, D2, D3, D4, D5, D6, D7 = (dt.date(2026, 10, d) for d in range(1, 8))
 SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "backfill-runs.png"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 # -- no stack needed ------------------------------------------------------------------------------
@@ -261,45 +259,33 @@ def test_a_run_triggered_through_the_rest_api_runs_on_the_cluster_and_survives_a
 @pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.stack
-def test_a_backfill_started_in_the_airflow_ui_runs_three_dates_with_its_param(running):
-    from playwright.sync_api import sync_playwright
-
+def test_a_backfill_started_in_the_airflow_ui_runs_three_dates_with_its_param(running, airflow_page):
     stack, spec, store, api = running
     e = stack.endpoints
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{e.airflow_url}/auth/login", wait_until="networkidle")
-            page.fill("input[name=username]", e.airflow_user)
-            page.fill("input[name=password]", e.airflow_password)
-            page.click("button[type=submit]")
-            page.wait_for_url(f"{e.airflow_url}/**", timeout=30_000)
-            page.goto(f"{e.airflow_url}/dags/{spec.name}", wait_until="networkidle")
-            page.get_by_role("button", name="Trigger Dag").click()
-            dialog = page.locator("[role=dialog][data-state=open]")
-            dialog.get_by_text("Backfill", exact=True).click()
-            for picker, day in zip(dialog.get_by_test_id("datetime-input").all(), (D2, D4), strict=True):
-                picker.click()
-                popover = page.locator("[data-scope=popover][data-part=content][data-state=open]").last
-                popover.get_by_placeholder("YYYY/MM/DD").fill(day.strftime("%Y/%m/%d"))
-                popover.get_by_placeholder("HH:mm").fill("00:00")
-                page.keyboard.press("Escape")
-            # Run Parameters stay at their defaults (retrain: auto, no date): Airflow 3.3.2's
-            # dialog did not pass a changed parameter into the runs' conf here.
-            _wait(lambda: "3" in dialog.inner_text() and dialog.get_by_role("button", name="Run Backfill").is_enabled(), 60,
-                  "the dry run to count the runs")
-            dialog.get_by_role("button", name="Run Backfill").click()
-            _wait(lambda: len(_backfill_runs(api, spec.name)) == 3, 60, "the backfill's three runs")
-            runs = _backfill_runs(api, spec.name)
-            for run in runs:
-                api.wait_for_run(spec.name, run["dag_run_id"])
-            page.goto(f"{e.airflow_url}/dags/{spec.name}/runs", wait_until="networkidle")
-            page.wait_for_timeout(1500)
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        finally:
-            browser.close()
+    with airflow_page(e.airflow_url, e.airflow_user, e.airflow_password, {"width": 1400, "height": 1000}) as page:
+        page.goto(f"{e.airflow_url}/dags/{spec.name}", wait_until="networkidle")
+        page.get_by_role("button", name="Trigger Dag").click()
+        dialog = page.locator("[role=dialog][data-state=open]")
+        dialog.get_by_text("Backfill", exact=True).click()
+        for picker, day in zip(dialog.get_by_test_id("datetime-input").all(), (D2, D4), strict=True):
+            picker.click()
+            popover = page.locator("[data-scope=popover][data-part=content][data-state=open]").last
+            popover.get_by_placeholder("YYYY/MM/DD").fill(day.strftime("%Y/%m/%d"))
+            popover.get_by_placeholder("HH:mm").fill("00:00")
+            page.keyboard.press("Escape")
+        # Run Parameters stay at their defaults (retrain: auto, no date): Airflow 3.3.2's
+        # dialog did not pass a changed parameter into the runs' conf here.
+        _wait(lambda: "3" in dialog.inner_text() and dialog.get_by_role("button", name="Run Backfill").is_enabled(), 60,
+              "the dry run to count the runs")
+        dialog.get_by_role("button", name="Run Backfill").click()
+        _wait(lambda: len(_backfill_runs(api, spec.name)) == 3, 60, "the backfill's three runs")
+        runs = _backfill_runs(api, spec.name)
+        for run in runs:
+            api.wait_for_run(spec.name, run["dag_run_id"])
+        page.goto(f"{e.airflow_url}/dags/{spec.name}/runs", wait_until="networkidle")
+        page.wait_for_timeout(1500)
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
     runs = sorted(_backfill_runs(api, spec.name), key=lambda r: r["data_interval_start"])
     assert [r["data_interval_start"][:10] for r in runs] == [str(D2), str(D3), str(D4)]
     assert not any((r.get("conf") or {}).get("date") for r in runs)
