@@ -235,6 +235,23 @@ class Monitoring(_Strict):
     max_drift: float = Field(0.25, gt=0, le=1, description="total variation distance, predictions vs training labels")
 
 
+class Retries(_Strict):
+    """How Airflow retries a failed task of the pipeline's DAG (a storage outage, a lost Spark
+    worker, a preempted trainer): ``attempts`` retries, the first after ``delay_seconds``, each
+    next one twice as late, never later than ``max_delay_seconds``. Tasks whose failure a retry
+    cannot cure (bad parameters, a refused dataset) are never retried."""
+
+    attempts: int = Field(2, ge=0)
+    delay_seconds: float = Field(60, gt=0)
+    max_delay_seconds: float = Field(1800, gt=0)
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> Retries:
+        if self.max_delay_seconds < self.delay_seconds:
+            raise ValueError(f"max_delay_seconds ({self.max_delay_seconds:g}) is below delay_seconds ({self.delay_seconds:g})")
+        return self
+
+
 class Arrivals(_Strict):
     """When a date's raw folder is complete enough to process. ``marker``: the source writes
     ``_ARRIVED.json`` last; ``quiet``: sources without markers, the listing unchanged for
@@ -264,6 +281,7 @@ class PipelineSpec(_Strict):
     thresholds: Thresholds = Thresholds()
     model: Model
     retrain: Retrain = Retrain()
+    retries: Retries = Retries()
     scoring: Scoring = Scoring()
     retention: Retention = Retention()
     monitoring: Monitoring = Monitoring()

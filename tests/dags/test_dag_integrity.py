@@ -78,6 +78,24 @@ def test_every_dag_follows_the_operating_policy():
             assert t.doc_md, f"{where} has no doc_md"
 
 
+def test_retries_follow_the_pipeline_spec(tmp_path):
+    """The spec's ``retries`` reach the DAG's tasks (the default: 2 retries, 1 min, then doubling)."""
+    import datetime as dt
+
+    import yaml
+
+    from twocluster.orchestration.dag_factory import build_pipeline_dag
+
+    data = yaml.safe_load((ROOT / "pipelines" / "speech_commands.yaml").read_text())
+    data["retries"] = {"attempts": 4, "delay_seconds": 5, "max_delay_seconds": 40}
+    (tmp_path / "speech_commands.yaml").write_text(yaml.safe_dump(data))
+    dag = build_pipeline_dag(tmp_path / "speech_commands.yaml")
+    for task_id in ("preprocess", "train", "score", "wait_for_arrivals"):
+        task = dag.get_task(task_id)
+        assert (task.retries, task.retry_delay, task.max_retry_delay) == (4, dt.timedelta(seconds=5), dt.timedelta(seconds=40)), task_id
+        assert task.retry_exponential_backoff, task_id
+
+
 def test_pipeline_dag_shape_pools_and_operators():
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 

@@ -51,9 +51,9 @@ def airflow(env: dict[str, str], *args: str, **kwargs) -> subprocess.CompletedPr
     return subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=env, **kwargs)
 
 
-def prepare(env: dict[str, str]) -> None:
+def prepare(env: dict[str, str], pools: dict[str, tuple[int, str]] = POOLS) -> None:
     """Create or migrate the metadata database and the pools (both idempotent)."""
-    for cmd in (["db", "migrate"], *(["pools", "set", name, str(slots), doc] for name, (slots, doc) in POOLS.items())):
+    for cmd in (["db", "migrate"], *(["pools", "set", name, str(slots), doc] for name, (slots, doc) in pools.items())):
         result = airflow(env, *cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")

@@ -118,6 +118,17 @@ def compose_environment(component: str, variables: dict[str, str], compose_file:
     return {k: _substitute(str(v), variables) for k, v in env.items()}
 
 
+def compose_pools(variables: dict[str, str], compose_file: Path = COMPOSE_FILE) -> dict[str, tuple[int, str]]:
+    """The pools compose's ``airflow-init`` creates (``airflow pools set NAME SLOTS DOC``), interpolated."""
+    compose = yaml.safe_load(compose_file.read_text())
+    script = "\n".join(compose["services"]["airflow-init"]["command"])
+    pools = {name: (int(_substitute(slots, variables)), doc)
+             for name, slots, doc in re.findall(r'airflow pools set (\S+) "([^"]+)" "([^"]+)"', script)}
+    if not pools:
+        raise StackError("docker-compose.yml's airflow-init sets no pools")
+    return pools
+
+
 def loopback(value: str, ports: dict[str, int]) -> str:
     """Compose's service addresses -> this stack's loopback ports."""
     return (value.replace("@postgres/", f"@127.0.0.1:{ports['postgres']}/")
@@ -415,7 +426,7 @@ class LocalStack:
         passwords = self.airflow_home / "simple_auth_manager_passwords.json"
         passwords.touch(mode=0o600)
         passwords.write_text(json.dumps({self.variables["AIRFLOW_ADMIN_USER"]: self.admin_password}))
-        prepare(self.env_for("scheduler"))  # compose's airflow-init: migrate, pools
+        prepare(self.env_for("scheduler"), compose_pools(self.variables))  # compose's airflow-init: migrate, pools
         for component in AIRFLOW_COMPONENTS:
             cmd = [self._airflow_bin, component]
             if component == "api-server":

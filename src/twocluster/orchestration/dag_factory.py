@@ -153,8 +153,9 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
     def model_asset(alias: str) -> Asset:
         return Asset(name=f"{spec.model.name}.{alias}", uri=f"twocluster://models/{spec.model.name}/{alias}", group="twocluster")
 
-    default_args = task_defaults(retries=2, retry_delay=dt.timedelta(minutes=1), execution_timeout=dt.timedelta(minutes=10),
-                                 max_retry_delay=dt.timedelta(minutes=30))
+    default_args = task_defaults(retries=spec.retries.attempts, retry_delay=dt.timedelta(seconds=spec.retries.delay_seconds),
+                                 execution_timeout=dt.timedelta(minutes=10),
+                                 max_retry_delay=dt.timedelta(seconds=spec.retries.max_delay_seconds))
 
     with DAG(
         dag_id=spec.name,

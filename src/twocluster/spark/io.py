@@ -13,17 +13,21 @@ import hashlib
 import io
 import posixpath
 import re
+import tempfile
 import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 
 from twocluster.features import BAD_NAME, TOO_LARGE, UNKNOWN_LABEL, Featurizer, featurizer_for
 from twocluster.spark import splits
@@ -41,7 +45,9 @@ _FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a tas
 
 # ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
 # never read.
-INPUT_COLUMNS = ["key", "path", "size", "folder", "label", "label_id", "source_id", "split", "reject"]
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("folder", pa.string()),
+                            ("label", pa.string()), ("label_id", pa.int32()), ("source_id", pa.string()), ("split", pa.string()),
+                            ("reject", pa.string())])  # label: null for an unknown folder
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -119,8 +125,69 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     # what its own output depends on (:func:`job_fingerprint`).
     for part in (spec.inputs, spec.labels, spec.splits):
         fingerprint.update(part.model_dump_json().encode())
-    inputs = pd.DataFrame(rows, columns=INPUT_COLUMNS).astype({"size": "int64", "label_id": "int32"})
+    inputs = pd.DataFrame(rows, columns=LISTING_SCHEMA.names).astype({"size": "int64", "label_id": "int32"})
     return inputs, dict(sorted(ignored.items())), "sha256:" + fingerprint.hexdigest()
+
+
+LISTING_SOURCE = "twocluster_listing"
+
+
+class ListingSource(DataSource):
+    """A date's listing (made on the driver by :func:`list_inputs`) as a DataFrame of exactly
+    ``partitions`` partitions, row ``i`` in partition ``i mod partitions`` (every shard gets
+    every label), each partition carrying only its own rows as zstd-compressed Arrow IPC.
+
+    Why not ``createDataFrame(inputs).repartition(n)``: the listing then sat in the driver's JVM
+    three times over (the parallelized Arrow batches, tasks of tens of MB, the shuffle's blocks),
+    so the driver's heap grew with the number of inputs. Options: ``path`` (an Arrow IPC file
+    on the driver's machine, read once when Spark plans the scan) and ``partitions``."""
+
+    @classmethod
+    def name(cls) -> str:
+        return LISTING_SOURCE
+
+    def schema(self):
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        return from_arrow_schema(LISTING_SCHEMA)  # listing_frame passes it: no Python call at load()
+
+    def reader(self, schema) -> DataSourceReader:
+        return _ListingReader(self.options["path"], int(self.options["partitions"]))
+
+
+class _ListingReader(DataSourceReader):
+    def __init__(self, path: str, partitions: int):
+        self.path, self.n = path, partitions
+
+    def partitions(self) -> list[InputPartition]:
+        with pa.memory_map(self.path) as source:
+            table = pa.ipc.open_file(source).read_all()
+        rows = np.arange(table.num_rows)
+        return [InputPartition(_ipc_bytes(table.take(rows[i :: self.n]))) for i in range(self.n)]
+
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        yield from pa.ipc.open_stream(partition.value).read_all().to_batches()
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+@contextmanager
+def listing_frame(spark, inputs: pd.DataFrame, partitions: int):
+    """``inputs`` (:func:`list_inputs`) as a Spark DataFrame of ``partitions`` partitions, through
+    :class:`ListingSource`; the DataFrame is valid inside the ``with`` block."""
+    table = pa.Table.from_pandas(inputs[LISTING_SCHEMA.names], schema=LISTING_SCHEMA, preserve_index=False)
+    spark.dataSource.register(ListingSource)
+    with tempfile.TemporaryDirectory(prefix="twocluster-listing-") as tmp:
+        path = Path(tmp) / "listing.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        yield spark.read.format(LISTING_SOURCE).schema(ListingSource({}).schema()) \
+            .options(path=str(path), partitions=str(partitions)).load()
 
 
 @lru_cache(maxsize=4)

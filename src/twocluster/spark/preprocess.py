@@ -36,6 +36,7 @@ from twocluster.spark.io import (
     featurizing_function,
     job_fingerprint,
     list_inputs,
+    listing_frame,
     promote_staged,
     write_rejects,
 )
@@ -256,8 +257,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         t = time.perf_counter()
         # One pass: each task featurizes its partition and writes its shards into staging; only
         # file names, counts and rejects come back.
-        outcomes = spark.createDataFrame(inputs).repartition(n_partitions) \
-            .mapInArrow(lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA).collect()
+        with listing_frame(spark, inputs, n_partitions) as listed:
+            outcomes = listed.mapInArrow(lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA).collect()
         timings["featurize"] = time.perf_counter() - t
         files, staged = _files(outcomes)
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]
