@@ -14,7 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (ROOT / "dags").glob("*.py") if not p.name.startswith("_"))
-HEAVY = ("pyspark", "tensorflow", "keras", "torch")
+# kubernetes: the Spark provider's hook imports the Kubernetes client at module level (~5 s of
+# every task's parse); twocluster.orchestration defers it (see its _import_lazily).
+HEAVY = ("pyspark", "tensorflow", "keras", "torch", "kubernetes", "kubernetes_asyncio")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +58,20 @@ def test_dag_file_imports_no_heavy_library(dag_file, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"errors": [], "heavy": []}
+
+
+def test_the_deferred_kubernetes_client_still_loads_for_a_k8s_master(tmp_path):
+    """The Spark hook's ``kube_client`` is there, unloaded, and loads on first use."""
+    code = (
+        "import sys\n"
+        "import twocluster.orchestration\n"
+        "from airflow.providers.apache.spark.hooks import spark_submit\n"
+        "assert 'kubernetes_asyncio' not in sys.modules and 'kubernetes' not in sys.modules\n"
+        "assert callable(spark_submit.kube_client.get_kube_client)\n"
+        "assert 'kubernetes' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "AIRFLOW_HOME": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _all_dags():

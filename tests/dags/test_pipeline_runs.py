@@ -10,6 +10,7 @@ shipped DAG file itself.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -258,7 +259,12 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
 
         deadline = time.monotonic() + 1200
         while True:
-            runs = _get(f"{api}/dags/{DAG_ID}/dagRuns?run_type=backfill&limit=10")["dag_runs"]
+            try:
+                runs = _get(f"{api}/dags/{DAG_ID}/dagRuns?run_type=backfill&limit=10")["dag_runs"]
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # a busy API server; ask again
+                assert time.monotonic() < deadline, "the API server stopped answering"
+                time.sleep(5)
+                continue
             states = sorted((r["logical_date"][:10], r["state"]) for r in runs)
             if len(runs) == 3 and all(s in ("success", "failed") for _, s in states):
                 break
@@ -270,8 +276,12 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            pass
+        # What standalone started may outlive it (a scheduler waiting on its executor's workers
+        # kept running for an hour after a failed run): nothing of the group survives the test.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        server.wait()
         log.close()
 
     for day in (D1, D2, D3):
