@@ -126,6 +126,7 @@ def test_no_literal_credentials_in_the_stack():
     assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
+@pytest.mark.slow
 def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
     """The S3 image's set-up for real: users from the environment, the bucket policy, s3-init."""
     keys = {f"S3_{u}_{k}_KEY": f"{u}-{k}-{i}".lower() for i, u in enumerate(("AIRFLOW", "SPARK", "TRAINER")) for k in ("ACCESS", "SECRET")}

@@ -321,6 +321,7 @@ def _wait_for_checkpoint(store: ObjectStore, pointer: str, proc: subprocess.Pope
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
     """The trainer process is SIGKILLed after epoch 2's checkpoint reached the store; the rerun
     of the same job resumes at epoch 2 instead of starting over."""
@@ -392,6 +393,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dataset, tmp_path):
     """Issue 14, item 8, for real: the Airflow task process running the local backend is
     SIGKILLed (no on_kill runs) mid-training; its trainer dies with it, and the retry resumes

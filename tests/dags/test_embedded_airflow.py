@@ -6,9 +6,12 @@ import sqlite3
 import threading
 import time
 
+import pytest
+
 from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
 
 
+@pytest.mark.slow
 def test_a_cli_write_waits_for_a_writer_holding_the_database_instead_of_failing(tmp_path):
     """CI failed with "database is locked" when `airflow backfill create` ran next to the
     scheduler, the DAG processor and the API server: SQLite's default busy timeout is 5 s. Hold

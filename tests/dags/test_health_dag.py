@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 import yaml
 from test_monitoring import _dataset, _raw
 
@@ -14,6 +15,7 @@ from twocluster.store.storage import ObjectStore
 D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(3)]
 
 
+@pytest.mark.slow
 def test_an_unhealthy_pipeline_fails_the_check_and_names_the_dates(tmp_path, speech_spec):
     data = yaml.safe_load((REPO_ROOT / "pipelines" / "speech_commands.yaml").read_text())
     data.update(start_date=D[0].isoformat(), end_date=D[-1].isoformat())
