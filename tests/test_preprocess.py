@@ -196,7 +196,7 @@ def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
     for r in rows:
         i = int(r.key[1:])
         assert r.partition == i % 3 and r.size == 100 + i
-        assert {r.partition for r in rows if r.label == "yes"} == {0, 1, 2}
+    assert {r.partition for r in rows if r.label == "yes"} == {0, 1, 2}
     assert [r.label for r in rows if r.key == "k07"] == [None]
 
 

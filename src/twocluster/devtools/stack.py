@@ -29,6 +29,7 @@ none is left.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -108,9 +109,14 @@ def _substitute(value: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{([A-Z0-9_]+)(:-([^}]*))?\}", one, value)
 
 
+@functools.lru_cache(maxsize=4)
+def _compose(compose_file: Path) -> dict[str, Any]:
+    return yaml.safe_load(compose_file.read_text())
+
+
 def compose_environment(component: str, variables: dict[str, str], compose_file: Path = COMPOSE_FILE) -> dict[str, str]:
     """The environment compose gives the Airflow ``component``'s container, interpolated."""
-    compose = yaml.safe_load(compose_file.read_text())
+    compose = _compose(compose_file)
     env = dict(compose["x-airflow-common"]["environment"])
     block = STORE_BLOCKS[component]
     if block:
@@ -120,8 +126,7 @@ def compose_environment(component: str, variables: dict[str, str], compose_file:
 
 def compose_pools(variables: dict[str, str], compose_file: Path = COMPOSE_FILE) -> dict[str, tuple[int, str]]:
     """The pools compose's ``airflow-init`` creates (``airflow pools set NAME SLOTS DOC``), interpolated."""
-    compose = yaml.safe_load(compose_file.read_text())
-    script = "\n".join(compose["services"]["airflow-init"]["command"])
+    script = "\n".join(_compose(compose_file)["services"]["airflow-init"]["command"])
     pools = {name: (int(_substitute(slots, variables)), doc)
              for name, slots, doc in re.findall(r'airflow pools set (\S+) "([^"]+)" "([^"]+)"', script)}
     if not pools:
