@@ -62,6 +62,7 @@ def test_predictions_match_model_predict_outside_spark(spark, speech_spec, publi
     assert manifest.model_version == model_version
     verify_files(store, prefix, manifest)
     assert unlisted_files(store, prefix, manifest) == []
+    assert manifest.model_runtimes == ["onnx"]  # the version's ONNX copy served it; the reference below is Keras
     rows = {r["path"]: r for r in table.to_pylist()}
     assert {"path", "predicted_label", "confidence", "top_labels", "top_probabilities", "model_version", "scored_at", "run_id"} <= set(table.column_names)
 
@@ -117,6 +118,58 @@ def test_scoring_makes_one_pass_and_caches_nothing_in_the_jvm(spark, speech_spec
     assert manifest.counts.input == manifest.counts.accepted + manifest.counts.rejected == 43
     assert table.num_rows == manifest.counts.accepted == sum(manifest.summary.predicted_labels.values())
     assert spark.sparkContext._jsc.getPersistentRDDs().isEmpty()
+
+
+WORKER_LOAD = """
+import json, sys
+import numpy as np
+from twocluster.spark.scoring import predict_batch, worker_model
+root_uri, version, runtime, probe_path = sys.argv[1:]
+model, load_id = worker_model(root_uri, None, "kws_cnn", version, runtime)
+probe = np.load(probe_path)
+logits = model.predict_on_batch(probe["inputs"])
+print(json.dumps({"load_id": load_id, "tensorflow": "tensorflow" in sys.modules, "keras": "keras" in sys.modules,
+                  "worst": float(np.max(np.abs(logits - probe["logits"])))}))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["auto", "keras"])
+def test_a_scoring_worker_serves_the_onnx_copy_without_importing_tensorflow(published, runtime, tmp_path):
+    """A fresh Python worker imported TensorFlow to load the Keras model: 15-22 s and ~800 MB per
+    worker here, most of a daily scoring job. The ONNX copy needs neither TensorFlow nor Keras
+    and reproduces the trainer's logits; ``runtime: keras`` still loads the Keras model."""
+    import json
+    import subprocess
+    import sys
+
+    store, version = published
+    probe = store.local_path(f"{layout.model_version_prefix('kws_cnn', version)}/load_test.npz")
+    out = subprocess.run([sys.executable, "-c", WORKER_LOAD, store.root_uri, version, runtime, str(probe)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["worst"] < 1e-3
+    if runtime == "auto":
+        assert loaded["load_id"].endswith("-onnx") and not loaded["tensorflow"] and not loaded["keras"], loaded
+    else:
+        assert loaded["load_id"].endswith("-keras") and loaded["tensorflow"], loaded
+
+
+def test_the_runtime_follows_the_spec_the_version_and_the_task(speech_spec, published):
+    from twocluster import serving
+    from twocluster.spark.scoring import serving_runtime
+
+    store, version = published
+    manifest = registry.read_model_manifest(store, "kws_cnn", version)
+    assert serving.ONNX_FILE in {f.path for f in manifest.files}
+    assert serving_runtime("auto", manifest, on_gpu=False) == "onnx"
+    assert serving_runtime("auto", manifest, on_gpu=True) == "keras"  # the Spark image's ONNX Runtime is the CPU build
+    assert serving_runtime("onnx", manifest, on_gpu=True) == "onnx"
+    assert serving_runtime("keras", manifest, on_gpu=False) == "keras"
+    without = manifest.model_copy(update={"files": [f for f in manifest.files if f.path != serving.ONNX_FILE]})
+    assert serving_runtime("auto", without, on_gpu=False) == "keras"
+    with pytest.raises(ValueError, match=f"runtime is onnx but kws_cnn v={version} has no model.onnx"):
+        serving_runtime("onnx", without, on_gpu=False)
 
 
 def test_nothing_published_is_a_clear_error(spark, speech_spec, file_store):

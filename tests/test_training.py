@@ -70,7 +70,7 @@ def test_model_version_holds_everything_a_consumer_needs(trained, speech_spec):
     manifest = read_manifest(store, prefix)
     paths = {f.path for f in manifest.files}
     assert {"model.keras", "metrics.json", "training_curves.png", "feature_spec.json", "labels.json",
-            "job_spec.json", "history.csv", "load_test.npz", "saved_model/saved_model.pb"} <= paths
+            "job_spec.json", "history.csv", "load_test.npz", "saved_model/saved_model.pb", "model.onnx"} <= paths
     assert store.read_bytes(f"{prefix}/training_curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads(store.read_bytes(f"{prefix}/metrics.json"))
     confusion = metrics["confusion_matrix"]["rows_true_cols_predicted"]
@@ -504,6 +504,50 @@ print(gate_and_publish(ObjectStore(sys.argv[1]), "kws_jax", sys.argv[2], "produc
 """
 
 
+def test_the_onnx_serving_copy_reproduces_the_model_and_the_gate_refuses_a_wrong_one(trained, tmp_path):
+    """The scoring workers serve model.onnx (no TensorFlow import per worker): the gate's load
+    test holds the copy to the trainer's logits as it holds the Keras model, so a copy that does
+    not compute the same function can never be published."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from twocluster import serving
+    from twocluster.training.gate import load_model, load_test
+
+    store, _, result = trained
+    folder = registry.stage_model(store, "kws_cnn", result.version, tmp_path / "staged")
+    load_test(load_model(folder), folder)
+    inputs, logits = serving.load_probe(folder)
+    assert np.max(np.abs(serving.OnnxModel(folder / serving.ONNX_FILE).predict(inputs) - logits)) < 1e-4
+
+    wrong = onnx.load(folder / serving.ONNX_FILE)
+    weights = max((t for t in wrong.graph.initializer if t.data_type == onnx.TensorProto.FLOAT), key=lambda t: np.prod(t.dims))
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) + 0.5, weights.name))
+    onnx.save(wrong, folder / serving.ONNX_FILE)
+    with pytest.raises(serving.ServingCopyError, match="serving copy model.onnx: logits differ"):
+        load_test(load_model(folder), folder)
+
+
+def test_a_model_that_does_not_convert_gets_no_serving_copy(trained, tmp_path, monkeypatch):
+    import tf2onnx
+
+    from twocluster import serving
+    from twocluster.training.gate import load_model
+
+    store, _, result = trained
+    folder = registry.stage_model(store, "kws_cnn", result.version, tmp_path / "staged")
+    model, (inputs, logits) = load_model(folder), serving.load_probe(folder)
+    assert serving.export_onnx(model, tmp_path / "ok.onnx", inputs, logits) and (tmp_path / "ok.onnx").exists()
+
+    def unsupported(*args, **kwargs):
+        raise ValueError("tf2onnx: unsupported op")
+
+    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", unsupported)
+    assert not serving.export_onnx(model, tmp_path / "no.onnx", inputs, logits)
+    assert not (tmp_path / "no.onnx").exists()
+
+
 @pytest.mark.slow
 def test_the_trainer_and_the_gate_run_on_jax_and_tensorflow_serves_the_model(dataset, tmp_path):
     """Issue 15, item 3: KERAS_BACKEND=jax (the Parquet copy through a PyDataset, no tf.data, no
@@ -525,7 +569,7 @@ def test_the_trainer_and_the_gate_run_on_jax_and_tensorflow_serves_the_model(dat
     assert result["status"] == "trained" and result["metrics"]["backend"] == "jax" and result["metrics"]["input_format"] == "parquet"
     assert result["metrics"]["test_accuracy"] > 0.4, result["metrics"]
     manifest = registry.read_model_manifest(store, "kws_jax", result["version"])
-    assert manifest.lineage.params["backend"] == "jax" and "saved_model/saved_model.pb" not in {f.path for f in manifest.files}
+    assert manifest.lineage.params["backend"] == "jax" and not {"saved_model/saved_model.pb", "model.onnx"} & {f.path for f in manifest.files}
 
     gated = subprocess.run([sys.executable, "-c", JAX_GATE, store.root_uri, result["version"]], env=env, capture_output=True,
                            text=True, timeout=600)

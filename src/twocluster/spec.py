@@ -211,6 +211,11 @@ class Scoring(_Strict):
     on_featurizer_change: Literal["error", "warn"] = "error"
     # Predictions below this confidence are counted (the monitoring page shows their share).
     confidence_floor: float = Field(0.5, ge=0, le=1)
+    # What runs the model in the scoring workers: ``auto`` serves a version's ONNX copy (ONNX
+    # Runtime: no TensorFlow import per worker, see twocluster.serving) on CPU tasks and Keras
+    # on GPU tasks or when the version has no copy; ``onnx`` requires the copy; ``keras`` always
+    # loads model.keras.
+    runtime: Literal["auto", "onnx", "keras"] = "auto"
 
     @model_validator(mode="after")
     def _alias_allowed(self) -> Scoring:

@@ -29,9 +29,9 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # How a dataset is listed, labelled, split and written (besides the features).
     "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "store/tfrecord.py"),
     # How predictions are computed from features and a model.
-    "scoring": ("spark/scoring.py", "spark/io.py"),
+    "scoring": ("spark/scoring.py", "spark/io.py", "serving.py"),
     # How a model is trained from staged datasets.
-    "trainer": ("training/trainer.py", "training/data.py", "training/models/", "training/distribute.py", "training/checkpoints.py", "store/jobspec.py"),
+    "trainer": ("training/trainer.py", "training/data.py", "training/models/", "training/distribute.py", "training/checkpoints.py", "store/jobspec.py", "serving.py"),
     # Everything in the package (recorded in lineage; decides nothing).
     "package": ("",),
 }

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from twocluster import serving
 from twocluster.features import featurizer_for
 from twocluster.spark.io import (
     attempt_folder,
@@ -150,17 +151,21 @@ def visible_gpus_for_task(resources: dict) -> str | None:
     return ",".join(addresses) if addresses else None
 
 
-def _configure_tensorflow_for_task() -> None:
-    """Pin TensorFlow to this task's GPUs and to the task's CPU share, before it initialises:
-    Spark already runs one Python worker per task slot, so TF's own thread pools must not
-    spread over every core (oversubscription)."""
+def _task_slot() -> tuple[str | None, int]:
+    """This Spark task's GPU addresses (``None``: no GPU) and CPU count."""
     from pyspark import TaskContext
 
     context = TaskContext.get()
     devices = visible_gpus_for_task(context.resources()) if context else None
+    return devices, int(context.cpus()) if context and hasattr(context, "cpus") else 1
+
+
+def _configure_tensorflow_for_task(devices: str | None, cpus: int) -> None:
+    """Pin TensorFlow to this task's GPUs and to the task's CPU share, before it initialises:
+    Spark already runs one Python worker per task slot, so TF's own thread pools must not
+    spread over every core (oversubscription)."""
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
-    cpus = int(context.cpus()) if context and hasattr(context, "cpus") else 1
     import tensorflow as tf
 
     try:
@@ -170,16 +175,41 @@ def _configure_tensorflow_for_task() -> None:
         pass  # TF already initialised in this reused worker; it was configured then
 
 
-def worker_model(root_uri: str, s3_settings, model: str, version: str):
+def serving_runtime(runtime: str, manifest: ModelManifest, on_gpu: bool) -> str:
+    """What serves ``manifest``'s model under the spec's ``scoring.runtime``: ``onnx`` (its ONNX
+    copy on ONNX Runtime, CPU) or ``keras``. ``auto`` takes the copy when there is one and the
+    task has no GPU (the Spark image's ONNX Runtime is the CPU build)."""
+    has_copy = any(f.path == serving.ONNX_FILE for f in manifest.files)
+    if runtime == "onnx" and not has_copy:
+        raise ValueError(f"scoring.runtime is onnx but {manifest.model} v={manifest.version} has no {serving.ONNX_FILE} "
+                         "(trained on a backend other than TensorFlow, or its conversion failed: see the training log)")
+    if runtime == "keras" or not has_copy:
+        return "keras"
+    return "onnx" if runtime == "onnx" or not on_gpu else "keras"
+
+
+def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: str = "auto"):
     """The model for this Python worker: staged from the store and loaded on first use, then
-    reused by every batch and task this worker runs."""
+    reused by every batch and task this worker runs. Returns (model, load id); the load id ends
+    with the runtime that serves it."""
     with _MODEL_LOCK:
         if version not in _MODEL_CACHE:
-            _configure_tensorflow_for_task()
-            import keras
+            store = ObjectStore(root_uri, s3_settings)
+            manifest = registry.read_model_manifest(store, model, version)
+            devices, cpus = _task_slot()
+            chosen = serving_runtime(runtime, manifest, on_gpu=devices is not None)
+            into = Path(tempfile.mkdtemp(prefix="model-"))
+            if chosen == "onnx":
+                folder = registry.stage_model(store, model, version, into, only=[serving.ONNX_FILE, serving.PROBE_FILE], manifest=manifest)
+                loaded = serving.OnnxModel(folder / serving.ONNX_FILE, threads=cpus)
+                serving.check_probe(loaded, *serving.load_probe(folder), f"{model} v={version} {serving.ONNX_FILE}")
+            else:
+                _configure_tensorflow_for_task(devices, cpus)
+                import keras
 
-            folder = registry.stage_model(ObjectStore(root_uri, s3_settings), model, version, Path(tempfile.mkdtemp(prefix="model-")))
-            _MODEL_CACHE[version] = (keras.models.load_model(folder / "model.keras"), f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                folder = registry.stage_model(store, model, version, into, manifest=manifest)
+                loaded = keras.models.load_model(folder / "model.keras")
+            _MODEL_CACHE[version] = (loaded, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}")
         return _MODEL_CACHE[version]
 
 
@@ -227,13 +257,13 @@ def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int
 
 
 def predicting_function(store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
-                        top_k: int, inference_batch_size: int):
+                        top_k: int, inference_batch_size: int, runtime: str = "auto"):
     """The function :func:`score` maps over Arrow batches of rows with features: the batch with
     ``features`` replaced by the prediction columns (:func:`prediction_fields`)."""
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def predict_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        loaded, load_id = worker_model(root_uri, s3_settings, model, version)
+        loaded, load_id = worker_model(root_uri, s3_settings, model, version, runtime)
         for batch in batches:
             n = batch.num_rows
             features = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, *feature_shape)
@@ -247,14 +277,14 @@ def predicting_function(store: ObjectStore, model: str, version: str, vocabulary
 
 
 def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
-          top_k: int, inference_batch_size: int):
+          top_k: int, inference_batch_size: int, runtime: str = "auto"):
     """Replace the ``features`` column of a featurized DataFrame (rows with features) by the
     model's predictions: ``mapInArrow``, the features read as one float32 buffer per batch."""
     from pyspark.sql.types import StructType
 
     schema = StructType([f for f in featurized.schema.fields if f.name != "features"] + list(prediction_fields().fields))
-    return featurized.mapInArrow(predicting_function(store, model, version, vocabulary, feature_shape, top_k, inference_batch_size),
-                                 schema)
+    return featurized.mapInArrow(predicting_function(store, model, version, vocabulary, feature_shape, top_k, inference_batch_size,
+                                                     runtime), schema)
 
 
 def prediction_fields():
@@ -332,6 +362,7 @@ def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.da
     model = spec.model.name
     version, model_manifest = resolve_model(store, model, alias or spec.scoring.alias, model_version)
     warnings = check_feature_spec(model_manifest, spec)  # before any data is read
+    serving_runtime(spec.scoring.runtime, model_manifest, on_gpu=False)  # a runtime the version cannot have fails here
     date_prefix = layout.predictions_date_prefix(spec.name, date)
 
     inputs, ignored, listed = list_inputs(store, spec, date)
@@ -359,6 +390,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     staging = layout.staging_prefix(date_prefix, out_version)
     files: list[ManifestFile] = []
     loads = workers = 0
+    runtimes: list[str] = []
     summary = PredictionSummary(confidence_floor=spec.scoring.confidence_floor)
     import pandas as pd
 
@@ -370,7 +402,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
         score_partition = scoring_writer(
             featurizing_function(spec, store, require_label=False),
             predicting_function(store, model, version, model_manifest.label_vocabulary, list(featurizer.shape), spec.scoring.top_k,
-                                spec.scoring.inference_batch_size),
+                                spec.scoring.inference_batch_size, spec.scoring.runtime),
             store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor)
         # One pass: each task featurizes, predicts and writes its partition; only file names,
         # counts and rejects come back (caching the featurized rows ran the JVM out of memory).
@@ -391,6 +423,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             confidence_floor=floor, below_confidence_floor=sum(low for _, _, low in by_label.values()))
         load_ids = {o.label for o in outcomes if o.kind == "load"}
         loads, workers = len(load_ids), len({lid.split("-")[0] for lid in load_ids})
+        runtimes = sorted({lid.rsplit("-", 1)[1] for lid in load_ids})
         written = [o for o in outcomes if o.kind == "file"]
         files += [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in written]
         promote_staged(store, files, {r.path: r.staged for r in written}, version_prefix, staging)
@@ -415,12 +448,12 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             input_fingerprint=fingerprint,
         ),
         pipeline=spec.name, date=date, model=model, model_version=version,
-        model_loads=loads, python_workers=workers, ignored_files=sum(ignored.values()), ignored_by_reason=ignored, summary=summary,
+        model_loads=loads, python_workers=workers, model_runtimes=runtimes, ignored_files=sum(ignored.values()), ignored_by_reason=ignored, summary=summary,
         seconds={"total": round(time.perf_counter() - started, 3)},
     )
     uri = commit_version(store, date_prefix, manifest)
-    log.info("date %s: %d predictions by %s v=%s (%d model loads on %d Python workers) -> %s",
-             date, accepted, model, version, loads, workers, uri)
+    log.info("date %s: %d predictions by %s v=%s (%d model loads on %d Python workers, %s) -> %s",
+             date, accepted, model, version, loads, workers, "+".join(runtimes) or "no load", uri)
     return ScoringResult("committed", spec.name, date, out_version, uri, model, version, counts.model_dump(), loads, workers,
                          time.perf_counter() - started, warnings=warnings)
 
@@ -445,11 +478,12 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
     vocabulary = manifest.label_vocabulary
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
     root_uri, s3_settings, model = store.root_uri, store.worker_settings, spec.model.name
-    batch_size = spec.scoring.inference_batch_size
+    batch_size, runtime = spec.scoring.inference_batch_size, spec.scoring.runtime
+    serving_runtime(runtime, manifest, on_gpu=False)  # a runtime the version cannot have fails here, not in a task
 
     def predict_sql(batches):
         featurizer = worker_featurizer(featurizer_json, kind)
-        loaded, _ = worker_model(root_uri, s3_settings, model, version)
+        loaded, _ = worker_model(root_uri, s3_settings, model, version, runtime)
         for content in batches:
             batch = featurizer.featurize_many(list(content))
             ok = np.array([r is None for r in batch.reasons], dtype=bool)

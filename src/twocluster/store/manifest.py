@@ -203,6 +203,7 @@ class PredictionsManifest(_ManifestBase):
     model_version: str = Field(pattern=layout.VERSION_PATTERN)
     model_loads: int = Field(0, ge=0)
     python_workers: int = Field(0, ge=0)
+    model_runtimes: list[Literal["onnx", "keras"]] = Field(default_factory=list, description="what served the model in the workers")
     ignored_files: int = Field(0, ge=0)
     ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
     summary: PredictionSummary | None = None

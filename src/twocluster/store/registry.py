@@ -14,6 +14,7 @@ version); malformed entries are skipped and reported, never fatal. No clock orde
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,13 +179,18 @@ def published_versions(store: ObjectStore, model: str) -> dict[str, list[str]]:
     return found
 
 
-def stage_model(store: ObjectStore, model: str, version: str, into: Path) -> Path:
-    """Download a committed model version, every file verified against its manifest's checksum."""
+def stage_model(store: ObjectStore, model: str, version: str, into: Path, only: Collection[str] | None = None,
+                manifest: ModelManifest | None = None) -> Path:
+    """Download a committed model version (``only`` these of its files, when given), every file
+    verified against its manifest's checksum."""
     prefix = layout.model_version_prefix(model, version)
-    manifest = read_model_manifest(store, model, version)
+    manifest = manifest or read_model_manifest(store, model, version)
+    files = [f for f in manifest.files if only is None or f.path in only]
+    if only is not None and (missing := set(only) - {f.path for f in files}):
+        raise RegistryError(f"{model} v={version} has no {sorted(missing)}")
     folder = into / version
     for f, (key, checksum) in zip(
-        manifest.files, store.download_many([(f"{prefix}/{f.path}", folder / f.path) for f in manifest.files]), strict=True
+        files, store.download_many([(f"{prefix}/{f.path}", folder / f.path) for f in files]), strict=True
     ):
         if checksum != f.checksum:
             raise RegistryError(f"{store.uri(key)}: checksum {checksum} does not match the manifest's {f.checksum}")

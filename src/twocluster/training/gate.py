@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from twocluster import serving
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import CommitLog, GateDecided
 from twocluster.store.storage import ObjectStore
@@ -71,15 +72,13 @@ def load_model(model_dir: Path):
     return keras.models.load_model(model_dir / "model.keras")
 
 
-def load_test(model, model_dir: Path, atol: float = 1e-3) -> None:
-    """The exported model must load and reproduce the trainer's logits on the recorded batch."""
-    probe = np.load(model_dir / "load_test.npz")
-    logits = model.predict(probe["inputs"], verbose=0)
-    if logits.shape != probe["logits"].shape or not np.all(np.isfinite(logits)):
-        raise ValueError(f"the model returned {logits.shape} outputs, expected finite {probe['logits'].shape}")
-    worst = float(np.max(np.abs(logits - probe["logits"])))
-    if worst > atol:
-        raise ValueError(f"the reloaded model's logits differ from the trainer's by up to {worst:.2e}")
+def load_test(model, model_dir: Path, atol: float = serving.PROBE_ATOL) -> None:
+    """The exported model must load and reproduce the trainer's logits on the recorded batch; so
+    must its ONNX serving copy, when the version has one (the scoring workers serve that copy)."""
+    inputs, logits = serving.load_probe(model_dir)
+    serving.check_probe(model, inputs, logits, "the reloaded model", atol)
+    if (model_dir / serving.ONNX_FILE).exists():
+        serving.check_probe(serving.OnnxModel(model_dir / serving.ONNX_FILE), inputs, logits, f"its serving copy {serving.ONNX_FILE}", atol)
 
 
 def accuracy_on(model, staged, split: str, batch_size: int = 256) -> tuple[float, int]:

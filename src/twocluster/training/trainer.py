@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twocluster import serving
 from twocluster.store import layout, registry
 from twocluster.store.jobspec import TrainingJobSpec
 from twocluster.store.manifest import InFlight, Lineage, ManifestFile, ModelManifest, ModelMetrics, commit_version
@@ -155,15 +156,18 @@ def _cosine(peak: float, epochs: int):
 
 
 def export(model, out: Path, probe: np.ndarray, metrics: dict, staged: data.StagedData, spec: TrainingJobSpec, history: Path) -> None:
-    """The version folder's files: the model (``model.keras``, loadable by any backend; a
-    SavedModel too on TensorFlow), a fixed batch with the trained model's logits (the gate
-    reloads the model and must reproduce them), metrics, specs, history and curves."""
+    """The version folder's files: the model (``model.keras``, loadable by any backend; on
+    TensorFlow a SavedModel too, and the ONNX serving copy the scoring workers use:
+    :mod:`twocluster.serving`), a fixed batch with the trained model's logits (the gate reloads
+    the model and its copy, and both must reproduce them), metrics, specs, history and curves."""
     import keras
 
     model.save(out / "model.keras")
+    logits = np.asarray(model.predict(probe, verbose=0))
+    np.savez(out / serving.PROBE_FILE, inputs=probe, logits=logits)
     if keras.backend.backend() == "tensorflow":
         model.export(str(out / "saved_model"), format="tf_saved_model", verbose=False)
-    np.savez(out / "load_test.npz", inputs=probe, logits=np.asarray(model.predict(probe, verbose=0)))
+        serving.export_onnx(model, out / serving.ONNX_FILE, probe, logits)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "feature_spec.json").write_text(staged.feature_spec.model_dump_json(indent=2))
     (out / "labels.json").write_text(json.dumps(staged.vocabulary))
