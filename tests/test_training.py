@@ -534,17 +534,18 @@ def test_a_model_that_does_not_convert_gets_no_serving_copy(trained, tmp_path, m
 
     from twocluster import serving
     from twocluster.training.gate import load_model
+    from twocluster.training.trainer import export_onnx
 
     store, _, result = trained
     folder = registry.stage_model(store, "kws_cnn", result.version, tmp_path / "staged")
     model, (inputs, logits) = load_model(folder), serving.load_probe(folder)
-    assert serving.export_onnx(model, tmp_path / "ok.onnx", inputs, logits) and (tmp_path / "ok.onnx").exists()
+    assert export_onnx(model, tmp_path / "ok.onnx", inputs, logits) and (tmp_path / "ok.onnx").exists()
 
     def unsupported(*args, **kwargs):
         raise ValueError("tf2onnx: unsupported op")
 
     monkeypatch.setattr(tf2onnx.convert, "from_graph_def", unsupported)
-    assert not serving.export_onnx(model, tmp_path / "no.onnx", inputs, logits)
+    assert not export_onnx(model, tmp_path / "no.onnx", inputs, logits)
     assert not (tmp_path / "no.onnx").exists()
 
 

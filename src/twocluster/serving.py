@@ -10,20 +10,17 @@ logits (``load_test.npz``) before using it, so a conversion that changed the num
 score. A version without the copy (trained on another backend, or a conversion that failed)
 scores through Keras as before.
 
-The conversion freezes the model's inference function into a graph (every variable and captured
-tensor becomes a constant: Keras' ``Normalization`` keeps its adapted statistics as captured
-tensors, which a direct ``tf2onnx.convert.from_function`` leaves as unfed graph inputs) and hands
-it to tf2onnx.
+This module is the serving contract both sides share (the file names, the runtime wrapper, the
+check); it needs only ONNX Runtime, which the Spark, Airflow (the gate) and trainer images all
+install. The conversion, which needs TensorFlow and tf2onnx, is the trainer's
+(:func:`twocluster.training.trainer.export_onnx`).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 PROBE_FILE = "load_test.npz"  # a fixed batch and the trained model's logits for it
@@ -33,28 +30,6 @@ ONNX_OPSET = 17
 
 class ServingCopyError(ValueError):
     """A serving copy that does not reproduce the trained model."""
-
-
-def export_onnx(model, path: Path, probe_inputs: np.ndarray, probe_logits: np.ndarray) -> bool:
-    """Write ``model`` (a Keras model on the TensorFlow backend) as ONNX to ``path`` and check it
-    reproduces ``probe_logits``. Returns False, leaving no file, when the model does not convert
-    or the copy disagrees: the version is then served by Keras alone."""
-    try:
-        import tensorflow as tf
-        import tf2onnx
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-        shape = (None, *tuple(model.inputs[0].shape[1:]))
-        function = tf.function(lambda x: model(x, training=False))
-        frozen = convert_variables_to_constants_v2(function.get_concrete_function(tf.TensorSpec(shape, tf.float32, name="features")))
-        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
-                                       output_names=[t.name for t in frozen.outputs], opset=ONNX_OPSET, output_path=str(path))
-        check_probe(OnnxModel(path, threads=1), probe_inputs, probe_logits, f"{path.name} (just converted)")
-    except Exception as e:  # no converter, or any converter or runtime failure: no serving copy, Keras serves
-        path.unlink(missing_ok=True)
-        log.warning("no ONNX serving copy: %s: %s", type(e).__name__, str(e)[:500])
-        return False
-    return True
 
 
 class OnnxModel:

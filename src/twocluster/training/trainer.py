@@ -167,13 +167,39 @@ def export(model, out: Path, probe: np.ndarray, metrics: dict, staged: data.Stag
     np.savez(out / serving.PROBE_FILE, inputs=probe, logits=logits)
     if keras.backend.backend() == "tensorflow":
         model.export(str(out / "saved_model"), format="tf_saved_model", verbose=False)
-        serving.export_onnx(model, out / serving.ONNX_FILE, probe, logits)
+        export_onnx(model, out / serving.ONNX_FILE, probe, logits)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "feature_spec.json").write_text(staged.feature_spec.model_dump_json(indent=2))
     (out / "labels.json").write_text(json.dumps(staged.vocabulary))
     (out / "job_spec.json").write_text(spec.model_dump_json(indent=2))
     shutil.copy(history, out / "history.csv")
     report.plot_history(out / "history.csv", out / "training_curves.png")
+
+
+def export_onnx(model, path: Path, probe_inputs: np.ndarray, probe_logits: np.ndarray) -> bool:
+    """Write ``model`` (a Keras model on the TensorFlow backend) as ONNX to ``path`` and check it
+    reproduces ``probe_logits``. Returns False, leaving no file, when the model does not convert
+    or the copy disagrees: the version is then served by Keras alone.
+
+    The model's inference function is frozen into a graph first (every variable and captured
+    tensor a constant: Keras' ``Normalization`` keeps its adapted statistics as captured tensors,
+    which ``tf2onnx.convert.from_function`` leaves as unfed graph inputs)."""
+    try:
+        import tensorflow as tf
+        import tf2onnx
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        shape = (None, *tuple(model.inputs[0].shape[1:]))
+        function = tf.function(lambda x: model(x, training=False))
+        frozen = convert_variables_to_constants_v2(function.get_concrete_function(tf.TensorSpec(shape, tf.float32, name="features")))
+        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+                                       output_names=[t.name for t in frozen.outputs], opset=serving.ONNX_OPSET, output_path=str(path))
+        serving.check_probe(serving.OnnxModel(path, threads=1), probe_inputs, probe_logits, f"{path.name} (just converted)")
+    except Exception as e:  # no converter, or any converter or runtime failure: no serving copy, Keras serves
+        path.unlink(missing_ok=True)
+        log.warning("no ONNX serving copy: %s: %s", type(e).__name__, str(e)[:500])
+        return False
+    return True
 
 
 def commit_model(store: ObjectStore, model: str, fields: dict, out: Path, run_id: str) -> str:
