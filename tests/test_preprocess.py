@@ -168,7 +168,7 @@ def test_features_make_one_pass_and_are_never_cached_in_the_jvm(spark, speech_sp
     frame_class = type(spark.range(1))  # PySpark 4's classic DataFrame, not the pyspark.sql.DataFrame interface
     monkeypatch.setattr(frame_class, "persist", refuse)
     monkeypatch.setattr(frame_class, "cache", refuse)
-    # The listing is not parallelized by the driver JVM either (ListingSource says why).
+    # The listing is not parallelized by the driver JVM either (map_listing says why).
     monkeypatch.setattr(type(spark), "createDataFrame", refuse)
     _arrive(file_store, speech_spec, clips=24, bad=6)
     result = run_preprocess(spark, speech_spec, file_store, DATE, run_id="one-pass", max_reject_rate=0.5)
@@ -177,25 +177,41 @@ def test_features_make_one_pass_and_are_never_cached_in_the_jvm(spark, speech_sp
 
 
 def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
-    """ListingSource: exactly the partitions asked for, row i in partition i mod n (each shard
-    mixes the listing's labels), nulls kept, and no shuffle in the plan."""
+    """map_listing: exactly the partitions asked for, row i in partition i mod n (each shard
+    mixes the listing's labels), in batches of Spark's Arrow batch size, nulls kept, no shuffle
+    in the plan, and one Python stage (a Python data source added planner processes and a
+    second Python worker per task)."""
     import pandas as pd
-    from pyspark.sql.functions import spark_partition_id
+    import pyarrow as pa
+    from pyspark import TaskContext
 
-    from twocluster.spark.io import LISTING_SCHEMA, listing_frame
+    from twocluster.spark.io import LISTING_SCHEMA, map_listing
 
     inputs = pd.DataFrame([{"key": f"k{i:02d}", "path": f"{'yes' if i % 2 else 'no'}/c{i}.wav", "size": 100 + i,
                             "folder": "yes" if i % 2 else "no", "label": None if i == 7 else ("yes" if i % 2 else "no"),
                             "label_id": -1 if i == 7 else i % 2, "source_id": f"s{i}", "split": "train", "reject": ""}
                            for i in range(11)], columns=LISTING_SCHEMA.names)
-    with listing_frame(spark, inputs, 3) as listed:
+
+    def tag(batches):
+        for batch in batches:
+            n = batch.num_rows
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("key"), batch.column("size"), batch.column("label"), pa.array([TaskContext.get().partitionId()] * n, pa.int32()),
+                 pa.array([n] * n, pa.int32())], names=["key", "size", "label", "partition", "batch_rows"])
+
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "2")
+    try:
+        listed = map_listing(spark, inputs, 3, tag, "key string, size long, label string, partition int, batch_rows int")
         assert listed.rdd.getNumPartitions() == 3
-        assert "Exchange" not in listed._jdf.queryExecution().executedPlan().toString()
-        rows = listed.withColumn("partition", spark_partition_id()).collect()
+        plan = listed._jdf.queryExecution().executedPlan().toString()
+        assert "Exchange" not in plan and plan.count("MapInArrow") == 1 and "BatchScan" not in plan, plan
+        rows = listed.collect()
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     assert sorted(r.key for r in rows) == list(inputs["key"])
     for r in rows:
         i = int(r.key[1:])
-        assert r.partition == i % 3 and r.size == 100 + i
+        assert r.partition == i % 3 and r.size == 100 + i and r.batch_rows <= 2
     assert {r.partition for r in rows if r.label == "yes"} == {0, 1, 2}
     assert [r.label for r in rows if r.key == "k07"] == [None]
 

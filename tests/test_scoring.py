@@ -111,7 +111,7 @@ def test_scoring_makes_one_pass_and_caches_nothing_in_the_jvm(spark, speech_spec
     frame_class = type(spark.range(1))
     monkeypatch.setattr(frame_class, "persist", refuse)
     monkeypatch.setattr(frame_class, "cache", refuse)
-    monkeypatch.setattr(type(spark), "createDataFrame", refuse)  # the listing goes through ListingSource
+    monkeypatch.setattr(type(spark), "createDataFrame", refuse)  # the listing travels in the closure (map_listing)
     sample_data.generate_day(store, speech_spec, dt.date(2026, 11, 16), clips=40, seed=34, bad_files=3)
     result = run_scoring(spark, speech_spec, store, dt.date(2026, 11, 16), run_id="one-pass")
     _, manifest, table = _predictions(store, result)

@@ -36,7 +36,7 @@ from twocluster.spark.io import (
     featurizing_function,
     job_fingerprint,
     list_inputs,
-    listing_frame,
+    map_listing,
     promote_staged,
     write_rejects,
 )
@@ -257,8 +257,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         t = time.perf_counter()
         # One pass: each task featurizes its partition and writes its shards into staging; only
         # file names, counts and rejects come back.
-        with listing_frame(spark, inputs, n_partitions) as listed:
-            outcomes = listed.mapInArrow(lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA).collect()
+        outcomes = map_listing(spark, inputs, n_partitions, lambda batches: write_partition(featurize_batches(batches)),
+                               OUTCOME_SCHEMA).collect()
         timings["featurize"] = time.perf_counter() - t
         files, staged = _files(outcomes)
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]

@@ -39,7 +39,7 @@ from twocluster.spark.io import (
     featurizing_function,
     job_fingerprint,
     list_inputs,
-    listing_frame,
+    map_listing,
     promote_staged,
     worker_featurizer,
     write_rejects,
@@ -406,8 +406,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor)
         # One pass: each task featurizes, predicts and writes its partition; only file names,
         # counts and rejects come back (caching the featurized rows ran the JVM out of memory).
-        with listing_frame(spark, inputs, n_partitions) as listed:
-            outcomes = listed.mapInArrow(score_partition, OUTCOME_SCHEMA).collect()
+        outcomes = map_listing(spark, inputs, n_partitions, score_partition, OUTCOME_SCHEMA).collect()
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]
         if reject_rows:
             rejects = pd.DataFrame(reject_rows, columns=list(rejects.columns)).sort_values("path", ignore_index=True)
