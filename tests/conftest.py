@@ -92,7 +92,11 @@ def airflow_page():
                 page.fill("input[name=username]", user)
                 page.fill("input[name=password]", password)
                 page.click("button[type=submit]")
-                page.wait_for_url(f"{url}/**", timeout=30_000)
+                # Signed in once the app has left the login page (its own redirect to "/"): the
+                # login URL matches "{url}/**" too, and a test's goto raced that redirect ("/"
+                # interrupted the navigation to the DAG page: a CI failure).
+                page.wait_for_url(lambda u: u.startswith(url) and "/auth/" not in u, timeout=30_000)
+                page.wait_for_load_state("networkidle")
                 yield page
             finally:
                 browser.close()
