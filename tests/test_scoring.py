@@ -166,6 +166,12 @@ def test_the_runtime_follows_the_spec_the_version_and_the_task(speech_spec, publ
     assert serving_runtime("auto", manifest, on_gpu=True) == "keras"  # the Spark image's ONNX Runtime is the CPU build
     assert serving_runtime("onnx", manifest, on_gpu=True) == "onnx"
     assert serving_runtime("keras", manifest, on_gpu=False) == "keras"
+    # A worker caches one model per version and runtime: a second runtime in the same worker (a SQL
+    # function registered with another spec, say) does not get the first one's model.
+    from twocluster.spark.scoring import worker_model
+
+    assert worker_model(store.root_uri, None, "kws_cnn", version, "onnx")[1].endswith("-onnx")
+    assert worker_model(store.root_uri, None, "kws_cnn", version, "keras")[1].endswith("-keras")
     without = manifest.model_copy(update={"files": [f for f in manifest.files if f.path != serving.ONNX_FILE]})
     assert serving_runtime("auto", without, on_gpu=False) == "keras"
     with pytest.raises(ValueError, match=f"runtime is onnx but kws_cnn v={version} has no model.onnx"):

@@ -139,7 +139,7 @@ def check_feature_spec(model_manifest: ModelManifest, spec: PipelineSpec) -> lis
 
 # -- the per-worker model ------------------------------------------------------------------------
 
-_MODEL_CACHE: dict[str, tuple[object, str]] = {}  # model version -> (keras model, load id)
+_MODEL_CACHE: dict[tuple[str, str], tuple[object, str]] = {}  # (model version, scoring.runtime) -> (model, load id)
 _MODEL_LOCK = threading.Lock()
 
 
@@ -193,7 +193,7 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: 
     reused by every batch and task this worker runs. Returns (model, load id); the load id ends
     with the runtime that serves it."""
     with _MODEL_LOCK:
-        if version not in _MODEL_CACHE:
+        if (version, runtime) not in _MODEL_CACHE:
             store = ObjectStore(root_uri, s3_settings)
             manifest = registry.read_model_manifest(store, model, version)
             devices, cpus = _task_slot()
@@ -209,8 +209,8 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: 
 
                 folder = registry.stage_model(store, model, version, into, manifest=manifest)
                 loaded = keras.models.load_model(folder / "model.keras")
-            _MODEL_CACHE[version] = (loaded, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}")
-        return _MODEL_CACHE[version]
+            _MODEL_CACHE[(version, runtime)] = (loaded, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}")
+        return _MODEL_CACHE[(version, runtime)]
 
 
 @dataclass
