@@ -23,7 +23,7 @@ DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "google_crc32c": "google-crc3
 BACKENDS = {"tensorflow", "jax", "torch"}
 # Which extras each part of the package may use (the core dependencies always).
 COMPONENT_EXTRAS = {
-    "store": [], "spec.py": [], "version.py": [], "deployment.py": [], "__init__.py": [],
+    "store": [], "spec.py": [], "version.py": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
     "features": ["spark"],
     "spark": ["spark"],
     "training": ["trainer"],
@@ -32,8 +32,6 @@ COMPONENT_EXTRAS = {
     "demo": ["spark", "trainer", "airflow", "demo"],
     "devtools": ["airflow"],
 }
-# Shared modules that need a library: only what every component importing them installs.
-SHARED_BY = {"serving.py": ("spark", "trainer", "airflow")}
 # Code of the package a component may import besides its own folder.
 SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving"}
 MAY_IMPORT = {
@@ -85,11 +83,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_each_component_imports_only_its_own_dependency_set(path):
     project = _project()
     allowed = _requirement_names(project["dependencies"])
-    component = _component(path)
-    if component in SHARED_BY:
-        extras = [_requirement_names(project["optional-dependencies"][e]) for e in SHARED_BY[component]]
-        allowed |= set.intersection(*extras)
-    for extra in COMPONENT_EXTRAS.get(component, []):
+    for extra in COMPONENT_EXTRAS[_component(path)]:
         allowed |= _requirement_names(project["optional-dependencies"][extra])
     stdlib = sys.stdlib_module_names
     for module, top in _imports(path):
@@ -100,7 +94,7 @@ def test_each_component_imports_only_its_own_dependency_set(path):
             continue
         assert DISTRIBUTION.get(name, name).lower() in allowed, (
             f"{path.relative_to(ROOT)} imports {module} ({'module level' if top else 'in a function'}), which is not in its "
-            f"component's dependency set {COMPONENT_EXTRAS.get(component, SHARED_BY.get(component))}")
+            f"component's dependency set {COMPONENT_EXTRAS[_component(path)]}")
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
