@@ -123,7 +123,7 @@ def test_scoring_makes_one_pass_and_caches_nothing_in_the_jvm(spark, speech_spec
 WORKER_LOAD = """
 import json, sys
 import numpy as np
-from twocluster.spark.scoring import predict_batch, worker_model
+from twocluster.spark.scoring import worker_model
 root_uri, version, runtime, probe_path = sys.argv[1:]
 model, load_id = worker_model(root_uri, None, "kws_cnn", version, runtime)
 probe = np.load(probe_path)

@@ -202,6 +202,8 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: 
             if chosen == "onnx":
                 folder = registry.stage_model(store, model, version, into, only=[serving.ONNX_FILE, serving.PROBE_FILE], manifest=manifest)
                 loaded = serving.OnnxModel(folder / serving.ONNX_FILE, threads=cpus)
+                # Checked again here (16 examples, milliseconds): a pinned version may never have
+                # passed the gate, and the Spark image's ONNX Runtime is not the gate's.
                 serving.check_probe(loaded, *serving.load_probe(folder), f"{model} v={version} {serving.ONNX_FILE}")
             else:
                 _configure_tensorflow_for_task(devices, cpus)
