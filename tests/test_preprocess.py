@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from twocluster.demo import sample_data
-from twocluster.spark.preprocess import RejectRateExceeded, run_preprocess
+from twocluster.spark.preprocess import RejectRateExceeded, partitions_for, run_preprocess
 from twocluster.store import layout
 from twocluster.store.manifest import DatasetManifest, read_manifest, scan_location, unlisted_files, verify_files
 from twocluster.store.storage import ObjectStore
@@ -214,6 +214,17 @@ def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
         assert r.partition == i % 3 and r.size == 100 + i and r.batch_rows <= 2
     assert {r.partition for r in rows if r.label == "yes"} == {0, 1, 2}
     assert [r.label for r in rows if r.key == "k07"] == [None]
+
+
+@pytest.mark.parametrize(("rows", "parallelism", "expected"), [
+    (0, 2, 2), (10, 2, 2),  # never fewer than the cores
+    (9_600, 2, 6),  # 4.7 shards of 32 MB: six, three whole waves on two cores, not five
+    (9_600, 8, 8), (100_000, 8, 56),  # 48.9 shards -> 7 waves of 8
+])
+def test_partitions_come_in_whole_waves_of_the_cores_and_shards_stay_under_the_target(rows, parallelism, expected):
+    n = partitions_for(rows, 15_648, 32, parallelism)
+    assert n == expected and n % parallelism == 0
+    assert rows * 15_648 / n <= 32e6
 
 
 def test_an_empty_date_commits_an_empty_dataset(spark, speech_spec, file_store):
