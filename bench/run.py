@@ -171,6 +171,47 @@ class BenchContext:
             self._featurized.count()
         return self._featurized
 
+    def featurized_partition_files(self, partitions: int) -> list[str]:
+        """The accepted featurized rows in ``partitions`` partitions, each saved once as an Arrow
+        IPC file: what a figure's Spark tasks start from when, in the job, the same task made
+        them (the write and score figures). A task memory-maps its file (page cache, no
+        decoding), so the features never pass through the JVM, as in the job."""
+        import pyarrow as pa
+
+        folder = self.workdir / f"featurized-{partitions}"
+        if not folder.exists():
+            folder.mkdir()
+
+            def save_partition(batches):
+                from pyspark import TaskContext
+
+                batches = [b for b in batches if b.num_rows]
+                if batches:
+                    path = folder / f"{TaskContext.get().partitionId():05d}.arrow"
+                    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batches[0].schema) as out:
+                        for b in batches:
+                            out.write_batch(b)
+                yield pa.RecordBatch.from_pydict({"rows": [sum(b.num_rows for b in batches)]})
+
+            self.featurized.filter("reason IS NULL").drop("reason", "detail").repartition(partitions) \
+                .mapInArrow(save_partition, "rows long").collect()
+        return [str(p) for p in sorted(folder.glob("*.arrow"))]
+
+    def over_partition_files(self, files: list[str], function, schema):
+        """``function`` (as ``mapInArrow`` takes it) over the saved partitions ``files``, one
+        task each, in Arrow batches of the session's batch size: a DataFrame of ``schema``."""
+        import pyarrow as pa
+
+        batch_rows = int(self.spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch"))
+
+        def over_files(ids):
+            for batch in ids:
+                for k in batch.column(0).to_pylist():
+                    table = pa.ipc.open_file(pa.memory_map(files[k])).read_all()
+                    yield from function(iter(table.to_batches(max_chunksize=batch_rows)))
+
+        return self.spark.range(0, len(files), 1, len(files)).mapInArrow(over_files, schema)
+
     @property
     def dataset_manifest_uri(self) -> str:
         from twocluster.spark.preprocess import run_preprocess
@@ -323,50 +364,24 @@ def write_figure(ctx: BenchContext) -> Figure:
     same store.
 
     In the job each task featurizes its partition and hands the featurized Arrow batches to the
-    shard writer in the same Python worker. Here the tasks start from those batches: each
-    partition's featurized rows are saved once as an Arrow IPC file, which its task memory-maps
-    (page cache, no decoding) and writes as the job does. (Feeding the writer from a cached
+    shard writer in the same Python worker; here each task starts from its partition's batches
+    (:meth:`BenchContext.featurized_partition_files`). (Feeding the writer from a cached
     DataFrame instead measured the JVM turning 150 MB of cached float arrays back into Arrow,
     a step the job never takes: ~1 s of 3.5 s.)"""
-    import pyarrow as pa
-
     from twocluster.spark.io import promote_staged
     from twocluster.spark.preprocess import OUTCOME_SCHEMA, shard_writer, written_files
     from twocluster.store import layout
 
-    spec, store, featurizer, spark = ctx.spec, ctx.store, ctx.featurizer, ctx.spark
-    parts_dir = ctx.workdir / "featurized-partitions"
-    parts_dir.mkdir(exist_ok=True)
-
-    def save_partition(batches):
-        from pyspark import TaskContext
-
-        batches = [b for b in batches if b.num_rows]
-        if batches:
-            path = parts_dir / f"{TaskContext.get().partitionId():05d}.arrow"
-            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batches[0].schema) as out:
-                for b in batches:
-                    out.write_batch(b)
-        yield pa.RecordBatch.from_pylist([{"rows": sum(b.num_rows for b in batches)}], schema=pa.schema([("rows", pa.int64())]))
-
-    ctx.featurized.filter("reason IS NULL").drop("reason", "detail").mapInArrow(save_partition, "rows long").collect()
-    parts = [str(p) for p in sorted(parts_dir.glob("*.arrow"))]
-    batch_rows = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch"))
+    spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
+    parts = ctx.featurized_partition_files(ctx.partitions(ctx.clips))
 
     def project() -> tuple[float, int, int]:
         version = layout.new_version_id()
         prefix = layout.dataset_version_prefix(spec.name, ctx.date, version)
         staging = layout.staging_prefix(layout.dataset_date_prefix(spec.name, ctx.date), version)
         write_partition = shard_writer(spec, store, staging, featurizer.feature_name, featurizer.shape)
-
-        def featurized_then_written(ids):
-            for batch in ids:
-                for k in batch.column(0).to_pylist():
-                    table = pa.ipc.open_file(pa.memory_map(parts[k])).read_all()
-                    yield from write_partition(iter(table.to_batches(max_chunksize=batch_rows)))
-
         t = time.perf_counter()
-        outcomes = spark.range(0, len(parts), 1, len(parts)).mapInArrow(featurized_then_written, OUTCOME_SCHEMA).collect()
+        outcomes = ctx.over_partition_files(parts, write_partition, OUTCOME_SCHEMA).collect()
         files, staged = written_files(outcomes)
         promote_staged(store, files, staged, prefix, staging)  # part of the commit protocol's write path
         return time.perf_counter() - t, sum(f.bytes for f in files), len(files)
@@ -383,7 +398,12 @@ def write_figure(ctx: BenchContext) -> Figure:
 
     runs, base = [], []
     for _ in range(ctx.repeats):
+        # Each timing starts with no dirty pages: otherwise a run's speed depends on how much of
+        # the previous run's writes the kernel still holds (measured: the baseline alone varied
+        # 180-700 MB/s, run to run, without this).
+        os.sync()
         runs.append(total / 1e6 / project()[0])
+        os.sync()
         base.append(len(payload) * n_files / 1e6 / baseline())
     ratio = _median(runs) / _median(base)
     return Figure("write", f"TFRecord ({spec.output.tfrecord_compression}) + Parquet ({spec.output.parquet_compression}) shards, "
@@ -487,15 +507,21 @@ def feed_figures(ctx: BenchContext) -> list[Figure]:
 
 
 def score_figures(ctx: BenchContext) -> list[Figure]:
-    """The scoring job's mapInArrow function (the model loaded once per Python worker, served as
-    production serves it: the version's ONNX copy under ``scoring.runtime: auto``) over featurized
-    rows, vs single-process Keras model.predict on the same features, and vs a UDF that loads the
-    Keras model in every batch."""
+    """The scoring job's predicting function (the model loaded once per Python worker, served as
+    production serves it: the version's ONNX copy under ``scoring.runtime: auto``) in Spark tasks
+    over featurized rows, vs single-process Keras model.predict on the same features, and vs a
+    UDF that loads the Keras model in every batch.
+
+    In the job each task featurizes its partition and hands the featurized batches to the
+    predicting function in the same Python worker; here each task starts from its partition's
+    batches (:meth:`BenchContext.featurized_partition_files`, the job's partition count). The
+    naive UDF reads the features from a cached DataFrame, as such a UDF must."""
     import keras
     from pyspark import StorageLevel
     from pyspark.sql.functions import pandas_udf
+    from pyspark.sql.types import StringType, StructField, StructType
 
-    from twocluster.spark.scoring import predict_batch, score
+    from twocluster.spark.scoring import predict_batch, predicting_function, prediction_fields, scoring_partitions
     from twocluster.store.registry import stage_model
 
     spec, store = ctx.spec, ctx.store
@@ -512,9 +538,17 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
     local = stage_model(store, model_name, version, ctx.workdir / "model-local")
     top_k, batch_size = spec.scoring.top_k, spec.scoring.inference_batch_size
 
+    parts = ctx.featurized_partition_files(scoring_partitions(n, ctx.spark.sparkContext.defaultParallelism))
+    predict_batches = predicting_function(store, model_name, version, vocabulary, shape, top_k, batch_size)
+
+    def predicted(batches):
+        yield from predict_batches(b.select(["path", "source_id", "features"]) for b in batches)
+
+    out_schema = StructType([StructField("path", StringType()), StructField("source_id", StringType()), *prediction_fields().fields])
+
     def project() -> float:
         t = time.perf_counter()
-        score(rows, store, model_name, version, vocabulary, shape, top_k, batch_size).write.format("noop").mode("overwrite").save()
+        ctx.over_partition_files(parts, predicted, out_schema).write.format("noop").mode("overwrite").save()
         return n / (time.perf_counter() - t)
 
     def baseline() -> float:
@@ -541,18 +575,26 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
         rows.withColumn("_p", naive_udf("features")).select("path", "_p.*").write.format("noop").mode("overwrite").save()
         return n / (time.perf_counter() - t)
 
-    project(), baseline(), naive()
-    runs, base, naive_runs = [], [], []
-    for _ in range(min(ctx.repeats, 3)):  # the naive baseline loads the model ~40 times a run
-        runs.append(project())
-        base.append(baseline())
-        naive_runs.append(naive())
+    # Arrow batches of the spec's scoring size, as the scoring job's session has them.
+    batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    session_batch = ctx.spark.conf.get(batch_key)
+    ctx.spark.conf.set(batch_key, str(spec.scoring.arrow_batch_size))
+    try:
+        project(), baseline(), naive()
+        runs, base, naive_runs = [], [], []
+        for _ in range(min(ctx.repeats, 3)):  # the naive baseline loads the model ~40 times a run
+            runs.append(project())
+            base.append(baseline())
+            naive_runs.append(naive())
+    finally:
+        ctx.spark.conf.set(batch_key, session_batch)
     rows.unpersist()
     ratio, naive_ratio = _median(runs) / _median(base), _median(runs) / _median(naive_runs)
     return [
-        Figure("score", "Spark scoring, mapInArrow (model cached per Python worker, its ONNX copy: scoring.runtime auto)", "clips/s", _median(runs), _median(base),
+        Figure("score", "Spark scoring, the job's predicting function in Spark tasks (model cached per Python worker, "
+               "its ONNX copy: scoring.runtime auto)", "clips/s", _median(runs), _median(base),
                ratio, ">= 0.9", ratio >= 0.9, runs, base, _spread(runs),
-               f"{n} featurized clips; baseline: load + model.predict in one process"),
+               f"{n} featurized clips in {len(parts)} tasks; baseline: load + model.predict in one process"),
         Figure("score_naive", "same, vs a UDF loading the model in every batch", "clips/s", _median(runs), _median(naive_runs),
                naive_ratio, ">= 10", naive_ratio >= 10, runs, naive_runs, _spread(runs),
                f"Arrow batches of {spec.scoring.arrow_batch_size} rows"),

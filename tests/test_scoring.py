@@ -18,6 +18,7 @@ from twocluster.spark.scoring import (
     predict_batch,
     register_model_function,
     run_scoring,
+    scoring_partitions,
     visible_gpus_for_task,
 )
 from twocluster.spark.session import gpu_executor_settings
@@ -84,6 +85,11 @@ def test_predictions_match_model_predict_outside_spark(spark, speech_spec, publi
 
     again = run_scoring(spark, speech_spec, store, SCORE_DATE, run_id="t2")
     assert again.status == "unchanged" and again.version == result.version
+
+
+@pytest.mark.parametrize(("rows", "parallelism", "expected"), [(0, 2, 2), (600, 2, 2), (2_500, 2, 2), (9_600, 2, 6), (9_600, 8, 8), (100_000, 8, 56)])
+def test_scoring_tasks_come_in_whole_waves_of_the_cores(rows, parallelism, expected):
+    assert scoring_partitions(rows, parallelism) == expected
 
 
 def test_the_model_loads_at_most_once_per_python_worker(spark, speech_spec, published):

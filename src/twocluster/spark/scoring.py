@@ -357,6 +357,15 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
 # -- the job -------------------------------------------------------------------------------------
 
 
+def scoring_partitions(rows: int, parallelism: int, rows_per_partition: int = 2000) -> int:
+    """How many tasks score ``rows`` inputs: at most about ``rows_per_partition`` each (a task's
+    predictions are one Parquet file; it holds ~16 KB of features per row while it predicts), in
+    whole waves of the cluster's cores. Not smaller: a Python task costs ~60 ms of a core before
+    its first row (measured: an empty ``mapInArrow`` on local[2], 20 tasks 0.7 s, 6 tasks 0.2-0.4
+    s), and scoring 9,600 featurized clips ran at ~4,500 clips/s in 20 tasks, ~8,600 in 6."""
+    return max(1, math.ceil(math.ceil(rows / rows_per_partition) / parallelism)) * parallelism
+
+
 def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.date, run_id: str,
                 alias: str | None = None, model_version: str | None = None) -> ScoringResult:
     started = time.perf_counter()
@@ -399,7 +408,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
     accepted = 0
     if len(inputs):
-        n_partitions = max(spark.sparkContext.defaultParallelism, math.ceil(len(inputs) / 500))
+        n_partitions = scoring_partitions(len(inputs), spark.sparkContext.defaultParallelism)
         floor = spec.scoring.confidence_floor
         score_partition = scoring_writer(
             featurizing_function(spec, store, require_label=False),
