@@ -11,7 +11,8 @@ score. A version without the copy (trained on another backend, or a conversion t
 scores through Keras as before.
 
 This module is the serving contract both sides share (the file names, the runtime wrapper, the
-check); it needs only ONNX Runtime, a base dependency of the package (every image installs it). The conversion, which needs TensorFlow and tf2onnx, is the trainer's
+check); it needs only ONNX Runtime, a base dependency of the package (every image installs
+it). The conversion, which needs TensorFlow and tf2onnx, is the trainer's
 (:func:`twocluster.training.trainer.export_onnx`).
 """
 

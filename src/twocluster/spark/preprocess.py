@@ -39,6 +39,7 @@ from twocluster.spark.io import (
     list_inputs,
     map_listing,
     promote_staged,
+    whole_waves,
     write_rejects,
 )
 from twocluster.spec import PipelineSpec
@@ -90,11 +91,8 @@ class PreprocessResult:
 
 def partitions_for(rows: int, bytes_per_row: int, target_shard_mb: float, parallelism: int) -> int:
     """How many partitions to featurize ``rows`` inputs in: each writes one shard per split, of
-    at most about ``target_shard_mb`` in all, in whole waves of the cluster's cores (5 partitions
-    on 2 cores run their fifth task alone: measured, featurizing 9,600 clips on local[2] ran at
-    ~2,600 clips/s in 5 partitions and ~2,900 in 6)."""
-    shards = math.ceil(rows * bytes_per_row / (target_shard_mb * 1e6))
-    return max(1, math.ceil(shards / parallelism)) * parallelism
+    at most about ``target_shard_mb`` in all, in :func:`whole_waves` of the cluster's cores."""
+    return whole_waves(math.ceil(rows * bytes_per_row / (target_shard_mb * 1e6)), parallelism)
 
 
 def shard_writer(spec: PipelineSpec, store: ObjectStore, staging: str, feature_name: str, feature_shape: tuple[int, ...],
@@ -105,10 +103,11 @@ def shard_writer(spec: PipelineSpec, store: ObjectStore, staging: str, feature_n
     executors; rows with a ``reason`` are reported as rejects, not written.
 
     Each task attempt writes its files under its own folder in ``staging`` (one object-store
-    PUT per file, its checksum taken from the encoded bytes in memory, never read back) and reports (path, staged key, bytes, checksum, rows)
-    back; the driver promotes exactly the reported files. A file is written while the next one
-    is encoded (one upload thread: the disk or the network works while the CPU does). ``after_write``
-    (tests: fault injection) is called in the task after each file is written."""
+    PUT per file, its checksum taken from the encoded bytes in memory, never read back) and
+    reports (path, staged key, bytes, checksum, rows) back; the driver promotes exactly the
+    reported files. A file is written while the next one is encoded (one upload thread: the disk
+    or the network works while the CPU does). ``after_write`` (tests: fault injection) is called
+    in the task after each file is written."""
     tfrecord_compression, parquet_compression = spec.output.tfrecord_compression, spec.output.parquet_compression
     root_uri, s3_settings = store.root_uri, store.worker_settings
     suffix = ".tfrecord.gz" if tfrecord_compression == "GZIP" else ".tfrecord"

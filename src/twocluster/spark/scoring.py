@@ -41,6 +41,7 @@ from twocluster.spark.io import (
     list_inputs,
     map_listing,
     promote_staged,
+    whole_waves,
     worker_featurizer,
     write_rejects,
 )
@@ -360,10 +361,10 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
 def scoring_partitions(rows: int, parallelism: int, rows_per_partition: int = 2000) -> int:
     """How many tasks score ``rows`` inputs: at most about ``rows_per_partition`` each (a task's
     predictions are one Parquet file; it holds ~16 KB of features per row while it predicts), in
-    whole waves of the cluster's cores. Not smaller: a Python task costs ~60 ms of a core before
-    its first row (measured: an empty ``mapInArrow`` on local[2], 20 tasks 0.7 s, 6 tasks 0.2-0.4
-    s), and scoring 9,600 featurized clips ran at ~4,500 clips/s in 20 tasks, ~8,600 in 6."""
-    return max(1, math.ceil(math.ceil(rows / rows_per_partition) / parallelism)) * parallelism
+    :func:`whole_waves` of the cluster's cores. Not smaller: a Python task costs ~60 ms of a core
+    before its first row (measured: an empty ``mapInArrow`` on local[2], 20 tasks 0.7 s, 6 tasks
+    0.2-0.4 s), and scoring 9,600 featurized clips ran at ~4,500 clips/s in 20 tasks, ~8,600 in 6."""
+    return whole_waves(math.ceil(rows / rows_per_partition), parallelism)
 
 
 def run_scoring(spark, spec: PipelineSpec, store: ObjectStore, date: str | dt.date, run_id: str,
