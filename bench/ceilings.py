@@ -58,7 +58,7 @@ def featurization(ctx) -> None:
     from twocluster.spark.io import list_inputs
 
     inputs, _, _ = list_inputs(ctx.store, ctx.spec, ctx.date)
-    every_key = list(inputs["key"])
+    every_key = inputs["key"].to_pylist()
     keys = every_key[:2400]
     f, store, n = ctx.featurizer, ctx.store, len(keys)
     blobs = [store.read_bytes(k) for k in keys]

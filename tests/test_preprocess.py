@@ -181,16 +181,15 @@ def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
     mixes the listing's labels), in batches of Spark's Arrow batch size, nulls kept, no shuffle
     in the plan, and one Python stage (a Python data source added planner processes and a
     second Python worker per task)."""
-    import pandas as pd
     import pyarrow as pa
     from pyspark import TaskContext
 
     from twocluster.spark.io import LISTING_SCHEMA, map_listing
 
-    inputs = pd.DataFrame([{"key": f"k{i:02d}", "path": f"{'yes' if i % 2 else 'no'}/c{i}.wav", "size": 100 + i,
-                            "folder": "yes" if i % 2 else "no", "label": None if i == 7 else ("yes" if i % 2 else "no"),
-                            "label_id": -1 if i == 7 else i % 2, "source_id": f"s{i}", "split": "train", "reject": ""}
-                           for i in range(11)], columns=LISTING_SCHEMA.names)
+    inputs = pa.Table.from_pylist([{"key": f"k{i:02d}", "path": f"{'yes' if i % 2 else 'no'}/c{i}.wav", "size": 100 + i,
+                                    "folder": "yes" if i % 2 else "no", "label": None if i == 7 else ("yes" if i % 2 else "no"),
+                                    "label_id": -1 if i == 7 else i % 2, "source_id": f"s{i}", "split": "train", "reject": ""}
+                                   for i in range(11)], schema=LISTING_SCHEMA)
 
     def tag(batches):
         for batch in batches:
@@ -208,12 +207,34 @@ def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
         rows = listed.collect()
     finally:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
-    assert sorted(r.key for r in rows) == list(inputs["key"])
+    assert sorted(r.key for r in rows) == inputs["key"].to_pylist()
     for r in rows:
         i = int(r.key[1:])
         assert r.partition == i % 3 and r.size == 100 + i and r.batch_rows <= 2
     assert {r.partition for r in rows if r.label == "yes"} == {0, 1, 2}
     assert [r.label for r in rows if r.key == "k07"] == [None]
+
+
+def test_the_listing_is_an_arrow_table_built_a_chunk_at_a_time(speech_spec, file_store, monkeypatch):
+    """list_inputs holds a bounded number of rows as Python objects (a dict per row, then a
+    pandas frame of strings cost the driver ~1 KB per input, and its peak memory grew 1.5x with
+    4x the inputs): the listing comes back as Arrow, the same rows whatever the chunk size."""
+    import pyarrow as pa
+
+    from twocluster.spark import io
+
+    _arrive(file_store, speech_spec, clips=20, bad=6)
+    file_store.write_bytes(f"{layout.raw_date_prefix(speech_spec.name, DATE)}/yes/.DS_Store", b"\0")
+    whole, ignored, fingerprint = io.list_inputs(file_store, speech_spec, DATE)
+    monkeypatch.setattr(io, "_LISTING_CHUNK_ROWS", 3)
+    chunked, ignored_chunked, fingerprint_chunked = io.list_inputs(file_store, speech_spec, DATE)
+    assert isinstance(whole, pa.Table) and whole.schema == io.LISTING_SCHEMA and whole.num_rows == 26
+    assert chunked.num_rows == 26 and len(chunked["key"].chunks) == 9  # 8 chunks of 3, the last of 2
+    assert chunked.to_pylist() == whole.to_pylist()
+    assert (ignored_chunked, fingerprint_chunked) == (ignored, fingerprint) and ignored == {"hidden": 1}
+    assert whole["key"].to_pylist() == sorted(whole["key"].to_pylist())
+    unknown = [r for r in whole.to_pylist() if r["label"] is None]
+    assert len(unknown) == 1 and unknown[0]["label_id"] == -1 and unknown[0]["folder"] not in speech_spec.labels.vocabulary
 
 
 @pytest.mark.parametrize(("rows", "parallelism", "expected"), [

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from twocluster.features import Featurizer, featurizer_for
 from twocluster.spark.io import (
     attempt_folder,
+    collect_outcomes,
     featurizing_function,
     job_fingerprint,
     list_inputs,
@@ -267,8 +268,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         t = time.perf_counter()
         # One pass: each task featurizes its partition and writes its shards into staging; only
         # file names, counts and rejects come back.
-        outcomes = map_listing(spark, inputs, n_partitions, lambda batches: write_partition(featurize_batches(batches)),
-                               OUTCOME_SCHEMA).collect()
+        outcomes = collect_outcomes(map_listing(spark, inputs, n_partitions,
+                                                lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA))
         timings["featurize"] = time.perf_counter() - t
         files, staged = written_files(outcomes)
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]

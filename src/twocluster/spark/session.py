@@ -19,8 +19,11 @@ SPARK_SETTINGS = {
     "spark.python.worker.reuse": "true",
     "spark.sql.adaptive.enabled": "true",
     "spark.ui.showConsoleProgress": "false",
-    # Python UDF output is already small batches; keep the JVM side from buffering more.
-    "spark.sql.execution.pandas.udf.buffer.size": str(1 << 20),
+    # Not spark.sql.execution.pandas.udf.buffer.size = 1 MB (set here until 2026-12): its two
+    # 1 MB stream buffers per Python task are "humongous" objects for G1 (1 MB heap regions), and
+    # each forced a collection (44 for 20 tasks); G1 then grew the driver's heap to cut their
+    # rate, by a varying amount: the driver JVM peaked at 413-515 MB for the same job. What
+    # crosses the JVM here is the listing's task ids and the tasks' small outcome rows.
     # A persisted DataFrame is cached in column batches of this many rows. A featurized row is
     # ~16 KB, so the default 10,000 rows would be a 160 MB column buffer per batch; 512 rows is
     # ~8 MB. (Caching 38,400 featurized clips still ran out of a 1 GB local heap with it: open.)

@@ -95,7 +95,7 @@ class S3Settings:
         return {k: v for k, v in pairs.items() if v}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing can hold 100,000s of these
 class ObjectInfo:
     key: str  # relative to the store root
     size: int
