@@ -87,7 +87,7 @@ def test_predictions_match_model_predict_outside_spark(spark, speech_spec, publi
     assert again.status == "unchanged" and again.version == result.version
 
 
-@pytest.mark.parametrize(("rows", "parallelism", "expected"), [(0, 2, 2), (600, 2, 2), (2_500, 2, 2), (9_600, 2, 6), (9_600, 8, 8), (100_000, 8, 56)])
+@pytest.mark.parametrize(("rows", "parallelism", "expected"), [(0, 2, 2), (600, 2, 2), (9_600, 2, 2), (12_000, 2, 4), (9_600, 8, 8), (100_000, 8, 24)])
 def test_scoring_tasks_come_in_whole_waves_of_the_cores(rows, parallelism, expected):
     assert scoring_partitions(rows, parallelism) == expected
 

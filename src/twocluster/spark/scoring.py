@@ -319,15 +319,19 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
         from pyspark import TaskContext
 
         outcomes: list[dict] = []
-        accepted: list[pa.RecordBatch] = []
-        for batch in featurize_batches(batches):
-            rejected = pa.compute.is_valid(batch.column("reason"))
-            for row in batch.filter(rejected).select(["path", "folder", "size", "reason", "detail"]).to_pylist():
-                outcomes.append({"kind": "reject", **row})
-            kept = batch.filter(pa.compute.invert(rejected))
-            if kept.num_rows:
-                accepted.append(kept.select(["path", "source_id", "features"]))
-        predicted = [b for b in predict_batches(iter(accepted)) if b.num_rows]
+
+        def accepted() -> Iterator[pa.RecordBatch]:
+            # Streamed: each featurized batch is predicted before the next is featurized, so a
+            # task holds one batch of features (~16 KB a row), whatever its number of rows.
+            for batch in featurize_batches(batches):
+                rejected = pa.compute.is_valid(batch.column("reason"))
+                for row in batch.filter(rejected).select(["path", "folder", "size", "reason", "detail"]).to_pylist():
+                    outcomes.append({"kind": "reject", **row})
+                kept = batch.filter(pa.compute.invert(rejected))
+                if kept.num_rows:
+                    yield kept.select(["path", "source_id", "features"])
+
+        predicted = [b for b in predict_batches(accepted()) if b.num_rows]
         if predicted:
             table = pa.Table.from_batches(predicted)
             for load_id in set(table["load_id"].to_pylist()):
@@ -359,12 +363,14 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
 # -- the job -------------------------------------------------------------------------------------
 
 
-def scoring_partitions(rows: int, parallelism: int, rows_per_partition: int = 2000) -> int:
+def scoring_partitions(rows: int, parallelism: int, rows_per_partition: int = 5000) -> int:
     """How many tasks score ``rows`` inputs: at most about ``rows_per_partition`` each (a task's
-    predictions are one Parquet file; it holds ~16 KB of features per row while it predicts), in
-    :func:`whole_waves` of the cluster's cores. Not smaller: a Python task costs ~60 ms of a core
-    before its first row (measured: an empty ``mapInArrow`` on local[2], 20 tasks 0.7 s, 6 tasks
-    0.2-0.4 s), and scoring 9,600 featurized clips ran at ~4,500 clips/s in 20 tasks, ~8,600 in 6."""
+    predictions are one Parquet file, ~100 bytes a row; its features are streamed through the
+    model a batch at a time), in :func:`whole_waves` of the cluster's cores. Not smaller: a
+    Python task costs 60-100 ms of wall time before its first row (measured on local[2]: an empty
+    ``mapInArrow`` over 6 tasks 0.43-0.66 s, over 20 0.7 s), a task of 5,000 rows does ~3 s of
+    work; predicting 9,600 featurized clips (bench score figure, same run) ran at 3,900-4,500
+    clips/s in 6 tasks and 5,600-7,100 in 2 (was 500 rows a task, then 2,000)."""
     return whole_waves(math.ceil(rows / rows_per_partition), parallelism)
 
 
