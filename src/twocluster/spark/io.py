@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # imported where used: Spark's Python workers never need pand
     import pandas as pd
 
 UNREADABLE = "unreadable"  # listed, but could not be fetched
-_FETCH_THREADS = 8  # object-store reads are IO-bound; overlap them within a task
+_FETCH_THREADS = 8  # remote object-store reads are IO-bound; overlap them within a task
 
 # ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
 # never read.
@@ -228,7 +229,12 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
             except StorageError as e:
                 return e
 
-        with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        # An object store's reads wait on the network: 8 at a time. A local store's come from the
+        # page cache in microseconds, and threads would only add GIL hand-offs (measured: 0.05 ms
+        # of CPU per clip read in turn, 0.14-0.17 ms through 8 threads; featurizing a clip costs
+        # ~0.5 ms): read in turn.
+        concurrent = worker_store.scheme != "file"
+        with ThreadPoolExecutor(_FETCH_THREADS) if concurrent else nullcontext() as pool:
             for batch in batches:
                 n = batch.num_rows
                 keys = batch.column("key").to_pylist()
@@ -237,7 +243,7 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                 # Condemned by the listing (too large, bad name): never read.
                 listed_ok = np.array([r == "" for r in prechecked], dtype=bool)
                 wanted = np.flatnonzero(known & listed_ok)
-                fetched = list(pool.map(fetch, [keys[i] for i in wanted]))
+                fetched = list((pool.map if concurrent else map)(fetch, [keys[i] for i in wanted]))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
                 featurized = featurizer.featurize_many(blobs, [keys[i] for i in wanted], input_limits)
                 reasons: list[str | None] = [None] * n
