@@ -676,20 +676,21 @@ def memory_figure(ctx: BenchContext, small_date: dt.date, big_date: dt.date) -> 
                 break
             for proc in tree:
                 try:
-                    line, rss = " ".join(proc.cmdline()), proc.memory_info().rss / 2**20
+                    name, line, rss = proc.name(), " ".join(proc.cmdline()), proc.memory_info().rss / 2**20
                 except psutil.Error:
                     continue
-                launcher = "org.apache.spark.launcher.Main" in line  # spark-class's short-lived JVM printing the command
-                role = ("jvm" if "org.apache.spark.deploy.SparkSubmit" in line and not launcher
-                        else "python driver" if "preprocess.py" in line and "java" not in line
-                        else "python worker" if "pyspark.daemon" in line else None)
+                # Not spark-class's bash, nor its short-lived launcher JVM that prints the command.
+                role = ("jvm" if name == "java" and "org.apache.spark.launcher.Main" not in line
+                        else None if not name.startswith("python")
+                        else "python worker" if "pyspark.daemon" in line
+                        else "python driver" if "preprocess.py" in line else None)
                 if role in now:
                     now[role] += rss
                 if role:
                     top[role] = max(top[role], rss)
             driver_peak = max(driver_peak, sum(now.values()))
             time.sleep(0.1)
-        assert job.returncode == 0, f"spark-submit of the preprocessing job failed: {job.returncode}"
+        assert job.wait() == 0, f"spark-submit of the preprocessing job failed: {job.returncode}"
         peaks[day], parts[day] = driver_peak, top
     ratio = peaks[big_date] / peaks[small_date]
 

@@ -264,6 +264,12 @@ class ObjectStore:
     def uri(self, key: str = "") -> str:
         return f"{self.scheme}://{self._path(key)}" if key else self.root_uri
 
+    @property
+    def remote(self) -> bool:
+        """Whether reads cross the network (an object store), so overlapping them pays; a local
+        store's come from the page cache, where threads only add GIL hand-offs."""
+        return self.scheme != "file"
+
     def local_path(self, key: str = "") -> Path | None:
         """The local filesystem path of a key, for ``file://`` stores only (else ``None``)."""
         return Path(self._path(key)) if self.scheme == "file" else None
