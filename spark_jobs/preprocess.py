@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
-        result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate,
-                                complete=not args.incomplete)
+        try:
+            result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate,
+                                    complete=not args.incomplete)
+        finally:
+            spark.stop()  # on a Spark Connect server: ends the session, frees its artifacts
     except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 1

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"score-{spec.name}-{args.date}", arrow_batch_rows=spec.scoring.arrow_batch_size, master=args.master)
-        result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
+        try:
+            result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
+        finally:
+            spark.stop()  # on a Spark Connect server: ends the session, frees its artifacts
     except (SpecError, LayoutError, StorageError, ScoringError, RegistryError, ManifestError) as e:
         print(f"scoring failed: {e}", file=sys.stderr)
         return 1

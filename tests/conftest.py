@@ -66,6 +66,16 @@ def spark():
 
 
 @pytest.fixture(scope="session")
+def spark_connect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One Spark Connect server (local[2]) for the tests that run jobs on a long-lived Spark
+    application, started the first time one asks for it and stopped at the end."""
+    from twocluster.devtools.spark_connect import LocalSparkConnect
+
+    with LocalSparkConnect(tmp_path_factory.mktemp("spark-connect"), cores=2) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def speech_spec() -> PipelineSpec:
     return load_pipeline_spec(default_spec_path("speech_commands"))
 

@@ -1,7 +1,8 @@
 """The pipeline DAG run for real: `airflow dags test` end to end, refused parameters, and a
 backfill of three dates executed by Airflow's own scheduler (`airflow standalone` on loopback).
 
-Everything is real: Airflow 3 on SQLite, spark-submit on local Spark, the local training backend
+Everything is real: Airflow 3 on SQLite, spark-submit on local Spark (and, in one test, a Spark
+Connect server), the local training backend
 (a child process running the trainer), the gate, and a local folder as the store. The DAG is
 built by the project's factory from a small variant of the speech_commands spec (fewer epochs,
 a gate floor of 0, a two-day cadence) so the suite stays quick; the integrity tests cover the
@@ -209,6 +210,37 @@ def test_a_date_without_its_arrival_marker_fails_at_the_deadline_naming_it(tmp_p
     assert f"{D2}: arrivals incomplete at the deadline" in log and "no _ARRIVED.json in" in log, log[-3000:]
     assert "spark-submit" not in log.lower().replace("spark_submit", "")
     assert not store.list(layout.dataset_date_prefix(spec.name, D2))
+
+
+def test_a_daily_run_on_a_spark_connect_server(tmp_path_factory, spark_connect_server):
+    """The same DAG with ``spark_default`` pointing at a long-lived Spark Connect server (type
+    ``spark_connect``): no Spark application is submitted; both jobs run as Spark Connect clients
+    in child processes of their tasks, on the server's warm JVM and Python workers, and commit
+    what a submitted job commits. The server's URL and the store's credentials reach no command
+    line and no log. (Its own Airflow home and store.)"""
+    pipeline = _make_pipeline(tmp_path_factory.mktemp("spark-connect"), dates=(D0,))
+    pipeline.env["AIRFLOW_CONN_SPARK_DEFAULT"] = spark_connect_server.connection
+    spec, store = pipeline.spec, pipeline.store
+    with _CommandLines() as processes:
+        code, log = _dags_test(pipeline, {"date": D0.isoformat(), "retrain": "force"}, "dags-test-connect", D0)
+    assert code == 0 and "state=success" in [line for line in log.splitlines() if "DagRun Finished" in line][-1], log[-5000:]
+    assert log.count(f"Spark Connect job (server {spark_connect_server.url}/)") == 2, log[-5000:]
+    assert "Spark-Submit cmd" not in log
+    jobs = [p for p in processes.seen if "spark_jobs/" in p and store.root_uri in p]  # this run's, not another test's
+    assert [p for p in jobs if "spark_jobs/preprocess.py" in p], "the sampler saw the job's client"
+    assert not [p for p in jobs if "spark-submit" in p or "SparkSubmit" in p]
+    assert not [p for p in jobs if "sc://" in p], "the server's URL went on a command line"
+    for secret in CANARY:
+        assert not [p for p in processes.seen if secret in p]
+        assert secret not in log
+
+    (dataset_version,) = _versions(store, layout.dataset_date_prefix(spec.name, D0))
+    dataset = read_manifest(store, layout.dataset_version_prefix(spec.name, D0, dataset_version))
+    assert dataset.counts.input == 101 and dataset.counts.accepted + dataset.counts.rejected == 101
+    (model_version,) = _versions(store, layout.model_versions_prefix(spec.model.name))
+    (pred_version,) = _versions(store, layout.predictions_date_prefix(spec.name, D0))
+    predictions = read_manifest(store, layout.predictions_version_prefix(spec.name, D0, pred_version))
+    assert predictions.model_version == model_version and predictions.counts.input == 101
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
-"""Killing the Airflow task kills its Spark job: the DAG's spark-submit operator, run for real on
-local Spark, is killed (its ``on_kill``, what Airflow calls on a killed or timed-out task) while
-the job writes; nothing is committed then or later, and no job process is left behind."""
+"""Killing the Airflow task kills its Spark job: the DAG's Spark operator, run for real on local
+Spark (spark-submit) and on a Spark Connect server, is killed (its ``on_kill``, what Airflow calls
+on a killed or timed-out task) while the job writes; nothing is committed then or later, and no
+job process is left behind."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ def _job_processes(marker: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killing_the_task_stops_the_spark_job_before_it_commits(speech_spec, file_store, monkeypatch):
-    from twocluster.orchestration.dag_factory import PipelineSparkSubmitOperator
+@pytest.mark.parametrize("spark_at", ["spark-submit", "spark-connect"])
+def test_killing_the_task_stops_the_spark_job_before_it_commits(spark_at, speech_spec, file_store, monkeypatch, request):
+    from twocluster.orchestration.dag_factory import PipelineSparkOperator
 
-    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    connection = (request.getfixturevalue("spark_connect_server").connection if spark_at == "spark-connect"
+                  else json.dumps({"conn_type": "spark", "host": "local[2]"}))
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", connection)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
     monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
     sample_data.generate_day(file_store, speech_spec, DATE, clips=400, seed=9)
-    op = PipelineSparkSubmitOperator(
+    op = PipelineSparkOperator(
         task_id="preprocess", application=str(ROOT / "spark_jobs" / "preprocess.py"), conn_id="spark_default",
         application_args=["--spec", str(ROOT / "pipelines" / "speech_commands.yaml"), "--date", DATE.isoformat(),
                           "--store", file_store.root_uri, "--run-id", "kill-test"],

@@ -24,8 +24,10 @@ POOLS = {"spark_cluster": (1, "Spark jobs in flight (the Spark cluster's capacit
 
 
 def airflow_env(airflow_home: Path, store_uri: str, *, dags_folder: Path | None = None, spark_master: str = "local[*]",
-                base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for `airflow` commands against the embedded installation."""
+                spark_connection: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for `airflow` commands against the embedded installation. The Spark jobs run
+    on ``spark_master`` (an application each), or where ``spark_connection`` (the
+    ``spark_default`` connection as JSON, e.g. a Spark Connect server's) says."""
     env = dict(os.environ if base is None else base)
     venv_bin = str(Path(sys.executable).parent)
     env.update({
@@ -35,7 +37,7 @@ def airflow_env(airflow_home: Path, store_uri: str, *, dags_folder: Path | None 
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": spark_master}),
+        "AIRFLOW_CONN_SPARK_DEFAULT": spark_connection or json.dumps({"conn_type": "spark", "host": spark_master}),
         "TWOCLUSTER_STORE_URI": store_uri,
         # spark-submit (run bare by the Spark provider) and the executors' Python come from the venv.
         "PATH": venv_bin + os.pathsep + env.get("PATH", ""),

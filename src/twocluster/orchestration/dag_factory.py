@@ -8,13 +8,15 @@
                                summarize <- validate_predictions <- score (Spark, the published model) <--------+
 
 Parsing this file imports no Spark and no TensorFlow: the Spark jobs run through the provider's
-``SparkSubmitOperator``, training through the configured backend (:mod:`twocluster.orchestration.backends`), and
+``SparkSubmitOperator`` or on a Spark Connect server (:class:`PipelineSparkOperator`), training through the configured backend (:mod:`twocluster.orchestration.backends`), and
 the remaining tasks call :mod:`twocluster.orchestration.runs`, which imports the heavy libraries
 only inside the task that needs them.
 
 Deployment configuration, never in code:
 
-* ``spark_default`` connection: the Spark master (``local[2]``, ``spark://spark-master:7077``, ...);
+* ``spark_default`` connection: the Spark master (type ``spark``: ``local[2]``,
+  ``spark://spark-master:7077``, ...; a Spark application per job), or a long-lived Spark Connect
+  server (type ``spark_connect``: host ``sc://spark-connect``, port 15002);
 * ``twocluster_store_uri`` variable (else ``$TWOCLUSTER_STORE_URI``, else the spec's
   ``store_uri``) and the optional ``twocluster_store`` connection (an ``aws`` connection:
   login/password, extra ``endpoint_url``/``region_name``; else the worker's ``AWS_*`` variables),
@@ -32,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-import tempfile
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -93,40 +95,93 @@ def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
         stats.timing(f"{prefix}.seconds.{stage}", dt.timedelta(seconds=seconds))
 
 
-class PipelineSparkSubmitOperator(SparkSubmitOperator):
-    """The provider's operator, plus what every job of this project needs at execute time: the
-    shared package zipped for ``--py-files`` (built once per code version) and the store's
-    credentials in the driver's environment (never in the rendered, logged command line).
+class PipelineSparkOperator(SparkSubmitOperator):
+    """A Spark job of the pipeline (``spark_jobs/<job>.py``), run where the ``spark_default``
+    connection says:
 
-    Killing the task kills spark-submit (the provider's ``on_kill``); the job's Python driver,
-    blocked in its calls into that JVM, fails with it before it reaches the commit, so a killed
-    task leaves no job that could commit later (tests/dags/test_spark_task_kill.py)."""
+    * a Spark master (type ``spark``: ``local[2]``, ``spark://...``, YARN, Kubernetes): the
+      provider's spark-submit, a Spark application of its own per job, with the shared package
+      zipped for ``--py-files`` (built once per code version);
+    * a Spark Connect server (type ``spark_connect``, the provider's): the job's script runs as
+      a Spark Connect client in a child process of the task (its URL, token included, in the
+      child's ``SPARK_REMOTE``, never on a command line), on the server's warm JVM and Python
+      workers; the shared package goes to the server as a session artifact. What a daily run
+      pays for a Spark application of its own, ~8-10 s per job on two cores, is gone
+      (bench: dag_run).
+
+    Either way the job's driver gets the store's credentials in its process environment (never
+    in the rendered, logged command line), and killing the task kills the job's driver (the
+    provider's ``on_kill``, or the child here) before it reaches the commit, so a killed task
+    leaves no job that could commit later (tests/dags/test_spark_task_kill.py). Work a Spark
+    Connect server was doing for a killed client is abandoned by the server (its detached-
+    execution timeout); what it wrote stays in staging, which garbage collection removes."""
+
+    _connect_job: subprocess.Popen | None = None
 
     def execute(self, context):
-        cache = Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-pyfiles"
-        from twocluster.spark.packaging import package_zip
+        url = self.spark_connect_url()
+        if url is not None:
+            return self._run_on_spark_connect(url)
+        from twocluster.spark.packaging import default_cache_dir, package_zip
 
-        self.py_files = str(package_zip(cache))
+        self.py_files = str(package_zip(default_cache_dir()))
         self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
         return super().execute(context)
+
+    def spark_connect_url(self) -> str | None:
+        """The Spark Connect URL when the connection is a Spark Connect server, else None."""
+        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+        from airflow.sdk import BaseHook
+
+        if BaseHook.get_connection(self._conn_id).conn_type != SparkConnectHook.conn_type:
+            return None
+        return SparkConnectHook(self._conn_id).get_connection_url()
 
     def driver_environment(self) -> dict[str, str]:
         """What the Spark driver is told about the store. The driver writes datasets and
         predictions with the Spark side's credentials (its connection, where the deployment
-        separates identities) only where they reach it as spark-submit's process environment (a
-        local or standalone client-mode driver). On YARN and Kubernetes the provider would turn
-        them into ``--conf spark.yarn.appMasterEnv.*`` / ``spark.kubernetes.driverEnv.*`` on the
-        command line (visible in ``ps``, logs and the Spark UI): there the driver and executors
-        use their own identity (instance profile, IRSA, a Kubernetes secret) and get only the
-        endpoint and region. Executors never get credentials from here (storage.ObjectStore
-        pickles without them)."""
+        separates identities) only where they reach it as a process environment: a local or
+        standalone client-mode driver, or the Spark Connect client this operator starts. On YARN
+        and Kubernetes the provider would turn them into ``--conf spark.yarn.appMasterEnv.*`` /
+        ``spark.kubernetes.driverEnv.*`` on the command line (visible in ``ps``, logs and the
+        Spark UI): there the driver and executors use their own identity (instance profile, IRSA,
+        a Kubernetes secret) and get only the endpoint and region. Executors never get
+        credentials from here (storage.ObjectStore pickles without them)."""
         settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         if settings is None:
             return {}
-        hook = self._get_hook()
-        if hook._is_yarn or hook._is_kubernetes:
-            return settings.without_credentials().as_env()
+        if self.spark_connect_url() is None:
+            hook = self._get_hook()
+            if hook._is_yarn or hook._is_kubernetes:
+                return settings.without_credentials().as_env()
         return settings.as_env()
+
+    def _run_on_spark_connect(self, url: str) -> None:
+        import sys
+
+        from airflow.sdk.exceptions import AirflowException
+
+        from twocluster.spark.session import REMOTE_ENV
+
+        command = [sys.executable, self.application, *(str(a) for a in self.application_args or [])]
+        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), REMOTE_ENV: url}
+        self.log.info("Spark Connect job (server %s): %s", url.split("/;")[0], " ".join(command))
+        self._connect_job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in self._connect_job.stdout:
+            self.log.info("%s", line.rstrip())
+        returncode = self._connect_job.wait()
+        if returncode:
+            raise AirflowException(f"Cannot execute: {' '.join(command)}. Error code is: {returncode}.")
+
+    def on_kill(self) -> None:
+        job = self._connect_job
+        if job is None:
+            return super().on_kill()
+        job.terminate()
+        try:
+            job.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            job.kill()
 
 
 def _spark_args(spec_path: Path, run: dict, job: str) -> list[str]:
@@ -223,8 +278,8 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         arrivals = wait_for_arrivals(run)
 
-        def spark_job(job: str, doc_md: str) -> PipelineSparkSubmitOperator:
-            return PipelineSparkSubmitOperator(
+        def spark_job(job: str, doc_md: str) -> PipelineSparkOperator:
+            return PipelineSparkOperator(
                 task_id=job,
                 application=str(REPO_ROOT / "spark_jobs" / f"{job}.py"),
                 application_args=arrivals if job == "preprocess" else run[f"{job}_args"],

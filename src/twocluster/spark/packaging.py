@@ -21,6 +21,12 @@ def _sources() -> list[Path]:
     return sorted(p for p in PACKAGE_DIR.rglob("*") if p.is_file() and p.suffix in (".py", ".typed") and "__pycache__" not in p.parts)
 
 
+def default_cache_dir() -> Path:
+    """Where the zips are kept: ``$TWOCLUSTER_WORK_DIR`` (a deployment's scratch space), else the
+    system's temporary folder."""
+    return Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-pyfiles"
+
+
 def package_zip(cache_dir: str | os.PathLike[str]) -> Path:
     """Build (or reuse) ``twocluster-<hash>.zip`` in ``cache_dir`` and return its path."""
     sources = _sources()

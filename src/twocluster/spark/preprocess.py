@@ -43,6 +43,7 @@ from twocluster.spark.io import (
     whole_waves,
     write_rejects,
 )
+from twocluster.spark.session import parallelism
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
@@ -262,7 +263,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
     summary: Counter[tuple[str, str]] = Counter()
     if len(inputs):
         n_partitions = partitions_for(len(inputs), bytes_per_row(featurizer), spec.output.target_shard_mb,
-                                      spark.sparkContext.defaultParallelism)
+                                      parallelism(spark))
         featurize_batches = featurizing_function(spec, store)
         write_partition = shard_writer(spec, store, staging, featurizer.feature_name, featurizer.shape, after_write)
         t = time.perf_counter()

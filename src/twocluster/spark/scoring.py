@@ -46,6 +46,7 @@ from twocluster.spark.io import (
     worker_featurizer,
     write_rejects,
 )
+from twocluster.spark.session import parallelism
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.manifest import (
@@ -416,7 +417,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
     accepted = 0
     if len(inputs):
-        n_partitions = scoring_partitions(len(inputs), spark.sparkContext.defaultParallelism)
+        n_partitions = scoring_partitions(len(inputs), parallelism(spark))
         floor = spec.scoring.confidence_floor
         score_partition = scoring_writer(
             featurizing_function(spec, store, require_label=False),
