@@ -161,10 +161,8 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
         from airflow.sdk.exceptions import AirflowException
 
-        from twocluster.spark.session import REMOTE_ENV
-
         command = [sys.executable, self.application, *(str(a) for a in self.application_args or [])]
-        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), REMOTE_ENV: url}
+        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), "SPARK_REMOTE": url}  # PySpark's own
         self.log.info("Spark Connect job (server %s): %s", url.split("/;")[0], " ".join(command))
         self._connect_job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self._connect_job.stdout:
