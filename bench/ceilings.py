@@ -11,7 +11,9 @@ shows its ceiling instead of an excuse.
 * two plain processes featurizing (multiprocessing, one BLAS thread each): the two-core
   ceiling of the featurize figure's Spark side;
 * Spark's cost per Python task: an empty ``mapInArrow`` over 2 / 6 / 20 / 60 tasks on local[2];
-* ONNX Runtime on the bench's own trained model, one and two threads, batches of 64 and 256.
+* ONNX Runtime on the bench's own trained model, one and two threads, batches of 64 and 256;
+* Airflow's own share of the dag_run figure: `airflow dags test` of a DAG of 11 tasks that do
+  nothing (the pipeline DAG's count on a daily run), on the same embedded installation.
 """
 
 from __future__ import annotations
@@ -144,6 +146,42 @@ def onnx_runtime(ctx) -> None:
             print(f"  {threads} thread(s), batches of {batch}: {len(x) / (time.perf_counter() - t):,.0f}")
 
 
+FLOOR_DAG = '''"""11 tasks that do nothing: what `airflow dags test` costs before any work."""
+import datetime as dt
+
+from airflow.sdk import DAG, task
+
+with DAG(dag_id="floor", schedule=None, start_date=dt.datetime(2026, 1, 1), catchup=False):
+    @task
+    def step(i: int, previous=None) -> int:
+        return i
+
+    previous = None
+    for i in range(11):
+        previous = step.override(task_id=f"t{i}")(i, previous)
+'''
+
+
+def airflow_floor(ctx) -> None:
+    import subprocess
+
+    from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
+
+    dags = ctx.workdir / "floor-dags"
+    dags.mkdir(exist_ok=True)
+    (dags / "floor.py").write_text(FLOOR_DAG)
+    env = airflow_env(ctx.workdir / "floor-airflow", ctx.store.root_uri, dags_folder=dags)
+    prepare(env)
+    walls = []
+    for _ in range(3):
+        t = time.perf_counter()
+        airflow(env, "dags", "test", "floor", check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    airflow(env, "version", check=True, stdout=subprocess.DEVNULL)
+    print(f"Airflow: `airflow dags test` of 11 no-op tasks {[round(w, 1) for w in walls]} s; `airflow version` {time.perf_counter() - t:.1f} s")
+
+
 def main() -> int:
     from run import BenchContext
 
@@ -154,6 +192,7 @@ def main() -> int:
             featurization(ctx)
             spark_task_cost(ctx)
             onnx_runtime(ctx)
+            airflow_floor(ctx)
         finally:
             ctx.close()
     return 0
