@@ -3,6 +3,10 @@
     spark-submit --master local[2] spark_jobs/preprocess.py \
         --spec pipelines/speech_commands.yaml --date 2026-11-20 --store file:///data/store
 
+With ``SPARK_REMOTE=sc://host:15002`` set (PySpark's own variable), run as a plain Python
+process instead, the job runs as a Spark Connect client on that long-lived server
+(``twocluster.spark.session.connect_session``).
+
 Prints one JSON line with the outcome (version, counts, manifest URI) for the caller (Airflow
 pushes it to XCom). Exit code 0: committed or unchanged; 1: rejected (reject rate above the
 threshold, bad arguments); the message says which.

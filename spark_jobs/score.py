@@ -3,6 +3,10 @@
     spark-submit --master local[2] spark_jobs/score.py \
         --spec pipelines/speech_commands.yaml --date 2026-11-20 --store file:///data/store [--alias production | --model-version V]
 
+With ``SPARK_REMOTE=sc://host:15002`` set (PySpark's own variable), run as a plain Python
+process instead, the job runs as a Spark Connect client on that long-lived server
+(``twocluster.spark.session.connect_session``).
+
 Prints one JSON line (predictions version, counts, model version, model loads). Exit codes:
 0 committed or unchanged; 1 nothing published, feature-spec mismatch or bad arguments.
 """
