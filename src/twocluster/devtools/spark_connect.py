@@ -7,6 +7,10 @@ workers instead of starting a Spark application each (:class:`~twocluster.orches
         server.url         # sc://127.0.0.1:<port>
         server.connection  # AIRFLOW_CONN_SPARK_DEFAULT's value
 
+Spark 4.2's server keeps every session's Python workers until it stops (3 processes per session
+here; SPARK-54055 releases them on session close upstream): fine for a bench or a test, a reason
+for a deployment to restart its server on a schedule.
+
 The server gets the jobs' application settings (``twocluster.spark.session.SPARK_SETTINGS``) and
 runs its Python workers with this environment's interpreter; its log is ``<workdir>/spark-connect.log``.
 """
