@@ -754,9 +754,8 @@ def _dag_run(ctx: BenchContext, day: dt.date, name: str, spark_connection: str |
     """One `airflow dags test` of ``day`` on a fresh store holding the champion: its wall time
     and each task's seconds (from the run's log)."""
     import re
-    import subprocess
 
-    from twocluster.devtools.airflow_local import airflow_env, prepare
+    from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
 
     stamp = re.compile(r"^(\S+Z) .*\[DAG TEST\] (starting|end task) task_id=(\w+)")
     store = ctx.fresh_store_with(day)
@@ -765,8 +764,8 @@ def _dag_run(ctx: BenchContext, day: dt.date, name: str, spark_connection: str |
     env["TWOCLUSTER_WORK_DIR"] = str(ctx.workdir / "work")
     prepare(env)
     t = time.perf_counter()
-    out = subprocess.run([str(Path(sys.executable).parent / "airflow"), "dags", "test", ctx.spec.name, "-c",
-                          json.dumps({"date": day.isoformat()})], env=env, capture_output=True, text=True, cwd=HERE.parent)
+    out = airflow(env, "dags", "test", ctx.spec.name, "-c", json.dumps({"date": day.isoformat()}), capture_output=True, text=True,
+                  cwd=HERE.parent)
     wall = time.perf_counter() - t
     assert out.returncode == 0 and "== run summary ==" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     marks: dict[tuple[str, str], float] = {}

@@ -119,7 +119,7 @@ class PipelineSparkOperator(SparkSubmitOperator):
     _connect_job: subprocess.Popen | None = None
 
     def execute(self, context):
-        url = self.spark_connect_url()
+        url = self.spark_connect_url
         if url is not None:
             return self._run_on_spark_connect(url)
         from twocluster.spark.packaging import default_cache_dir, package_zip
@@ -128,8 +128,10 @@ class PipelineSparkOperator(SparkSubmitOperator):
         self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
         return super().execute(context)
 
+    @functools.cached_property
     def spark_connect_url(self) -> str | None:
-        """The Spark Connect URL when the connection is a Spark Connect server, else None."""
+        """The Spark Connect URL when the connection is a Spark Connect server, else None
+        (looked up once: both the dispatch and the driver's environment need it)."""
         from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
         from airflow.sdk import BaseHook
 
@@ -150,7 +152,7 @@ class PipelineSparkOperator(SparkSubmitOperator):
         settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         if settings is None:
             return {}
-        if self.spark_connect_url() is None:
+        if self.spark_connect_url is None:
             hook = self._get_hook()
             if hook._is_yarn or hook._is_kubernetes:
                 return settings.without_credentials().as_env()
