@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate,
                                     complete=not args.incomplete)
         finally:
-            spark.stop()  # on a Spark Connect server: ends the session, frees its artifacts
+            spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 1

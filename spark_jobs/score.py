@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
         finally:
-            spark.stop()  # on a Spark Connect server: ends the session, frees its artifacts
+            spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ScoringError, RegistryError, ManifestError) as e:
         print(f"scoring failed: {e}", file=sys.stderr)
         return 1

@@ -161,6 +161,31 @@ def test_a_scoring_worker_serves_the_onnx_copy_without_importing_tensorflow(publ
         assert loaded["load_id"].endswith("-keras") and loaded["tensorflow"], loaded
 
 
+def test_a_worker_keeps_each_stores_model_apart_and_only_the_last_few(published, tmp_path):
+    """On a Spark Connect server a Python worker outlives its job (its session is shared) and
+    may score another pipeline's model: the cache keyed a model by (version, runtime) alone, so
+    another store's model of the same version got this one's, and it kept every model it ever
+    loaded, with its staged files."""
+    import shutil
+
+    from twocluster.spark import scoring
+
+    store, version = published
+    other = ObjectStore((tmp_path / "other").as_uri())
+    prefix = layout.model_version_prefix("kws_cnn", version)
+    shutil.copytree(store.local_path(prefix), other.local_path(prefix))
+    scoring._MODEL_CACHE.clear()
+    _, first = scoring.worker_model(store.root_uri, None, "kws_cnn", version, "onnx")
+    _, elsewhere = scoring.worker_model(other.root_uri, None, "kws_cnn", version, "onnx")
+    assert elsewhere != first, "another store's model was served from this one's cache entry"
+    assert scoring.worker_model(store.root_uri, None, "kws_cnn", version, "onnx")[1] == first  # reused
+    staged = [entry[2] for entry in scoring._MODEL_CACHE.values()]
+    scoring.worker_model(other.root_uri, None, "kws_cnn", version, "keras")
+    assert len(scoring._MODEL_CACHE) == scoring.MODEL_CACHE_SIZE == 2
+    assert (other.root_uri, "kws_cnn", version, "onnx") not in scoring._MODEL_CACHE  # the least recently used
+    assert [p.exists() for p in staged] == [False, True]
+
+
 def test_the_runtime_follows_the_spec_the_version_and_the_task(speech_spec, published):
     from twocluster import serving
     from twocluster.spark.scoring import serving_runtime

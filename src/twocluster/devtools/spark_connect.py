@@ -8,8 +8,9 @@ workers instead of starting a Spark application each (:class:`~twocluster.orches
         server.connection  # AIRFLOW_CONN_SPARK_DEFAULT's value
 
 Spark 4.2's server keeps every session's Python workers until it stops (3 processes per session
-here; SPARK-54055 releases them on session close upstream): fine for a bench or a test, a reason
-for a deployment to restart its server on a schedule.
+here; SPARK-54055 releases them on session close upstream). The jobs share a session per code
+version and settings (``twocluster.spark.session.connect_session``), so that is a few sets, not
+one per job; a deployment that changes its code often restarts its server on a schedule.
 
 The server gets the jobs' application settings (``twocluster.spark.session.SPARK_SETTINGS``) and
 runs its Python workers with this environment's interpreter; its log is ``<workdir>/spark-connect.log``.

@@ -105,16 +105,16 @@ class PipelineSparkOperator(SparkSubmitOperator):
     * a Spark Connect server (type ``spark_connect``, the provider's): the job's script runs as
       a Spark Connect client in a child process of the task (its URL, token included, in the
       child's ``SPARK_REMOTE``, never on a command line), on the server's warm JVM and Python
-      workers; the shared package goes to the server as a session artifact. What a daily run
-      pays for a Spark application of its own, ~8-10 s per job on two cores, is gone
-      (bench: dag_run).
+      workers: the jobs of one code version share a session (``connect_session``), whose
+      artifact is the shared package. What a daily run pays for a Spark application of its
+      own, ~8-10 s per job on two cores, and for cold Python workers is gone (bench: dag_run).
 
     Either way the job's driver gets the store's credentials in its process environment (never
     in the rendered, logged command line), and killing the task kills the job's driver (the
     provider's ``on_kill``, or the child here) before it reaches the commit, so a killed task
-    leaves no job that could commit later (tests/dags/test_spark_task_kill.py). Work a Spark
-    Connect server was doing for a killed client is abandoned by the server (its detached-
-    execution timeout); what it wrote stays in staging, which garbage collection removes."""
+    leaves no job that could commit later (tests/dags/test_spark_task_kill.py). A Spark Connect
+    client that is terminated interrupts its operation on the server, whose tasks stop; what
+    they wrote stays in staging, which garbage collection removes."""
 
     _connect_job: subprocess.Popen | None = None
 

@@ -19,11 +19,12 @@ import io
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,13 @@ def check_feature_spec(model_manifest: ModelManifest, spec: PipelineSpec) -> lis
 
 # -- the per-worker model ------------------------------------------------------------------------
 
-_MODEL_CACHE: dict[tuple[str, str], tuple[object, str]] = {}  # (model version, scoring.runtime) -> (model, load id)
+# (store, model, version, scoring.runtime) -> (model, load id, staged folder), most recent last.
+# A Python worker outlives its job: on a Spark Connect server the jobs of one code version share
+# a session and its workers (session.connect_session), and they may score other pipelines'
+# models, so the key names the model and its store, and a worker keeps the last
+# MODEL_CACHE_SIZE models it used (a new version a day would otherwise pile up, with its files).
+MODEL_CACHE_SIZE = 2
+_MODEL_CACHE: OrderedDict[tuple[str, str, str, str], tuple[object, str, Path]] = OrderedDict()
 _MODEL_LOCK = threading.Lock()
 
 
@@ -195,27 +202,35 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: 
     """The model for this Python worker: staged from the store and loaded on first use, then
     reused by every batch and task this worker runs. Returns (model, load id); the load id ends
     with the runtime that serves it."""
+    key = (root_uri, model, version, runtime)
     with _MODEL_LOCK:
-        if (version, runtime) not in _MODEL_CACHE:
-            store = ObjectStore(root_uri, s3_settings)
-            manifest = registry.read_model_manifest(store, model, version)
-            devices, cpus = _task_slot()
-            chosen = serving_runtime(runtime, manifest, on_gpu=devices is not None)
-            into = Path(tempfile.mkdtemp(prefix="model-"))
-            if chosen == "onnx":
-                folder = registry.stage_model(store, model, version, into, only=[serving.ONNX_FILE, serving.PROBE_FILE], manifest=manifest)
-                loaded = serving.OnnxModel(folder / serving.ONNX_FILE, threads=cpus)
-                # Checked again here (16 examples, milliseconds): a pinned version may never have
-                # passed the gate, and the Spark image's ONNX Runtime is not the gate's.
-                serving.check_probe(loaded, *serving.load_probe(folder), f"{model} v={version} {serving.ONNX_FILE}")
-            else:
-                _configure_tensorflow_for_task(devices, cpus)
-                import keras
+        if key in _MODEL_CACHE:
+            _MODEL_CACHE.move_to_end(key)
+            loaded, load_id, _ = _MODEL_CACHE[key]
+            return loaded, load_id
+        store = ObjectStore(root_uri, s3_settings)
+        manifest = registry.read_model_manifest(store, model, version)
+        devices, cpus = _task_slot()
+        chosen = serving_runtime(runtime, manifest, on_gpu=devices is not None)
+        into = Path(tempfile.mkdtemp(prefix="model-"))
+        if chosen == "onnx":
+            folder = registry.stage_model(store, model, version, into, only=[serving.ONNX_FILE, serving.PROBE_FILE], manifest=manifest)
+            loaded = serving.OnnxModel(folder / serving.ONNX_FILE, threads=cpus)
+            # Checked again here (16 examples, milliseconds): a pinned version may never have
+            # passed the gate, and the Spark image's ONNX Runtime is not the gate's.
+            serving.check_probe(loaded, *serving.load_probe(folder), f"{model} v={version} {serving.ONNX_FILE}")
+        else:
+            _configure_tensorflow_for_task(devices, cpus)
+            import keras
 
-                folder = registry.stage_model(store, model, version, into, manifest=manifest)
-                loaded = keras.models.load_model(folder / "model.keras")
-            _MODEL_CACHE[(version, runtime)] = (loaded, f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}")
-        return _MODEL_CACHE[(version, runtime)]
+            folder = registry.stage_model(store, model, version, into, manifest=manifest)
+            loaded = keras.models.load_model(folder / "model.keras")
+        load_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}"
+        _MODEL_CACHE[key] = (loaded, load_id, into)
+        while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+            _, (_, _, staged) = _MODEL_CACHE.popitem(last=False)
+            shutil.rmtree(staged, ignore_errors=True)
+        return loaded, load_id
 
 
 @dataclass

@@ -14,8 +14,13 @@ JVM and Python workers stay warm between jobs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import signal
+import threading
+import uuid
 
 # Settings of the session: a Spark Connect session sets these itself, on any server.
 SESSION_SETTINGS = {
@@ -43,6 +48,7 @@ SPARK_SETTINGS = {
 
 
 REMOTE_ENV = "SPARK_REMOTE"  # PySpark's own: a Spark Connect URL, sc://host:port[/;token=...]
+CONNECT_MODE_ENV = "SPARK_CONNECT_MODE_ENABLED"  # PySpark sets it in a process that opens a Connect session
 
 
 def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = None):
@@ -54,6 +60,11 @@ def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = No
     # py4j logs every connection close at INFO, including from __del__ at interpreter exit.
     logging.getLogger("py4j").setLevel(logging.WARNING)
     if os.environ.get(REMOTE_ENV) and not master:
+        # The task's on_kill terminates this client. The session outlives it (it is shared),
+        # so SIGTERM raises KeyboardInterrupt, which PySpark's client answers by interrupting
+        # its running operation: the killed job's tasks stop instead of running on.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         return connect_session(os.environ[REMOTE_ENV], app_name, arrow_batch_rows)
 
     builder = SparkSession.builder.appName(app_name)
@@ -69,20 +80,88 @@ def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = No
     return spark
 
 
+# How many expired shared sessions a client steps over before it gives up (the server keeps
+# a tombstone of each closed session, 1,000 by default: spark.connect.session.manager.
+# closedSessionsTombstonesSize; a step is one config call, a few milliseconds).
+SESSION_GENERATIONS = 1000
+
+
+def shared_session_id(package: str, settings: dict[str, str], generation: int = 0) -> str:
+    """The Spark Connect session that every job of this code (``package``: the shared
+    package's content-addressed name) and these session ``settings`` joins: a UUID derived from
+    both, so jobs that could not run differently share one session (and its warm Python
+    workers), and a code or settings change starts another. ``generation`` steps past a
+    session the server has closed (its idle timeout)."""
+    material = json.dumps([package, sorted(settings.items()), generation]).encode()
+    return str(uuid.UUID(bytes=hashlib.sha256(material).digest()[:16], version=4))
+
+
 def connect_session(url: str, app_name: str, arrow_batch_rows: int = 64, package_cache: str | os.PathLike[str] | None = None):
-    """A new session on the Spark Connect server at ``url``, with this project's session
-    settings and the shared package as a session artifact: the server's Python workers import
-    this exact code, whatever the server has installed (as ``--py-files`` gives a submitted job).
-    The caller stops it (``spark.stop()``), which releases the session and its artifacts."""
+    """A session on the Spark Connect server at ``url`` with this project's session settings and
+    the shared package as a session artifact: the server's Python workers import this exact
+    code, whatever the server has installed (as ``--py-files`` gives a submitted job).
+
+    The session is shared (:func:`shared_session_id`): Spark starts Python workers per session
+    (their key carries the session's artifact UUID), so a session per job paid ~3-4 s of fresh
+    workers on two cores each time, the featurizer's set-up and the model load included, where
+    a job on the warm workers of the same code's session pays ~0.2 s (measured on the local
+    server). A session's settings are part of its id, so jobs sharing it set the same values.
+    ``spark.stop()`` closes this client and leaves the session to the next job; the server
+    ends it after its idle timeout (``spark.connect.session.manager.defaultSessionTimeout``,
+    60 min by default), and the next job then steps to the next generation's session.
+    A ``session_id`` given in ``url`` is used as it is. Python workers themselves last a minute
+    idle (Spark's worker factory stops them then; the session's daemon stays and forks new ones)."""
+    from pyspark.errors import PySparkException
     from pyspark.sql import SparkSession
 
     from twocluster.spark.packaging import default_cache_dir, package_zip
 
-    spark = SparkSession.builder.remote(url).appName(app_name).create()
-    for key, value in {**SESSION_SETTINGS, "spark.sql.execution.arrow.maxRecordsPerBatch": str(arrow_batch_rows)}.items():
-        spark.conf.set(key, value)
-    spark.addArtifacts(str(package_zip(package_cache or default_cache_dir())), pyfile=True)
-    return spark
+    package = package_zip(package_cache or default_cache_dir())
+    settings = {**SESSION_SETTINGS, "spark.sql.execution.arrow.maxRecordsPerBatch": str(arrow_batch_rows)}
+    given = ";session_id=" in url
+    for generation in range(1 if given else SESSION_GENERATIONS):
+        joined = url if given else _with_session_id(url, shared_session_id(package.name, settings, generation))
+        spark = None
+        try:
+            spark = SparkSession.builder.remote(joined).create()
+            spark.release_session_on_close = False
+            for key, value in {**settings, "spark.app.name": app_name}.items():
+                spark.conf.set(key, value)
+        except PySparkException as e:
+            if spark is not None:
+                spark.stop()
+            if e.getCondition() == "INVALID_HANDLE.SESSION_CLOSED" and not given:
+                continue
+            raise
+        spark.addArtifacts(str(package), pyfile=True)
+        return spark
+    raise RuntimeError(f"every one of {SESSION_GENERATIONS} shared sessions on {url.split('/;')[0]} was closed; "
+                       "restart the Spark Connect server")
+
+
+def release_shared_session(url: str, arrow_batch_rows: int = 64, package_cache: str | os.PathLike[str] | None = None) -> str:
+    """Close the shared session that jobs of this code and ``arrow_batch_rows`` join on ``url``,
+    as the server's idle timeout would (the bench starts a daily run's jobs on a new session
+    this way); the next job steps to the next generation's. Returns the closed session's id.
+
+    Callable from a process that runs classic Spark: PySpark marks a process that opens a Connect
+    session with ``SPARK_CONNECT_MODE_ENABLED``, which its children inherit (a spark-submit
+    driver started from it then refuses to start without a remote URL), so the mark is
+    left as it was."""
+    marked = os.environ.get(CONNECT_MODE_ENV)
+    try:
+        spark = connect_session(url, "release", arrow_batch_rows, package_cache)
+        spark.release_session_on_close = True
+        session_id = spark.client._session_id
+        spark.stop()
+    finally:
+        if marked is None:
+            os.environ.pop(CONNECT_MODE_ENV, None)
+    return session_id
+
+
+def _with_session_id(url: str, session_id: str) -> str:
+    return f"{url};session_id={session_id}" if "/;" in url else f"{url.rstrip('/')}/;session_id={session_id}"
 
 
 def is_connect(spark) -> bool:
