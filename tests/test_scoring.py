@@ -172,7 +172,7 @@ def test_a_worker_keeps_each_stores_model_apart_and_only_the_last_few(published,
 
     store, version = published
     other = ObjectStore((tmp_path / "other").as_uri())
-    prefix = layout.model_version_prefix("kws_cnn", version)
+    prefix = layout.model_versions_prefix("kws_cnn")  # the versions and their commit log
     shutil.copytree(store.local_path(prefix), other.local_path(prefix))
     scoring._MODEL_CACHE.clear()
     _, first = scoring.worker_model(store.root_uri, None, "kws_cnn", version, "onnx")

@@ -47,13 +47,23 @@ def _worker_pids(spark) -> set[int]:
     return {row.pid for row in spark.range(0, 4, 1, 2).mapInArrow(pid, "pid long").collect()}
 
 
+@pytest.fixture
+def connect_client_here():
+    """This test process opens Spark Connect sessions: PySpark then marks the process
+    (``SPARK_CONNECT_MODE_ENABLED``), which turns its later classic Spark calls (a DDL string's
+    parsing, the functions) into Connect calls and which spark-submit children inherit; the
+    mark goes when the test ends."""
+    marked = os.environ.get(CONNECT_MODE_ENV)
+    yield
+    if marked is None:
+        os.environ.pop(CONNECT_MODE_ENV, None)
+
+
 @pytest.mark.slow
-def test_jobs_of_the_same_code_share_a_session_and_its_python_workers(spark_connect_server, tmp_path, monkeypatch):
+def test_jobs_of_the_same_code_share_a_session_and_its_python_workers(spark_connect_server, tmp_path, connect_client_here):
     """A session per job started fresh Python workers for every job (Spark keys its workers by
     the session), ~3-4 s of a daily job's ~5 on two cores: the second job now runs on the first
     one's workers. A session the server has closed (its idle timeout) is stepped over."""
-    # PySpark marks this process as a Connect client; the later tests' spark-submit children must not inherit it.
-    monkeypatch.delenv(CONNECT_MODE_ENV, raising=False)
     url, rows = spark_connect_server.url, 11  # settings of this test's own: no other test's session
     first = connect_session(url, "first", rows, package_cache=tmp_path)
     pids, session = _worker_pids(first), first.client._session_id
@@ -63,7 +73,7 @@ def test_jobs_of_the_same_code_share_a_session_and_its_python_workers(spark_conn
     assert _worker_pids(second) == pids, "the second job started Python workers of its own"
 
     second.stop()
-    monkeypatch.delenv(CONNECT_MODE_ENV)
+    os.environ.pop(CONNECT_MODE_ENV)
     assert release_shared_session(url, rows, package_cache=tmp_path) == session  # as the server's idle timeout would
     assert CONNECT_MODE_ENV not in os.environ, "a spark-submit started from this process would refuse to start"
     third = connect_session(url, "third", rows, package_cache=tmp_path)
@@ -115,3 +125,14 @@ def test_a_terminated_client_stops_its_work_on_the_server(spark_connect_server, 
     assert client.wait(timeout=30) != 0
     time.sleep(max(0.0, 12 + 5 - (time.monotonic() - started)))  # past when the tasks would have finished
     assert not list(marks.glob("finished-*")), "the terminated client's tasks ran to their end on the server"
+
+
+@pytest.mark.slow
+def test_the_connect_tests_leave_this_process_a_classic_spark_one(spark):
+    """Runs after the tests above in this module (and before the suite's later ones, which
+    parse DDL strings and call spark-submit): in CI the mark left behind turned 20 later tests'
+    schema strings into Connect calls (NO_ACTIVE_OR_DEFAULT_SESSION)."""
+    from pyspark.sql.types import _parse_datatype_string
+
+    assert CONNECT_MODE_ENV not in os.environ
+    assert _parse_datatype_string("pid long").simpleString() == "struct<pid:bigint>"

@@ -80,9 +80,11 @@ def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = No
     return spark
 
 
-# How many expired shared sessions a client steps over before it gives up (the server keeps
-# a tombstone of each closed session, 1,000 by default: spark.connect.session.manager.
-# closedSessionsTombstonesSize; a step is one config call, a few milliseconds).
+# How many closed shared sessions a client steps over before it gives up (the server keeps a
+# tombstone of each closed session, 1,000 by default: spark.connect.session.manager.
+# closedSessionsTombstonesSize; a step is a new client and one config call). A daily pipeline
+# on a server with the default 60-min idle timeout adds a step a day, until tombstones age out
+# of the server's cache: a deployment sets the timeout above its runs' spacing.
 SESSION_GENERATIONS = 1000
 
 
