@@ -722,7 +722,7 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
     from twocluster.devtools.spark_connect import LocalSparkConnect
     from twocluster.spark.preprocess import run_preprocess
     from twocluster.spark.scoring import run_scoring
-    from twocluster.spark.session import release_shared_session
+    from twocluster.spark.session import ARROW_BATCH_ROWS, release_shared_session
 
     day = ctx.base_date + dt.timedelta(days=4)
     sample_data.generate_day(ctx.store, ctx.spec, day, clips=DAILY_CLIPS, seed=13, bad_files=0)
@@ -739,7 +739,7 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
     def on_new_sessions(url: str, name: str) -> tuple[float, dict[str, float]]:
         # What a daily run finds: the server's idle timeout (60 min by default) has closed the
         # jobs' shared sessions, so its jobs start on new ones, their Python workers cold.
-        for rows in sorted({64, ctx.spec.scoring.arrow_batch_size}):  # the preprocessing and scoring jobs' sessions
+        for rows in sorted({ARROW_BATCH_ROWS, ctx.spec.scoring.arrow_batch_size}):  # the preprocessing and scoring jobs' sessions
             release_shared_session(url, rows)
         return _dag_run(ctx, day, name, server.connection)
 

@@ -17,6 +17,7 @@ import pytest
 from twocluster.spark.session import (
     CONNECT_MODE_ENV,
     SESSION_SETTINGS,
+    connect_mark_left_as_it_was,
     connect_session,
     release_shared_session,
     shared_session_id,
@@ -49,14 +50,9 @@ def _worker_pids(spark) -> set[int]:
 
 @pytest.fixture
 def connect_client_here():
-    """This test process opens Spark Connect sessions: PySpark then marks the process
-    (``SPARK_CONNECT_MODE_ENABLED``), which turns its later classic Spark calls (a DDL string's
-    parsing, the functions) into Connect calls and which spark-submit children inherit; the
-    mark goes when the test ends."""
-    marked = os.environ.get(CONNECT_MODE_ENV)
-    yield
-    if marked is None:
-        os.environ.pop(CONNECT_MODE_ENV, None)
+    """This test process opens Spark Connect sessions; the mark PySpark leaves goes when the test ends."""
+    with connect_mark_left_as_it_was():
+        yield
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ JVM and Python workers stay warm between jobs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,7 +52,24 @@ REMOTE_ENV = "SPARK_REMOTE"  # PySpark's own: a Spark Connect URL, sc://host:por
 CONNECT_MODE_ENV = "SPARK_CONNECT_MODE_ENABLED"  # PySpark sets it in a process that opens a Connect session
 
 
-def get_spark(app_name: str, arrow_batch_rows: int = 64, master: str | None = None):
+ARROW_BATCH_ROWS = 64  # the preprocessing job's; scoring takes the spec's scoring.arrow_batch_size
+
+
+@contextlib.contextmanager
+def connect_mark_left_as_it_was():
+    """PySpark marks a process that opens a Connect session (``SPARK_CONNECT_MODE_ENABLED``):
+    its later classic Spark calls (a DDL string's parsing, the functions) then go to Connect,
+    and its children inherit the mark (a spark-submit driver refuses to start without a remote
+    URL). For a process that runs classic Spark and opens a Connect session on the side."""
+    marked = os.environ.get(CONNECT_MODE_ENV)
+    try:
+        yield
+    finally:
+        if marked is None:
+            os.environ.pop(CONNECT_MODE_ENV, None)
+
+
+def get_spark(app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, master: str | None = None):
     """The active SparkSession, or a new one with this project's settings. Under spark-submit
     the master comes from the command line; ``master`` is for tests and scripts. With
     ``$SPARK_REMOTE`` set, a session on that Spark Connect server (:func:`connect_session`)."""
@@ -98,7 +116,7 @@ def shared_session_id(package: str, settings: dict[str, str], generation: int = 
     return str(uuid.UUID(bytes=hashlib.sha256(material).digest()[:16], version=4))
 
 
-def connect_session(url: str, app_name: str, arrow_batch_rows: int = 64, package_cache: str | os.PathLike[str] | None = None):
+def connect_session(url: str, app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, package_cache: str | os.PathLike[str] | None = None):
     """A session on the Spark Connect server at ``url`` with this project's session settings and
     the shared package as a session artifact: the server's Python workers import this exact
     code, whatever the server has installed (as ``--py-files`` gives a submitted job).
@@ -141,24 +159,16 @@ def connect_session(url: str, app_name: str, arrow_batch_rows: int = 64, package
                        "restart the Spark Connect server")
 
 
-def release_shared_session(url: str, arrow_batch_rows: int = 64, package_cache: str | os.PathLike[str] | None = None) -> str:
+def release_shared_session(url: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, package_cache: str | os.PathLike[str] | None = None) -> str:
     """Close the shared session that jobs of this code and ``arrow_batch_rows`` join on ``url``,
     as the server's idle timeout would (the bench starts a daily run's jobs on a new session
     this way); the next job steps to the next generation's. Returns the closed session's id.
-
-    Callable from a process that runs classic Spark: PySpark marks a process that opens a Connect
-    session with ``SPARK_CONNECT_MODE_ENABLED``, which its children inherit (a spark-submit
-    driver started from it then refuses to start without a remote URL), so the mark is
-    left as it was."""
-    marked = os.environ.get(CONNECT_MODE_ENV)
-    try:
+    Callable from a process that runs classic Spark (:func:`connect_mark_left_as_it_was`)."""
+    with connect_mark_left_as_it_was():
         spark = connect_session(url, "release", arrow_batch_rows, package_cache)
         spark.release_session_on_close = True
         session_id = spark.client._session_id
         spark.stop()
-    finally:
-        if marked is None:
-            os.environ.pop(CONNECT_MODE_ENV, None)
     return session_id
 
 
