@@ -148,7 +148,7 @@ class BenchContext:
         from twocluster.spark.session import get_spark
 
         if self._spark is None:
-            self._spark = get_spark("bench", master="local[2]", arrow_batch_rows=64)
+            self._spark = get_spark("bench", master="local[2]")
         return self._spark
 
     def partitions(self, rows: int) -> int:
@@ -197,12 +197,11 @@ class BenchContext:
                 .mapInArrow(save_partition, "rows long").collect()
         return [str(p) for p in sorted(folder.glob("*.arrow"))]
 
-    def over_partition_files(self, files: list[str], function, schema):
+    def over_partition_files(self, files: list[str], function, schema, batch_rows: int):
         """``function`` (as ``mapInArrow`` takes it) over the saved partitions ``files``, one
-        task each, in Arrow batches of the session's batch size: a DataFrame of ``schema``."""
+        task each, in Arrow batches of ``batch_rows`` (the job's, as ``map_listing`` takes it):
+        a DataFrame of ``schema``."""
         import pyarrow as pa
-
-        batch_rows = int(self.spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch"))
 
         def over_files(ids):
             for batch in ids:
@@ -292,6 +291,7 @@ def featurize_figures(ctx: BenchContext) -> list[Figure]:
     from pyspark.sql.functions import udf
 
     from twocluster.spark.io import featurizing_function, list_inputs, map_listing
+    from twocluster.spark.session import ARROW_BATCH_ROWS
     from twocluster.store.storage import ObjectStore
 
     spec, store = ctx.spec, ctx.store
@@ -314,7 +314,7 @@ def featurize_figures(ctx: BenchContext) -> list[Figure]:
             yield pa.RecordBatch.from_pydict({"accepted": [batch.column("reason").null_count]})
 
     def spark_job() -> int:
-        return sum(r.accepted for r in map_listing(spark, inputs, partitions, accepted_counts, "accepted long").collect())
+        return sum(r.accepted for r in map_listing(spark, inputs, partitions, accepted_counts, "accepted long", ARROW_BATCH_ROWS).collect())
 
     frame = spark.createDataFrame(inputs).repartition(partitions).cache()
     frame.count()
@@ -370,6 +370,7 @@ def write_figure(ctx: BenchContext) -> Figure:
     a step the job never takes: ~1 s of 3.5 s.)"""
     from twocluster.spark.io import promote_staged
     from twocluster.spark.preprocess import OUTCOME_SCHEMA, shard_writer, written_files
+    from twocluster.spark.session import ARROW_BATCH_ROWS
     from twocluster.store import layout
 
     spec, store, featurizer = ctx.spec, ctx.store, ctx.featurizer
@@ -381,7 +382,7 @@ def write_figure(ctx: BenchContext) -> Figure:
         staging = layout.staging_prefix(layout.dataset_date_prefix(spec.name, ctx.date), version)
         write_partition = shard_writer(spec, store, staging, featurizer.feature_name, featurizer.shape)
         t = time.perf_counter()
-        outcomes = ctx.over_partition_files(parts, write_partition, OUTCOME_SCHEMA).collect()
+        outcomes = ctx.over_partition_files(parts, write_partition, OUTCOME_SCHEMA, ARROW_BATCH_ROWS).collect()
         files, staged = written_files(outcomes)
         promote_staged(store, files, staged, prefix, staging)  # part of the commit protocol's write path
         return time.perf_counter() - t, sum(f.bytes for f in files), len(files)
@@ -550,7 +551,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
 
     def project() -> float:
         t = time.perf_counter()
-        scored = sum(r.rows for r in ctx.over_partition_files(parts, predicted, "rows long").collect())
+        scored = sum(r.rows for r in ctx.over_partition_files(parts, predicted, "rows long", spec.scoring.arrow_batch_size).collect())
         elapsed = time.perf_counter() - t
         assert scored == n, f"scored {scored} of {n} rows"
         return n / elapsed
@@ -579,7 +580,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
         rows.withColumn("_p", naive_udf("features")).select("path", "_p.*").write.format("noop").mode("overwrite").save()
         return n / (time.perf_counter() - t)
 
-    # Arrow batches of the spec's scoring size, as the scoring job's session has them.
+    # The naive UDF's Arrow batches: the spec's scoring size, as the job's tasks take the listing.
     batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
     session_batch = ctx.spark.conf.get(batch_key)
     ctx.spark.conf.set(batch_key, str(spec.scoring.arrow_batch_size))
@@ -722,7 +723,7 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
     from twocluster.devtools.spark_connect import LocalSparkConnect
     from twocluster.spark.preprocess import run_preprocess
     from twocluster.spark.scoring import run_scoring
-    from twocluster.spark.session import ARROW_BATCH_ROWS, release_shared_session
+    from twocluster.spark.session import release_shared_session
 
     day = ctx.base_date + dt.timedelta(days=4)
     sample_data.generate_day(ctx.store, ctx.spec, day, clips=DAILY_CLIPS, seed=13, bad_files=0)
@@ -739,8 +740,7 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
     def on_new_sessions(url: str, name: str) -> tuple[float, dict[str, float]]:
         # What a daily run finds: the server's idle timeout (60 min by default) has closed the
         # jobs' shared sessions, so its jobs start on new ones, their Python workers cold.
-        for rows in sorted({ARROW_BATCH_ROWS, ctx.spec.scoring.arrow_batch_size}):  # the preprocessing and scoring jobs' sessions
-            release_shared_session(url, rows)
+        release_shared_session(url)  # the session both jobs share
         return _dag_run(ctx, day, name, server.connection)
 
     with LocalSparkConnect(ctx.workdir / "spark-connect", cores=2) as server:

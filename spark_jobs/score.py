@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_pipeline_spec(args.spec)
         store = ObjectStore(spec.resolve_store_uri(args.store))
-        spark = get_spark(f"score-{spec.name}-{args.date}", arrow_batch_rows=spec.scoring.arrow_batch_size, master=args.master)
+        spark = get_spark(f"score-{spec.name}-{args.date}", master=args.master)
         try:
             result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
         finally:

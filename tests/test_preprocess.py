@@ -198,15 +198,11 @@ def test_the_listing_reaches_spark_in_its_partitions_without_a_shuffle(spark):
                 [batch.column("key"), batch.column("size"), batch.column("label"), pa.array([TaskContext.get().partitionId()] * n, pa.int32()),
                  pa.array([n] * n, pa.int32())], names=["key", "size", "label", "partition", "batch_rows"])
 
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "2")
-    try:
-        listed = map_listing(spark, inputs, 3, tag, "key string, size long, label string, partition int, batch_rows int")
-        assert listed.rdd.getNumPartitions() == 3
-        plan = listed._jdf.queryExecution().executedPlan().toString()
-        assert "Exchange" not in plan and plan.count("MapInArrow") == 1 and "BatchScan" not in plan, plan
-        rows = listed.collect()
-    finally:
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    listed = map_listing(spark, inputs, 3, tag, "key string, size long, label string, partition int, batch_rows int", batch_rows=2)
+    assert listed.rdd.getNumPartitions() == 3
+    plan = listed._jdf.queryExecution().executedPlan().toString()
+    assert "Exchange" not in plan and plan.count("MapInArrow") == 1 and "BatchScan" not in plan, plan
+    rows = listed.collect()
     assert sorted(r.key for r in rows) == inputs["key"].to_pylist()
     for r in rows:
         i = int(r.key[1:])

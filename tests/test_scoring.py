@@ -94,12 +94,9 @@ def test_scoring_tasks_come_in_whole_waves_of_the_cores(rows, parallelism, expec
 
 def test_the_model_loads_at_most_once_per_python_worker(spark, speech_spec, published):
     store, _ = published
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")  # ~16 batches per task
-    try:
-        sample_data.generate_day(store, speech_spec, dt.date(2026, 11, 12), clips=120, seed=33)
-        result = run_scoring(spark, speech_spec, store, dt.date(2026, 11, 12), run_id="loads")
-    finally:
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    small_batches = speech_spec.model_copy(update={"scoring": speech_spec.scoring.model_copy(update={"arrow_batch_size": 4})})
+    sample_data.generate_day(store, speech_spec, dt.date(2026, 11, 12), clips=120, seed=33)
+    result = run_scoring(spark, small_batches, store, dt.date(2026, 11, 12), run_id="loads")  # ~16 batches per task
     _, manifest, _ = _predictions(store, result)
     assert manifest.counts.accepted == 120
     assert 1 <= result.model_loads <= result.python_workers <= 2, (result.model_loads, result.python_workers)

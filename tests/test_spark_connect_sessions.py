@@ -59,20 +59,22 @@ def connect_client_here():
 def test_jobs_of_the_same_code_share_a_session_and_its_python_workers(spark_connect_server, tmp_path, connect_client_here):
     """A session per job started fresh Python workers for every job (Spark keys its workers by
     the session), ~3-4 s of a daily job's ~5 on two cores: the second job now runs on the first
-    one's workers. A session the server has closed (its idle timeout) is stepped over."""
-    url, rows = spark_connect_server.url, 11  # settings of this test's own: no other test's session
-    first = connect_session(url, "first", rows, package_cache=tmp_path)
+    one's workers. A session the server has closed (its idle timeout) is stepped over. (The
+    session is the one every job of this code joins on this server: the other tests' jobs
+    there step over its release as a daily run does.)"""
+    url = spark_connect_server.url
+    first = connect_session(url, "first", package_cache=tmp_path)
     pids, session = _worker_pids(first), first.client._session_id
     first.stop()
-    second = connect_session(url, "second", rows, package_cache=tmp_path)
+    second = connect_session(url, "second", package_cache=tmp_path)
     assert second.client._session_id == session
     assert _worker_pids(second) == pids, "the second job started Python workers of its own"
 
     second.stop()
     os.environ.pop(CONNECT_MODE_ENV)
-    assert release_shared_session(url, rows, package_cache=tmp_path) == session  # as the server's idle timeout would
+    assert release_shared_session(url, package_cache=tmp_path) == session  # as the server's idle timeout would
     assert CONNECT_MODE_ENV not in os.environ, "a spark-submit started from this process would refuse to start"
-    third = connect_session(url, "third", rows, package_cache=tmp_path)
+    third = connect_session(url, "third", package_cache=tmp_path)
     try:
         assert third.client._session_id != session
         assert _worker_pids(third)
@@ -85,7 +87,7 @@ import pathlib, sys, time
 from twocluster.spark.session import get_spark
 
 marks = pathlib.Path(sys.argv[1])
-spark = get_spark("sleeper", 12)  # on $SPARK_REMOTE, as the jobs' entry points
+spark = get_spark("sleeper")  # on $SPARK_REMOTE, as the jobs' entry points
 
 def sleep_then_mark(batches):
     from pyspark import TaskContext

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -225,6 +226,9 @@ def test_a_daily_run_on_a_spark_connect_server(tmp_path_factory, spark_connect_s
         code, log = _dags_test(pipeline, {"date": D0.isoformat(), "retrain": "force"}, "dags-test-connect", D0)
     assert code == 0 and "state=success" in [line for line in log.splitlines() if "DagRun Finished" in line][-1], log[-5000:]
     assert log.count(f"Spark Connect job (server {spark_connect_server.url}/)") == 2, log[-5000:]
+    # Both jobs join one session (and its Python workers): their batch sizes are no session setting.
+    sessions = re.findall(r"Spark Connect session ([0-9a-f-]{36}) \(shared", log)
+    assert len(sessions) == 2 and len(set(sessions)) == 1, sessions
     assert "Spark-Submit cmd" not in log
     jobs = [p for p in processes.seen if "spark_jobs/" in p and store.root_uri in p]  # this run's, not another test's
     assert [p for p in jobs if "spark_jobs/preprocess.py" in p], "the sampler saw the job's client"

@@ -143,14 +143,15 @@ def whole_waves(tasks: int, parallelism: int) -> int:
     return max(1, math.ceil(tasks / parallelism)) * parallelism
 
 
-def map_listing(spark, inputs: pa.Table, partitions: int, function, schema):
+def map_listing(spark, inputs: pa.Table, partitions: int, function, schema, batch_rows: int):
     """``function`` (Arrow batches in, Arrow batches out, as ``mapInArrow`` takes it) over the
     listing ``inputs`` (:func:`list_inputs`) in exactly ``partitions`` partitions, row ``i`` in
     partition ``i mod partitions`` (every shard gets every label): a DataFrame of ``schema``.
 
     The listing travels inside the task closure, one zstd-compressed Arrow slice per partition,
     and the tasks run over ``spark.range(partitions)``: each task decodes its own slice and hands
-    it to ``function`` in Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows.
+    it to ``function`` in Arrow batches of ``batch_rows`` rows (the job's, not a session
+    setting: jobs with different batch sizes share one Spark Connect session).
     Why not ``createDataFrame(inputs).repartition(n)``: the listing then sat in the driver's JVM
     three times over (the parallelized Arrow batches, tasks of tens of MB, the shuffle's blocks),
     so the driver's heap grew with the number of inputs. Why not a Python data source (the
@@ -161,7 +162,6 @@ def map_listing(spark, inputs: pa.Table, partitions: int, function, schema):
     table = inputs.select(LISTING_SCHEMA.names)
     rows = np.arange(table.num_rows)
     slices = [_ipc_bytes(table.take(rows[k::partitions])) for k in range(partitions)]
-    batch_rows = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch"))
 
     def over_slices(ids: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in ids:

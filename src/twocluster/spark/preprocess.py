@@ -43,7 +43,7 @@ from twocluster.spark.io import (
     whole_waves,
     write_rejects,
 )
-from twocluster.spark.session import parallelism
+from twocluster.spark.session import ARROW_BATCH_ROWS, parallelism
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
@@ -270,7 +270,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         # One pass: each task featurizes its partition and writes its shards into staging; only
         # file names, counts and rejects come back.
         outcomes = collect_outcomes(map_listing(spark, inputs, n_partitions,
-                                                lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA))
+                                                lambda batches: write_partition(featurize_batches(batches)), OUTCOME_SCHEMA,
+                                                ARROW_BATCH_ROWS))
         timings["featurize"] = time.perf_counter() - t
         files, staged = written_files(outcomes)
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]

@@ -441,7 +441,8 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor)
         # One pass: each task featurizes, predicts and writes its partition; only file names,
         # counts and rejects come back (caching the featurized rows ran the JVM out of memory).
-        outcomes = collect_outcomes(map_listing(spark, inputs, n_partitions, score_partition, OUTCOME_SCHEMA))
+        outcomes = collect_outcomes(map_listing(spark, inputs, n_partitions, score_partition, OUTCOME_SCHEMA,
+                                                spec.scoring.arrow_batch_size))
         reject_rows = [o.asDict() for o in outcomes if o.kind == "reject"]
         if reject_rows:
             rejects = pd.DataFrame(reject_rows, columns=list(rejects.columns)).sort_values("path", ignore_index=True)

@@ -3,8 +3,10 @@ gets its session: its own Spark application (spark-submit, or ``master`` for tes
 or a session on a long-lived Spark Connect server (``SPARK_REMOTE``, as PySpark reads it), whose
 JVM and Python workers stay warm between jobs.
 
-* Arrow batches are small (``arrow_batch_rows``): a featurized row carries ~16 KB of float32
-  features, so the default 10,000-row batches would hold ~160 MB per batch per worker.
+* Arrow batches are small (``ARROW_BATCH_ROWS``): a featurized row carries ~16 KB of float32
+  features, so the default 10,000-row batches would hold ~160 MB per batch per worker. The jobs
+  chunk their own listings (``map_listing``'s ``batch_rows``), so the session's settings are the
+  same for every job and both jobs of a run share one Spark Connect session.
 * Python workers are reused across tasks, so each pays the featurizer's start-up (librosa's
   filterbank, numba) once, not once per task.
 * Shuffle partitions follow the cores instead of the default 200, which is far too many for
@@ -23,10 +25,17 @@ import signal
 import threading
 import uuid
 
-# Settings of the session: a Spark Connect session sets these itself, on any server.
+log = logging.getLogger(__name__)
+
+ARROW_BATCH_ROWS = 64  # rows of ~16 KB of features: ~1 MB a batch
+
+# Settings of the session: a Spark Connect session sets these itself, on any server. They are the
+# same for every job: a job's own batch sizes travel with its functions, never in the session,
+# so the preprocessing and scoring jobs join one shared session and its warm Python workers.
 SESSION_SETTINGS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.adaptive.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": str(ARROW_BATCH_ROWS),
 }
 
 # Settings of the application: given to a job's own application, and to a local Spark Connect
@@ -52,9 +61,6 @@ REMOTE_ENV = "SPARK_REMOTE"  # PySpark's own: a Spark Connect URL, sc://host:por
 CONNECT_MODE_ENV = "SPARK_CONNECT_MODE_ENABLED"  # PySpark sets it in a process that opens a Connect session
 
 
-ARROW_BATCH_ROWS = 64  # the preprocessing job's; scoring takes the spec's scoring.arrow_batch_size
-
-
 @contextlib.contextmanager
 def connect_mark_left_as_it_was():
     """PySpark marks a process that opens a Connect session (``SPARK_CONNECT_MODE_ENABLED``):
@@ -69,7 +75,7 @@ def connect_mark_left_as_it_was():
             os.environ.pop(CONNECT_MODE_ENV, None)
 
 
-def get_spark(app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, master: str | None = None):
+def get_spark(app_name: str, master: str | None = None):
     """The active SparkSession, or a new one with this project's settings. Under spark-submit
     the master comes from the command line; ``master`` is for tests and scripts. With
     ``$SPARK_REMOTE`` set, a session on that Spark Connect server (:func:`connect_session`)."""
@@ -83,7 +89,7 @@ def get_spark(app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, master: s
         # its running operation: the killed job's tasks stop instead of running on.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-        return connect_session(os.environ[REMOTE_ENV], app_name, arrow_batch_rows)
+        return connect_session(os.environ[REMOTE_ENV], app_name)
 
     builder = SparkSession.builder.appName(app_name)
     if master:
@@ -94,7 +100,6 @@ def get_spark(app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, master: s
     builder = builder.config("spark.sql.shuffle.partitions", str(2 * cores))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(arrow_batch_rows))
     return spark
 
 
@@ -116,7 +121,7 @@ def shared_session_id(package: str, settings: dict[str, str], generation: int = 
     return str(uuid.UUID(bytes=hashlib.sha256(material).digest()[:16], version=4))
 
 
-def connect_session(url: str, app_name: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, package_cache: str | os.PathLike[str] | None = None):
+def connect_session(url: str, app_name: str, package_cache: str | os.PathLike[str] | None = None):
     """A session on the Spark Connect server at ``url`` with this project's session settings and
     the shared package as a session artifact: the server's Python workers import this exact
     code, whatever the server has installed (as ``--py-files`` gives a submitted job).
@@ -137,7 +142,7 @@ def connect_session(url: str, app_name: str, arrow_batch_rows: int = ARROW_BATCH
     from twocluster.spark.packaging import default_cache_dir, package_zip
 
     package = package_zip(package_cache or default_cache_dir())
-    settings = {**SESSION_SETTINGS, "spark.sql.execution.arrow.maxRecordsPerBatch": str(arrow_batch_rows)}
+    settings = SESSION_SETTINGS
     given = ";session_id=" in url
     for generation in range(1 if given else SESSION_GENERATIONS):
         joined = url if given else _with_session_id(url, shared_session_id(package.name, settings, generation))
@@ -154,18 +159,21 @@ def connect_session(url: str, app_name: str, arrow_batch_rows: int = ARROW_BATCH
                 continue
             raise
         spark.addArtifacts(str(package), pyfile=True)
+        # Which session a job ran on, for its log: the server's UI and logs name sessions by id.
+        log.info("Spark Connect session %s (%s)", spark.client._session_id,
+                 "given in the URL" if given else f"shared by this code's jobs, generation {generation}")
         return spark
     raise RuntimeError(f"every one of {SESSION_GENERATIONS} shared sessions on {url.split('/;')[0]} was closed; "
                        "restart the Spark Connect server")
 
 
-def release_shared_session(url: str, arrow_batch_rows: int = ARROW_BATCH_ROWS, package_cache: str | os.PathLike[str] | None = None) -> str:
-    """Close the shared session that jobs of this code and ``arrow_batch_rows`` join on ``url``,
-    as the server's idle timeout would (the bench starts a daily run's jobs on a new session
-    this way); the next job steps to the next generation's. Returns the closed session's id.
+def release_shared_session(url: str, package_cache: str | os.PathLike[str] | None = None) -> str:
+    """Close the shared session that jobs of this code join on ``url``, as the server's idle
+    timeout would (the bench starts a daily run's jobs on a new session this way); the next job
+    steps to the next generation's. Returns the closed session's id.
     Callable from a process that runs classic Spark (:func:`connect_mark_left_as_it_was`)."""
     with connect_mark_left_as_it_was():
-        spark = connect_session(url, "release", arrow_batch_rows, package_cache)
+        spark = connect_session(url, "release", package_cache)
         spark.release_session_on_close = True
         session_id = spark.client._session_id
         spark.stop()
