@@ -18,6 +18,7 @@ shows its ceiling instead of an excuse.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -40,18 +41,31 @@ def _per_clip_ms(fn, clips: int, repeats: int = 3) -> float:
     return best / clips * 1e3
 
 
-def _featurize_share(args: tuple[str, str, list[str]]) -> float:
-    """One process's loop over its share of the files, one BLAS thread: its wall seconds."""
+def featurize_share(args: tuple[str, str, list[str]]) -> int:
+    """One plain process's loop over its share of the files, as the loop a user would write
+    (fetch, then featurize batches of 64): the clips it did. Run in :func:`plain_processes`."""
     root_uri, featurizer_json, keys = args
     from twocluster.spark.io import worker_featurizer
     from twocluster.store.storage import ObjectStore
 
     featurizer, store = worker_featurizer(featurizer_json, "log_mel"), ObjectStore(root_uri)
-    featurizer.featurize_many([store.read_bytes(k) for k in keys[:64]])
-    t = time.perf_counter()
     for i in range(0, len(keys), 64):
         featurizer.featurize_many([store.read_bytes(k) for k in keys[i : i + 64]])
-    return time.perf_counter() - t
+    return len(keys)
+
+
+@contextlib.contextmanager
+def plain_processes(count: int = 2):
+    """``count`` fresh Python processes (spawned, not forked from this one's Spark and threads),
+    with one BLAS thread each, as PySpark gives its Python workers: the two-core ceiling of a
+    Spark job's Python side, without Spark."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited at spawn
+    try:
+        pool = get_context("spawn").Pool(count)
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+    with pool:
+        yield pool
 
 
 def featurization(ctx) -> None:
@@ -100,13 +114,13 @@ def featurization(ctx) -> None:
     print(f"  the loop's CPU time / wall time: {(time.process_time() - cpu) / (time.perf_counter() - wall):.2f} "
           f"(BLAS threads: {[i['num_threads'] for i in threadpoolctl.threadpool_info()]})")
     share = [(store.root_uri, ctx.spec.featurizer.model_dump_json(), every_key[k::2]) for k in range(2)]
-    os.environ["OMP_NUM_THREADS"] = "1"  # as PySpark sets it for its Python workers; inherited at spawn
-    try:
-        with get_context("spawn").Pool(2) as pool:
-            pool.map(_featurize_share, share)  # warm: imports, page cache
-            walls = [max(pool.map(_featurize_share, share)) for _ in range(3)]
-    finally:
-        del os.environ["OMP_NUM_THREADS"]
+    with plain_processes(2) as pool:
+        pool.map(featurize_share, share)  # warm: imports, page cache
+        walls = []
+        for _ in range(3):
+            t = time.perf_counter()
+            pool.map(featurize_share, share)
+            walls.append(time.perf_counter() - t)
     print(f"  two plain processes, one BLAS thread each, {len(every_key)} clips: {[round(len(every_key) / w) for w in walls]} clips/s (3 runs)")
 
 
@@ -162,23 +176,36 @@ with DAG(dag_id="floor", schedule=None, start_date=dt.datetime(2026, 1, 1), catc
 '''
 
 
-def airflow_floor(ctx) -> None:
+def airflow_floor_walls(workdir: Path, root_uri: str, runs: int = 3) -> list[float]:
+    """Wall seconds of ``runs`` `airflow dags test` runs of a DAG of 11 tasks that do nothing
+    (the pipeline DAG's count on a daily run), on the same embedded installation as the
+    pipeline's: what any daily run pays Airflow before its work."""
     import subprocess
 
     from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
 
-    dags = ctx.workdir / "floor-dags"
+    dags = workdir / "floor-dags"
     dags.mkdir(exist_ok=True)
     (dags / "floor.py").write_text(FLOOR_DAG)
-    env = airflow_env(ctx.workdir / "floor-airflow", ctx.store.root_uri, dags_folder=dags)
+    env = airflow_env(workdir / "floor-airflow", root_uri, dags_folder=dags)
     prepare(env)
     walls = []
-    for _ in range(3):
+    for _ in range(runs):
         t = time.perf_counter()
         airflow(env, "dags", "test", "floor", check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t)
+    return walls
+
+
+def airflow_floor(ctx) -> None:
+    import subprocess
+
+    from twocluster.devtools.airflow_local import airflow, airflow_env
+
+    walls = airflow_floor_walls(ctx.workdir, ctx.store.root_uri)
     t = time.perf_counter()
-    airflow(env, "version", check=True, stdout=subprocess.DEVNULL)
+    airflow(airflow_env(ctx.workdir / "floor-airflow", ctx.store.root_uri, dags_folder=ctx.workdir / "floor-dags"),
+            "version", check=True, stdout=subprocess.DEVNULL)
     print(f"Airflow: `airflow dags test` of 11 no-op tasks {[round(w, 1) for w in walls]} s; `airflow version` {time.perf_counter() - t:.1f} s")
 
 
