@@ -203,6 +203,8 @@ class Scoring(_Strict):
     # Aliases a run may publish to / score with (an Airflow param picks one); anything else is
     # refused before a job starts.
     allowed_aliases: list[StoreName] = Field(default_factory=lambda: ["production"], min_length=1)
+    # Rows a scoring task featurizes and predicts at a time (the job's own, not a Spark session
+    # setting: both jobs of a run share one Spark Connect session).
     arrow_batch_size: int = Field(256, gt=0)
     inference_batch_size: int = Field(128, gt=0)
     top_k: int = Field(3, gt=0)
