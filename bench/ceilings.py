@@ -176,19 +176,26 @@ with DAG(dag_id="floor", schedule=None, start_date=dt.datetime(2026, 1, 1), catc
 '''
 
 
-def airflow_floor_walls(workdir: Path, root_uri: str, runs: int = 3) -> list[float]:
-    """Wall seconds of ``runs`` `airflow dags test` runs of a DAG of 11 tasks that do nothing
-    (the pipeline DAG's count on a daily run), on the same embedded installation as the
-    pipeline's: what any daily run pays Airflow before its work."""
-    import subprocess
-
-    from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
+def floor_airflow(workdir: Path, root_uri: str) -> dict[str, str]:
+    """The environment of an embedded Airflow (the pipeline's installation) whose only DAG has
+    11 tasks that do nothing (the pipeline DAG's count on a daily run), prepared."""
+    from twocluster.devtools.airflow_local import airflow_env, prepare
 
     dags = workdir / "floor-dags"
     dags.mkdir(exist_ok=True)
     (dags / "floor.py").write_text(FLOOR_DAG)
     env = airflow_env(workdir / "floor-airflow", root_uri, dags_folder=dags)
     prepare(env)
+    return env
+
+
+def airflow_floor_walls(env: dict[str, str], runs: int = 3) -> list[float]:
+    """Wall seconds of ``runs`` `airflow dags test` runs of the no-op DAG (:func:`floor_airflow`):
+    what any daily run pays Airflow before its work."""
+    import subprocess
+
+    from twocluster.devtools.airflow_local import airflow
+
     walls = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -200,12 +207,12 @@ def airflow_floor_walls(workdir: Path, root_uri: str, runs: int = 3) -> list[flo
 def airflow_floor(ctx) -> None:
     import subprocess
 
-    from twocluster.devtools.airflow_local import airflow, airflow_env
+    from twocluster.devtools.airflow_local import airflow
 
-    walls = airflow_floor_walls(ctx.workdir, ctx.store.root_uri)
+    env = floor_airflow(ctx.workdir, ctx.store.root_uri)
+    walls = airflow_floor_walls(env)
     t = time.perf_counter()
-    airflow(airflow_env(ctx.workdir / "floor-airflow", ctx.store.root_uri, dags_folder=ctx.workdir / "floor-dags"),
-            "version", check=True, stdout=subprocess.DEVNULL)
+    airflow(env, "version", check=True, stdout=subprocess.DEVNULL)
     print(f"Airflow: `airflow dags test` of 11 no-op tasks {[round(w, 1) for w in walls]} s; `airflow version` {time.perf_counter() - t:.1f} s")
 
 

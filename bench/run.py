@@ -784,7 +784,7 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
         back_to_back = [_dag_run(ctx, day, f"connect-warm-{i}", server.connection) for i in range(ctx.orchestration_repeats)]
     submit = [_dag_run(ctx, day, f"submit-{i}", None) for i in range(ctx.orchestration_repeats)]
     # What Airflow alone takes this hour (this machine's speed varies ~2x between hours).
-    floor = ceilings.airflow_floor_walls(ctx.workdir, ctx.store.root_uri, ctx.orchestration_repeats)
+    floor = ceilings.airflow_floor_walls(ceilings.floor_airflow(ctx.workdir, ctx.store.root_uri), ctx.orchestration_repeats)
     figures = []
     for fid, where, runs, goal, extra in (
             ("dag_run", "on a Spark Connect server (local[2]), its jobs on new sessions", connect, "<= 25 s",

@@ -142,15 +142,14 @@ def connect_session(url: str, app_name: str, package_cache: str | os.PathLike[st
     from twocluster.spark.packaging import default_cache_dir, package_zip
 
     package = package_zip(package_cache or default_cache_dir())
-    settings = SESSION_SETTINGS
     given = ";session_id=" in url
     for generation in range(1 if given else SESSION_GENERATIONS):
-        joined = url if given else _with_session_id(url, shared_session_id(package.name, settings, generation))
+        joined = url if given else _with_session_id(url, shared_session_id(package.name, SESSION_SETTINGS, generation))
         spark = None
         try:
             spark = SparkSession.builder.remote(joined).create()
             spark.release_session_on_close = False
-            for key, value in {**settings, "spark.app.name": app_name}.items():
+            for key, value in {**SESSION_SETTINGS, "spark.app.name": app_name}.items():
                 spark.conf.set(key, value)
         except PySparkException as e:
             if spark is not None:
