@@ -54,6 +54,21 @@ def featurize_share(args: tuple[str, str, list[str]]) -> int:
     return len(keys)
 
 
+def predict_share(args: tuple[str, str, str, list[str], list[int], int, int, int, str]) -> int:
+    """One plain process's pass of the scoring job's predicting function (its model loaded once
+    per process, as per Python worker) over one saved featurized partition, in the job's Arrow
+    batches: the rows it predicted. Run in :func:`plain_processes`."""
+    root_uri, model, version, vocabulary, shape, top_k, inference_batch_size, batch_rows, path = args
+    import pyarrow as pa
+
+    from twocluster.spark.scoring import predicting_function
+    from twocluster.store.storage import ObjectStore
+
+    predict_batches = predicting_function(ObjectStore(root_uri), model, version, vocabulary, shape, top_k, inference_batch_size)
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all().select(["path", "source_id", "features"])
+    return sum(b.num_rows for b in predict_batches(iter(table.to_batches(max_chunksize=batch_rows))))
+
+
 @contextlib.contextmanager
 def plain_processes(count: int = 2):
     """``count`` fresh Python processes (spawned, not forked from this one's Spark and threads),
