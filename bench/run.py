@@ -11,6 +11,7 @@ and bench/RESULTS.md (the table, with the date and the machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -58,8 +59,35 @@ def _spread(xs: list[float]) -> float:
     return float((max(xs) - min(xs)) / m) if m else 0.0
 
 
+def _settle(timeout_s: float = 5.0) -> None:
+    """Wait (up to ``timeout_s``) until this process's children (the JVM, Spark's Python
+    workers, the plain processes of a ceiling) are idle. PySpark's daemon runs a full
+    ``gc.collect()`` in each reused worker after every task, after the job has returned (0.25 s
+    a worker once a UDF has imported TensorFlow): whatever a figure timed next shared the cores
+    with it (a ceiling timed right after a Spark job measured ~half its rate)."""
+    import psutil
+
+    me = psutil.Process()
+
+    def children_cpu_s() -> float:
+        total = 0.0
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += sum(child.cpu_times()[:2])
+        return total
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = children_cpu_s()
+        time.sleep(0.1)
+        if children_cpu_s() - before < 0.01:  # under a tenth of a core: a JVM's idle ticking
+            return
+
+
 def _timed(fn: Callable[[], int]) -> float:
-    """Items per second of one call of ``fn`` (which returns the number of items it did)."""
+    """Items per second of one call of ``fn`` (which returns the number of items it did),
+    started on an idle machine (:func:`_settle`)."""
+    _settle()
     t = time.perf_counter()
     n = fn()
     return n / (time.perf_counter() - t)
@@ -406,6 +434,7 @@ def write_figure(ctx: BenchContext) -> Figure:
         prefix = layout.dataset_version_prefix(spec.name, ctx.date, version)
         staging = layout.staging_prefix(layout.dataset_date_prefix(spec.name, ctx.date), version)
         write_partition = shard_writer(spec, store, staging, featurizer.feature_name, featurizer.shape)
+        _settle()
         t = time.perf_counter()
         outcomes = ctx.over_partition_files(parts, write_partition, OUTCOME_SCHEMA, ARROW_BATCH_ROWS).collect()
         files, staged = written_files(outcomes)
@@ -417,6 +446,7 @@ def write_figure(ctx: BenchContext) -> Figure:
 
     def baseline() -> float:
         prefix = f"bench-plain/{layout.new_version_id()}"
+        _settle()
         t = time.perf_counter()
         for i in range(n_files):
             store.write_bytes(f"{prefix}/part-{i}", payload)
@@ -575,6 +605,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
         yield pa.RecordBatch.from_pydict({"rows": [rows]})
 
     def project() -> float:
+        _settle()
         t = time.perf_counter()
         scored = sum(r.rows for r in ctx.over_partition_files(parts, predicted, "rows long", spec.scoring.arrow_batch_size).collect())
         elapsed = time.perf_counter() - t
@@ -582,6 +613,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
         return n / elapsed
 
     def baseline() -> float:
+        _settle()
         t = time.perf_counter()
         model = keras.models.load_model(local / "model.keras")
         predict_batch(model, features, vocabulary, top_k, batch_size)
@@ -601,6 +633,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
                              "top_labels": list(top.labels), "top_probabilities": list(top.probabilities)})
 
     def naive() -> float:
+        _settle()
         t = time.perf_counter()
         rows.withColumn("_p", naive_udf("features")).select("path", "_p.*").write.format("noop").mode("overwrite").save()
         return n / (time.perf_counter() - t)
@@ -619,6 +652,7 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
         with ceilings.plain_processes(2) as pool:
 
             def two_processes() -> float:
+                _settle()
                 t = time.perf_counter()
                 predicted_rows = sum(pool.map(ceilings.predict_share, shares, chunksize=1))
                 elapsed = time.perf_counter() - t
@@ -665,6 +699,7 @@ def scale_figures(ctx: BenchContext) -> list[Figure]:
 
     def job_seconds(day: dt.date, run_id: str) -> tuple[float, float]:
         store = ctx.fresh_store_with(day)  # nothing committed there: the jobs do their full work
+        _settle()
         t = time.perf_counter()
         run_preprocess(ctx.spark, ctx.spec, store, day, run_id=run_id)
         t_pre = time.perf_counter() - t
@@ -844,6 +879,7 @@ def _dag_run(ctx: BenchContext, day: dt.date, name: str, spark_connection: str |
     env = airflow_env(ctx.workdir / f"airflow-{name}", store.root_uri, spark_master="local[2]", spark_connection=spark_connection)
     env["TWOCLUSTER_WORK_DIR"] = str(ctx.workdir / "work")
     prepare(env)
+    _settle()
     t = time.perf_counter()
     out = airflow(env, "dags", "test", ctx.spec.name, "-c", json.dumps({"date": day.isoformat()}), capture_output=True, text=True,
                   cwd=HERE.parent)

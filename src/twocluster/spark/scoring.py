@@ -39,10 +39,12 @@ from twocluster.spark.io import (
     attempt_folder,
     collect_outcomes,
     featurizing_function,
+    freeze_worker_heap,
     job_fingerprint,
     list_inputs,
     map_listing,
     promote_staged,
+    thaw_worker_heap,
     whole_waves,
     worker_featurizer,
     write_rejects,
@@ -228,6 +230,7 @@ def worker_model(root_uri: str, s3_settings, model: str, version: str, runtime: 
         load_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{chosen}"
         _MODEL_CACHE[key] = (loaded, load_id, into)
         while len(_MODEL_CACHE) > MODEL_CACHE_SIZE:
+            thaw_worker_heap()
             _, (_, _, staged) = _MODEL_CACHE.popitem(last=False)
             shutil.rmtree(staged, ignore_errors=True)
         return loaded, load_id
@@ -283,6 +286,7 @@ def predicting_function(store: ObjectStore, model: str, version: str, vocabulary
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def predict_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        freeze_worker_heap()
         loaded, load_id = worker_model(root_uri, s3_settings, model, version, runtime)
         for batch in batches:
             n = batch.num_rows
@@ -517,6 +521,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
     serving_runtime(runtime, manifest, on_gpu=False)  # a runtime the version cannot have fails here, not in a task
 
     def predict_sql(batches):
+        freeze_worker_heap()
         featurizer = worker_featurizer(featurizer_json, kind)
         loaded, _ = worker_model(root_uri, s3_settings, model, version, runtime)
         for content in batches:
