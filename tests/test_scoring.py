@@ -183,6 +183,47 @@ def test_a_worker_keeps_each_stores_model_apart_and_only_the_last_few(published,
     assert [p.exists() for p in staged] == [False, True]
 
 
+def test_a_model_evicted_from_a_workers_cache_is_collected_though_its_heap_was_frozen(spark, published):
+    """A worker's tasks freeze what it holds (``freeze_worker_heap``); a frozen object held in a
+    reference cycle, as a Keras model is, would never be collected once dropped. Evicting a model
+    from the worker's cache thaws the heap first, so the daemon's collection after the task
+    frees it. Here the oldest entry is an object in a cycle standing for such a model."""
+    import pyarrow as pa
+
+    store, version = published
+    root_uri = store.root_uri
+
+    def evict_in_a_task(batches):
+        import gc
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        from twocluster.spark import scoring
+        from twocluster.spark.io import freeze_worker_heap
+
+        class CyclicModel:
+            def __init__(self):
+                self.me = self
+
+        for _ in batches:
+            pass
+        scoring._MODEL_CACHE.clear()
+        model = CyclicModel()
+        alive = weakref.ref(model)
+        scoring._MODEL_CACHE[("elsewhere", "old", "v0", "keras")] = (model, "old-load", Path(tempfile.mkdtemp()))
+        del model
+        freeze_worker_heap()  # as the next task's start does
+        scoring.worker_model(root_uri, None, "kws_cnn", version, "onnx")
+        scoring.worker_model(root_uri, None, "kws_cnn", version, "auto")  # a second entry: the oldest goes
+        gc.collect()  # as the daemon does after the task
+        yield pa.RecordBatch.from_pydict({"evicted": [("elsewhere", "old", "v0", "keras") not in scoring._MODEL_CACHE],
+                                          "collected": [alive() is None]})
+
+    [row] = spark.range(0, 1, 1, 1).mapInArrow(evict_in_a_task, "evicted boolean, collected boolean").collect()
+    assert row.evicted and row.collected, row
+
+
 def test_the_runtime_follows_the_spec_the_version_and_the_task(speech_spec, published):
     from twocluster import serving
     from twocluster.spark.scoring import serving_runtime
