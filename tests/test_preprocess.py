@@ -274,6 +274,43 @@ def test_the_listing_is_an_arrow_table_built_a_chunk_at_a_time(speech_spec, file
     assert len(unknown) == 1 and unknown[0]["label_id"] == -1 and unknown[0]["folder"] not in speech_spec.labels.vocabulary
 
 
+def test_listing_a_date_never_holds_its_whole_listing_as_python_objects(speech_spec, file_store):
+    """list_inputs takes the store's listing an object at a time (``ObjectStore.walk``, a
+    folder read when the walk reaches it) into its Arrow chunks: the Python heap's peak while
+    listing grows by well under 100 bytes an input from 4,000 to 24,000 inputs. Holding the
+    store's listing whole (its ObjectInfo and key strings) costs ~320 bytes an input; it did,
+    beside the Arrow rows, until 2026-12-02."""
+    import tracemalloc
+
+    from twocluster.spark import io
+
+    folders = speech_spec.labels.vocabulary[:12]
+
+    def arrive(date: dt.date, inputs: int) -> None:
+        root = file_store.local_path(layout.raw_date_prefix(speech_spec.name, date))
+        for folder in folders:
+            (root / folder).mkdir(parents=True)
+        for i in range(inputs):
+            (root / folders[i % len(folders)] / f"{i:08x}_nohash_{i % 5}.wav").write_bytes(b"x")
+
+    sizes = {DATE: 4_000, DATE + dt.timedelta(days=1): 24_000}
+    for date, inputs in sizes.items():
+        arrive(date, inputs)
+    arrive(DATE - dt.timedelta(days=1), 10)
+    io.list_inputs(file_store, speech_spec, DATE - dt.timedelta(days=1))  # imports and caches: not the listing's
+    peaks = []
+    for date, inputs in sizes.items():
+        tracemalloc.start()
+        try:
+            listing, _, _ = io.list_inputs(file_store, speech_spec, date)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert listing.num_rows == inputs
+    per_input = (peaks[1] - peaks[0]) / (24_000 - 4_000)
+    assert per_input < 100, f"the listing's Python peak grew {per_input:.0f} bytes an input ({peaks})"
+
+
 @pytest.mark.parametrize(("rows", "parallelism", "expected"), [
     (0, 2, 2), (10, 2, 2),  # never fewer than the cores
     (9_600, 2, 6),  # 4.7 shards of 32 MB: six, three whole waves on two cores, not five

@@ -108,6 +108,23 @@ class Listing:
     links: list[str]  # keys of symbolic links skipped (local stores only)
 
 
+class Walk(Iterator[ObjectInfo]):
+    """The objects under a prefix in key order, made as the walk reaches them (a local store's
+    folders are read one at a time), and the symbolic links skipped so far (``links``, all of
+    them once the walk is exhausted). For a caller that turns a large listing into something
+    else (the preprocessing job's Arrow listing): it never holds the whole listing as Python
+    objects (~350 B an object, each key a string)."""
+
+    def __init__(self, objects: Iterator[ObjectInfo], links: list[str]):
+        self._objects, self.links = objects, links
+
+    def __iter__(self) -> Walk:
+        return self
+
+    def __next__(self) -> ObjectInfo:
+        return next(self._objects)
+
+
 def _prepare_s3_sdk_environment(settings: S3Settings) -> None:
     # Newer AWS SDKs add request checksums that many S3-compatible servers reject (Ceph RGW
     # answers HTTP 411 to UploadPart). "when_required" is the SDKs' previous behaviour and is
@@ -305,42 +322,58 @@ class ObjectStore:
         met on the way, which are skipped, never followed: a link can point out of the store
         (a file that is not the store's to read), into a loop (``loop -> ../..`` would list the
         tree again and again), or at another label's folder (``no -> yes`` would relabel it)."""
+        walk = self.walk(prefix, recursive=recursive)
+        objects = list(walk)
+        return Listing(objects, sorted(walk.links))
+
+    def walk(self, prefix: str = "", *, recursive: bool = True) -> Walk:
+        """:meth:`listing`'s objects one at a time, in the same key order (see :class:`Walk`)."""
         if self.scheme == "file":
-            return self._local_listing(prefix, recursive)
+            links: list[str] = []
+            return Walk(self._local_walk(prefix, recursive, links), links)
         root_len = len(self._base.rstrip("/")) + 1
         found = [ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
                  for info in self._file_infos(prefix, recursive) if info.type == pafs.FileType.File]
-        return Listing(sorted(found, key=lambda o: o.key), [])
+        return Walk(iter(sorted(found, key=lambda o: o.key)), [])
 
-    def _local_listing(self, prefix: str, recursive: bool) -> Listing:
+    def _local_walk(self, prefix: str, recursive: bool, links: list[str]) -> Iterator[ObjectInfo]:
         top = self._path(prefix)
         root_len = len(self._base.rstrip("/")) + 1
-        files: list[ObjectInfo] = []
-        links: list[str] = []
         # The prefix itself must not lead out of the store through a link either.
         real_base = os.path.realpath(self._base)
         if os.path.lexists(top) and os.path.commonpath([os.path.realpath(top), real_base]) != real_base:
-            return Listing([], [top[root_len:]])
-        folders = [top]
-        while folders:
-            folder = folders.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # removed meanwhile, or the prefix names a file
-            for entry in entries:
-                try:
-                    if entry.is_symlink():
-                        links.append(entry.path[root_len:])
-                    elif entry.is_dir(follow_symlinks=False):
-                        if recursive:
-                            folders.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        files.append(ObjectInfo(key=entry.path[root_len:], size=st.st_size, mtime_ns=st.st_mtime_ns))
-                except FileNotFoundError:
-                    continue  # a writer's temp file renamed away mid-listing: a moment's race, not a state
-        return Listing(sorted(files, key=lambda o: o.key), sorted(links))
+            links.append(top[root_len:])
+            return
+        yield from self._local_folder(top, root_len, recursive, links)
+
+    def _local_folder(self, folder: str, root_len: int, recursive: bool, links: list[str]) -> Iterator[ObjectInfo]:
+        """A local folder's objects in key order, depth first. A folder's entries sorted by name,
+        a subfolder's name followed by "/", are its keys' order: every key under ``a/`` sorts
+        after ``a.wav`` and before ``a0.wav``, as "/" sorts between "." and "0"."""
+        found: list[tuple[str, int, int] | tuple[str, None, None]] = []  # (name, size, mtime); a folder: ("name/", None, None)
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_symlink():
+                            links.append(entry.path[root_len:])
+                        elif entry.is_dir(follow_symlinks=False):
+                            if recursive:
+                                found.append((entry.name + "/", None, None))
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            found.append((entry.name, st.st_size, st.st_mtime_ns))
+                    except FileNotFoundError:
+                        continue  # a writer's temp file renamed away mid-listing: a moment's race, not a state
+        except (FileNotFoundError, NotADirectoryError):
+            return  # removed meanwhile, or the prefix names a file
+        found.sort(key=lambda f: f[0])
+        key_prefix = folder[root_len:] + "/" if len(folder) > root_len else ""
+        for name, size, mtime_ns in found:
+            if size is None:
+                yield from self._local_folder(os.path.join(folder, name[:-1]), root_len, recursive, links)
+            else:
+                yield ObjectInfo(key=key_prefix + name, size=size, mtime_ns=mtime_ns)
 
     def list_folders(self, prefix: str = "") -> list[str]:
         """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3; local
@@ -632,6 +665,11 @@ class StoreSnapshot:
         if not self._covers(prefix):
             return self.store.listing(prefix, recursive=recursive)
         return Listing(self.list(prefix, recursive=recursive), [])
+
+    def walk(self, prefix: str = "", *, recursive: bool = True) -> Walk:
+        if not self._covers(prefix):
+            return self.store.walk(prefix, recursive=recursive)
+        return Walk(iter(self.list(prefix, recursive=recursive)), [])
 
     def list_folders(self, prefix: str = "") -> list[str]:
         if not self._covers(prefix):
