@@ -274,13 +274,15 @@ def test_the_listing_is_an_arrow_table_built_a_chunk_at_a_time(speech_spec, file
     assert len(unknown) == 1 and unknown[0]["label_id"] == -1 and unknown[0]["folder"] not in speech_spec.labels.vocabulary
 
 
-def test_listing_a_date_never_holds_its_whole_listing_as_python_objects(speech_spec, file_store):
+def test_listing_a_date_never_holds_its_whole_listing_as_python_objects(spark, speech_spec, file_store):
     """list_inputs takes the store's listing an object at a time (``ObjectStore.walk``, a
     folder read when the walk reaches it) into its Arrow chunks: the Python heap's peak while
     listing grows by well under 100 bytes an input from 4,000 to 24,000 inputs. Holding the
     store's listing whole (its ObjectInfo and key strings) costs ~320 bytes an input; it did,
     beside the Arrow rows, until 2026-12-02."""
     import tracemalloc
+
+    import pyarrow as pa
 
     from twocluster.spark import io
 
@@ -309,6 +311,16 @@ def test_listing_a_date_never_holds_its_whole_listing_as_python_objects(speech_s
         assert listing.num_rows == inputs
     per_input = (peaks[1] - peaks[0]) / (24_000 - 4_000)
     assert per_input < 100, f"the listing's Python peak grew {per_input:.0f} bytes an input ({peaks})"
+
+    # Its Arrow buffers, and the tasks' slices of it, come from the system allocator: pyarrow's
+    # default pool (mimalloc) keeps what it frees, and the driver grew ~2x the listing's bytes.
+    del listing
+    default_pool, system_pool = pa.default_memory_pool(), pa.system_memory_pool()
+    in_default, in_system = default_pool.bytes_allocated(), system_pool.bytes_allocated()
+    listing, _, _ = io.list_inputs(file_store, speech_spec, DATE + dt.timedelta(days=1))
+    io.map_listing(spark, listing, 8, lambda batches: batches, "id long", 64)
+    assert default_pool.bytes_allocated() == in_default and pa.default_memory_pool().backend_name == default_pool.backend_name
+    assert system_pool.bytes_allocated() - in_system >= listing.nbytes
 
 
 @pytest.mark.parametrize(("rows", "parallelism", "expected"), [

@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,23 @@ def job_fingerprint(listing_fingerprint: str, *parts: str, code: tuple[str, ...]
 # -- reading -------------------------------------------------------------------------------------
 
 
+@contextmanager
+def driver_arrow_memory() -> Iterator[None]:
+    """Arrow buffers made in this block come from the system allocator, not pyarrow's default
+    pool (mimalloc, which keeps what it frees for reuse): for the driver's work on a job's
+    listing, which grows with the inputs and is done once. Measured on 120,000 inputs: building
+    the listing grew the driver's RSS 29.6 MiB for a 17.4 MiB table under mimalloc, 18.7 MiB
+    under the system allocator; cutting it into 40 compressed task slices 55 MiB, 20 MiB. The
+    default pool is process-wide: a driver runs no other Arrow work meanwhile."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+@driver_arrow_memory()
 def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> tuple[pa.Table, dict[str, int], str]:
     """List one date's raw inputs on the driver (one recursive listing, no data read).
 
@@ -140,12 +157,8 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
 
 
 def _listing_chunk(columns: dict[str, list]) -> pa.Table:
-    """The listed rows in ``columns`` as one Arrow chunk (``columns`` emptied), its buffers from
-    the system allocator: pyarrow's default pool (mimalloc) left the driver holding 1.7x the
-    listing's bytes (120,000 rows: the process's RSS grew 29.6 MiB for a 17.4 MiB table; 18.7
-    MiB from the system allocator)."""
-    pool = pa.system_memory_pool()
-    chunk = pa.Table.from_arrays([pa.array(columns[f.name], f.type, memory_pool=pool) for f in LISTING_SCHEMA], schema=LISTING_SCHEMA)
+    """The listed rows in ``columns`` as one Arrow chunk (``columns`` emptied)."""
+    chunk = pa.Table.from_arrays([pa.array(columns[f.name], f.type) for f in LISTING_SCHEMA], schema=LISTING_SCHEMA)
     for values in columns.values():
         values.clear()
     return chunk
@@ -176,7 +189,8 @@ def map_listing(spark, inputs: pa.Table, partitions: int, function, schema, batc
     over 1 MB, so a large listing is not copied into every task."""
     table = inputs.select(LISTING_SCHEMA.names)
     rows = np.arange(table.num_rows)
-    slices = [_ipc_bytes(table.take(rows[k::partitions])) for k in range(partitions)]
+    with driver_arrow_memory():
+        slices = [_ipc_bytes(table.take(rows[k::partitions])) for k in range(partitions)]
 
     def over_slices(ids: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in ids:
