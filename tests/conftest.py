@@ -112,3 +112,52 @@ def airflow_page():
                 browser.close()
 
     return signed_in
+
+
+# -- the page cache (tests of reading ahead) ------------------------------------------------------
+
+
+def evicted_from_page_cache(paths) -> bool:
+    """Write back and drop ``paths``' pages from the kernel's page cache; whether they left it
+    (not on tmpfs, where files live in memory: there is nothing to read ahead)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return all(cached_share(p) == 0.0 for p in paths)
+
+
+def cached_share(path) -> float:
+    """The share of ``path``'s pages in the page cache (``mincore`` over a mapping that touches
+    none of them)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        vector = (ctypes.c_ubyte * pages)()
+        rc = libc.mincore(ctypes.addressof(start), size, vector)
+        del start  # the mapping cannot close while a pointer into it lives
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vector) / pages
+
+
+def cached_within(paths, seconds: float = 10.0) -> bool:
+    """Whether all of ``paths`` are wholly in the page cache within ``seconds`` (the kernel reads
+    ahead in the background)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not all(cached_share(p) == 1.0 for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

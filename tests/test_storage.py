@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
+from conftest import cached_share, cached_within, evicted_from_page_cache
 
 from twocluster.store.storage import (
     ObjectNotFound,
@@ -173,6 +175,28 @@ def test_a_snapshot_answers_listings_like_the_store_and_caches_only_commit_recor
     store.write_bytes(keys[0], b"rewritten, longer than before")
     again = StoreSnapshot(store, ["a"], immutable_cache=cache, is_immutable=layout.is_commit_record)
     assert again.read_bytes(keys[0]) == b"rewritten, longer than before"
+
+
+def test_a_local_store_has_the_kernel_read_ahead_what_it_will_read(file_store: ObjectStore, tmp_path):
+    """will_read: the named objects come into the page cache in the background, and nothing
+    else does (a task reading clips in turn finds them there where the day does not fit the
+    cache); a symbolic link is not followed, a FIFO is not waited on, a missing key is no error."""
+    keys = [f"raw/day/clip{i}.wav" for i in range(6)]
+    for key in keys:
+        file_store.write_bytes(key, os.urandom(96 * 1024))
+    paths = [file_store.local_path(key) for key in keys]
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(os.urandom(96 * 1024))
+    if not evicted_from_page_cache([*paths, outside]):
+        pytest.skip("this filesystem keeps files in memory (tmpfs): nothing to read ahead")
+    os.symlink(outside, file_store.local_path("raw/day/link.wav"))
+    os.mkfifo(file_store.local_path("raw/day/fifo.wav"))
+
+    file_store.will_read([*keys[:3], "raw/day/link.wav", "raw/day/fifo.wav", "raw/day/missing.wav"])
+
+    assert cached_within(paths[:3])
+    assert [cached_share(p) for p in paths[3:]] == [0.0, 0.0, 0.0]
+    assert cached_share(outside) == 0.0
 
 
 def test_a_walk_yields_the_listing_one_object_at_a_time_in_key_order(store: ObjectStore, tmp_path):
