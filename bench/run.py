@@ -716,7 +716,8 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
     ceiling_ratio = _median(ceiling) / _median(naive_runs)
     # The most a Spark job could do this run: the plain processes' time for the same work plus
     # the time an empty job leaves the cores idle (before its first task and after its last).
-    score_s, ceiling_s, floor_s = total / _median(runs), total / _median(ceiling), _median(floors)
+    score_times = [total / r for r in runs]
+    score_s, ceiling_s, floor_s = _median(score_times), total / _median(ceiling), _median(floors)
     reach = total / (ceiling_s + floor_s) / _median(naive_runs)
     return [
         Figure("score", "Spark scoring, the job's predicting function in Spark tasks (model cached per Python worker, "
@@ -735,11 +736,11 @@ def score_figures(ctx: BenchContext) -> list[Figure]:
                "what two cores give the job's predicting function in this run, without Spark: the score_naive goal "
                "(10x the naive UDF) is out of reach in a run where this is below 10x"),
         Figure("score_job_start", "Spark's fixed cost of the score figure's job: the same tasks over the same partitions, "
-               "predicting nothing", "s", _median(starts), total / _median(runs), _median(starts) * _median(runs) / total,
-               "report", True, starts, [total / r for r in runs], _spread(starts),
+               "predicting nothing", "s", _median(starts), score_s, _median(starts) / score_s,
+               "report", True, starts, score_times, _spread(starts),
                "baseline: the score figure's job; ratio: the share of it that is Spark's start of the job and its tasks"),
         Figure("spark_job_floor", "the emptiest Spark job of the bench's session: one task, one row, nothing done", "s",
-               floor_s, score_s, floor_s / score_s, "report", True, floors, [total / r for r in runs], _spread(floors),
+               floor_s, score_s, floor_s / score_s, "report", True, floors, score_times, _spread(floors),
                "baseline: the score figure's job; what any job adds while no core works (before its first task, "
                "after its last): with the plain processes' time it bounds score_naive in this run"),
     ]

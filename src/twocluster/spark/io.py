@@ -311,18 +311,15 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
         # does not fit the page cache, reads in turn stalled the task (0.12 ms a clip).
         concurrent = worker_store.remote
         with ThreadPoolExecutor(_FETCH_THREADS) if concurrent else nullcontext() as pool:
-            plan: _ReadPlan | None = None
-            for batch, following in _each_with_the_next(iter(batches)):
-                if plan is None:  # the task's first batch
-                    plan = read_plan(batch)
-                    if not concurrent:
+            planned = ((batch, read_plan(batch)) for batch in batches)
+            for i, ((batch, plan), following) in enumerate(_each_with_the_next(planned)):
+                if not concurrent:  # the task's first batch, then always the one after this
+                    if i == 0:
                         worker_store.will_read(plan.to_read)
-                next_plan = read_plan(following) if following is not None else None
-                if next_plan is not None and not concurrent:
-                    worker_store.will_read(next_plan.to_read)
+                    if following is not None:
+                        worker_store.will_read(following[1].to_read)
                 n = batch.num_rows
                 keys, prechecked, known, listed_ok, wanted = plan
-                plan = next_plan
                 fetched = list((pool.map if concurrent else map)(fetch, [keys[i] for i in wanted]))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
                 featurized = featurizer.featurize_many(blobs, [keys[i] for i in wanted], input_limits)
