@@ -166,7 +166,7 @@ class BenchContext:
             self.spec = self.spec.model_copy(update={"model": self.spec.model.model_copy(update={"epochs": 3})})
         self.store = ObjectStore((workdir / "store").as_uri())
         # The spec's schedule starts 2026-11-01. base_date: real espeak-ng clips (the model
-        # trains on them); date: `copies` re-mixes of each, the throughput figures' data.
+        # trains on them); date: `copies` re-mixes of each, the write and score figures' data.
         self.base_date, self.date = dt.date(2026, 11, 2), dt.date(2026, 11, 3)
         # scale_copies re-mixes of each base clip (38,400 clips): the featurize figures' day and
         # the scale figures' pilot, re-mixed when first asked for (large_day).

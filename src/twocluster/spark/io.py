@@ -14,7 +14,6 @@ import hashlib
 import io
 import math
 import posixpath
-import re
 import unicodedata
 import uuid
 from collections import Counter
@@ -33,7 +32,7 @@ from twocluster.spark import splits
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
 from twocluster.store.manifest import ManifestFile
-from twocluster.store.storage import ObjectStore, StorageError
+from twocluster.store.storage import CONTROL_CHARACTERS, ObjectStore, StorageError
 from twocluster.version import code_hashes
 
 if TYPE_CHECKING:  # imported where used: Spark's Python workers never need pandas (2+ s of import each)
@@ -48,7 +47,6 @@ _FETCH_THREADS = 8  # remote object-store reads are IO-bound; overlap them withi
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("folder", pa.string()),
                             ("label", pa.string()), ("label_id", pa.int32()), ("source_id", pa.string()), ("split", pa.string()),
                             ("reject", pa.string())])  # label: null for an unknown folder
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 _LISTING_CHUNK_ROWS = 8192  # rows held as Python objects at a time while listing
 
 
@@ -127,7 +125,7 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
         folder = posixpath.basename(posixpath.dirname(rel))
         label = spec.labels.label_for_folder(folder)
         reject = ""
-        if _CONTROL_CHARACTERS.search(rel):
+        if CONTROL_CHARACTERS.search(rel):  # a name the store itself would refuse as a key
             reject = BAD_NAME
         elif obj.size > spec.inputs.max_bytes:
             reject = TOO_LARGE
@@ -312,9 +310,9 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
         concurrent = worker_store.remote
         with ThreadPoolExecutor(_FETCH_THREADS) if concurrent else nullcontext() as pool:
             planned = ((batch, read_plan(batch)) for batch in batches)
-            for i, ((batch, plan), following) in enumerate(_each_with_the_next(planned)):
+            for position, ((batch, plan), following) in enumerate(_each_with_the_next(planned)):
                 if not concurrent:  # the task's first batch, then always the one after this
-                    if i == 0:
+                    if position == 0:
                         worker_store.will_read(plan.to_read)
                     if following is not None:
                         worker_store.will_read(following[1].to_read)
