@@ -71,7 +71,9 @@ def fill(store, spec) -> list[str]:
             version=version, created_at=now, files=[file(prefix, "model.keras")], model=spec.model.name, feature_spec=features,
             lineage=Lineage(inputs=uris[max(0, m * 7 - 28):m * 7 + 1], code_version="bench", run_id=f"bench-{m}"),
             metrics=ModelMetrics(train_accuracy=0.99, validation_accuracy=0.95, test_accuracy=0.9 + m / 1000, test_loss=0.2, test_examples=60)))
-        registry.move_alias(store, spec.model.name, "production", version, expected=registry.read_alias(store, spec.model.name, "production"))
+        registry.record_gate_decision(store, spec.model.name, version, "production", "passed", "bench", run_id="bench")
+        registry.move_alias(store, spec.model.name, "production", version, expected=registry.read_alias(store, spec.model.name, "production"),
+                            who="bench")
         versions.append(version)
 
     def predictions(i: int) -> None:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_gc import MODEL, commit_model
+import pytest
+from test_gc import MODEL, commit_model, publish
 from test_manifest import LOCATION, PIPELINE, T0, _commit
 
 from twocluster.store import layout, registry
@@ -32,6 +33,8 @@ def test_status_alias_set_and_rollback(store: ObjectStore):
     _commit(store, dataset)
     uri = store.uri(layout.manifest_key(layout.dataset_version_prefix(PIPELINE, "2026-11-20", dataset)))
     first, second = commit_model(store, [uri], "run-1"), commit_model(store, [uri], "run-2")
+    for version in (first, second):
+        registry.record_gate_decision(store, MODEL, version, "production", "passed", "test: passed")
     store.write_bytes(layout.log_entry_key(layout.model_alias_prefix(MODEL, "production"), 1), b"{broken")
 
     assert "production -> " + first in twocluster(store, "alias", "set", MODEL, "production", first).stdout
@@ -85,3 +88,85 @@ def test_gc_is_a_dry_run_unless_applied(store: ObjectStore):
     assert "dry run: pass --apply" in twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001").stdout
     applied = json.loads(twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--apply", "--json").stdout)
     assert applied["applied"] and applied["deleted_objects"] == 2 * 3  # two files and a manifest each
+
+
+# -- issue 32: the gate cannot be bypassed silently, rollback walks the history, nothing falls back --
+
+
+def test_alias_set_refuses_a_version_the_gate_refused_unless_overridden_and_recorded(store: ObjectStore):
+    """Defect: `alias set` moved the alias to a version the gate refused, exit 0, nothing recorded."""
+    good, refused, unjudged = (commit_model(store, [], f"run-{i}") for i in range(3))
+    publish(store, good)
+    registry.record_gate_decision(store, MODEL, refused, "production", "refused", "test accuracy 0.412 is below the floor 0.900")
+
+    out = twocluster(store, "alias", "set", MODEL, "production", refused, check=False)
+    assert out.returncode == 1 and "is refused: test accuracy 0.412 is below the floor 0.900" in out.stderr
+    out = twocluster(store, "alias", "set", MODEL, "production", unjudged, check=False)
+    assert out.returncode == 1 and "has no gate decision for 'production'" in out.stderr
+    no_reason = twocluster(store, "alias", "set", MODEL, "production", refused, "--override-gate", check=False)
+    assert no_reason.returncode == 1 and "--override-gate needs --reason" in no_reason.stderr
+    assert registry.read_alias(store, MODEL, "production").version == good
+
+    moved = twocluster(store, "alias", "set", MODEL, "production", refused, "--override-gate", "--reason", "incident 42: known good")
+    assert "GATE OVERRIDDEN" in moved.stdout and registry.read_alias(store, MODEL, "production").version == refused
+    history = json.loads(twocluster(store, "alias", "history", MODEL, "production", "--json").stdout)
+    assert [(m["entry"], m["from"], m["to"], m["authority"]) for m in history["moves"]] == [
+        (1, None, good, "gate-passed"), (2, good, refused, "overridden")]
+    assert history["moves"][1]["why"] == "incident 42: known good" and history["moves"][1]["who"].startswith("os:")
+    assert history["moves"][0]["gate_entry"] == 1 and history["moves"][1]["time"]
+    assert "[set by a gate override]" in twocluster(store, "status").stdout
+    text = twocluster(store, "alias", "history", MODEL, "production").stdout
+    assert "overridden" in text and "incident 42" in text
+
+
+def test_rollback_walks_the_history_instead_of_toggling(store: ObjectStore):
+    """Defect: with production at A -> B -> C, the first rollback went to B and the second back to
+    C. It walks back: C -> B -> A, then there is nothing left; --to names a target explicitly."""
+    a, b, c = (commit_model(store, [], f"run-{i}") for i in range(3))
+    for version in (a, b, c):
+        publish(store, version)
+    first = json.loads(twocluster(store, "alias", "rollback", MODEL, "production", "--json").stdout)
+    assert (first["previous_version"], first["version"]) == (c, b)
+    second = json.loads(twocluster(store, "alias", "rollback", MODEL, "production", "--json").stdout)
+    assert (second["previous_version"], second["version"]) == (b, a)
+    third = twocluster(store, "alias", "rollback", MODEL, "production", check=False)
+    assert third.returncode == 1 and "no earlier version to roll back to" in third.stderr
+    assert registry.read_alias(store, MODEL, "production").version == a
+    explicit = json.loads(twocluster(store, "alias", "rollback", MODEL, "production", "--to", c, "--json").stdout)
+    assert explicit["version"] == c
+    never = twocluster(store, "alias", "rollback", MODEL, "production", "--to", commit_model(store, [], "run-x"), check=False)
+    assert never.returncode == 1 and "never served under 'production'" in never.stderr
+    history = json.loads(twocluster(store, "alias", "history", MODEL, "production", "--json").stdout)
+    assert [m["authority"] for m in history["moves"]] == ["gate-passed"] * 3 + ["rollback"] * 3
+
+
+def test_rollback_refuses_a_target_whose_files_do_not_verify(store: ObjectStore):
+    a, b, c = (commit_model(store, [], f"run-{i}") for i in range(3))
+    for version in (a, b, c):
+        publish(store, version)
+    store.write_bytes(f"{layout.model_version_prefix(MODEL, b)}/model.keras", b"WEIGHTS")  # same size, other bytes
+    rolled = json.loads(twocluster(store, "alias", "rollback", MODEL, "production", "--json").stdout)
+    assert rolled["version"] == a and "checksum" in rolled["skipped_targets"][0] and b in rolled["skipped_targets"][0]
+    to_b = twocluster(store, "alias", "rollback", MODEL, "production", "--to", b, check=False)
+    assert to_b.returncode == 1 and "no rollback target verifies" in to_b.stderr
+
+
+def test_a_broken_champion_is_an_error_not_a_silent_fallback(store: ObjectStore):
+    """Defect: with the champion's model file deleted, require_alias quietly returned the previous
+    champion and scoring ran with it. Now resolving names the alias, the version and the problem,
+    status and history say BROKEN, and only a person's rollback (or a new publish) moves on."""
+    from twocluster.spark.scoring import resolve_model
+
+    older, champion = commit_model(store, [], "run-older"), commit_model(store, [], "run-champion")
+    publish(store, older), publish(store, champion)
+    store.delete(f"{layout.model_version_prefix(MODEL, champion)}/model.keras")
+    with pytest.raises(registry.AliasBroken, match=f"kws_cnn:production is broken: its entry 2 points at version {champion}.*model.keras"):
+        registry.require_alias(store, MODEL, "production")
+    with pytest.raises(registry.AliasBroken):
+        resolve_model(store, MODEL, "production", None)
+    status = json.loads(twocluster(store, "status", "--json").stdout)
+    assert "model.keras" in status["models"][MODEL]["aliases"]["production"]["broken"]
+    assert "BROKEN" in twocluster(store, "status").stdout
+    assert twocluster(store, "alias", "history", MODEL, "production", check=False).returncode == 1
+    rolled = json.loads(twocluster(store, "alias", "rollback", MODEL, "production", "--reason", "champion files lost", "--json").stdout)
+    assert rolled["version"] == older and registry.require_alias(store, MODEL, "production").version == older

@@ -258,3 +258,100 @@ def test_a_pre_log_store_is_refused_clearly_then_migrated(store: ObjectStore):
     assert resolve_latest(store, LOCATION).manifest.feature_spec.featurizer_code == "sha256:" + "0" * 64
     assert migrate(store, apply=True).locations == []  # idempotent
     assert all(isinstance(e, VersionCommitted) for e in CommitLog(store, LOCATION).read().entries)
+
+
+# -- issue 32: names outside the valid range, gaps, and checkpoints ---------------------------------
+
+
+class _CountingStore(ObjectStore):
+    """The store, counting its object reads and listings (the figure the checkpoints exist for)."""
+
+    def __init__(self, store: ObjectStore):
+        super().__init__(store.root_uri, store.s3_settings)
+        self.reads = self.listings = 0
+
+    def read_bytes(self, key: str) -> bytes:
+        self.reads += 1
+        return super().read_bytes(key)
+
+    def list(self, *args, **kwargs):
+        self.listings += 1
+        return super().list(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stray", ["99999999999999999999.json", "100000000000000000000.json", "00000000000000000000.json",
+                                   "00000000000000000042.json"])
+def test_a_stray_entry_name_neither_stalls_nor_hides_commits(store: ObjectStore, stray: str):
+    """Defect: one object named 99999999999999999999.json made the next commit write a 21-digit
+    name no reader accepts; the commit "succeeded", was invisible, and gc planned to delete it.
+    Now the log is the unbroken run of entries from 1: the stray is reported and skipped, the
+    next commit follows the largest valid entry, and it is the latest."""
+    first = layout.new_version_id(T0)
+    _commit(store, first)
+    store.write_bytes(f"{layout.log_prefix(LOCATION)}/{stray}", json.dumps({"op": "commit", "seq": 1}).encode())
+    second = layout.new_version_id(T0 + dt.timedelta(hours=1))
+    _commit(store, second)
+    log = CommitLog(store, LOCATION)
+    assert log.head() == 2 and store.exists(layout.log_entry_key(LOCATION, 2))
+    state = scan_location(store, LOCATION)
+    assert [v.version for v in state.versions] == [first, second] and resolve_latest(store, LOCATION).version == second
+    assert [s.uri.rsplit("/", 1)[-1] for s in state.skipped] == [stray]
+    assert ("not a log entry name" if stray in ("100000000000000000000.json", "00000000000000000000.json")
+            else "beyond a gap") in state.skipped[0].problem
+    from twocluster.store.gc import plan_gc
+
+    assert not any(second in d.prefix for d in plan_gc(store, keep_versions=5, grace=dt.timedelta(0)).deletions)
+
+
+def test_the_largest_entry_number_is_refused_not_wrapped(file_store: ObjectStore):
+    with pytest.raises(layout.LayoutError, match="from 1 to 99999999999999999999"):
+        layout.log_entry_key(LOCATION, layout.MAX_LOG_SEQ + 1)
+    from twocluster.store.commitlog import CommitLogError
+
+    with pytest.raises(CommitLogError, match="past the largest number"):
+        CommitLog(file_store, LOCATION).append_at(layout.MAX_LOG_SEQ + 1, VersionCommitted(seq=1, version=layout.new_version_id(T0),
+                                                                                           manifest_checksum=checksum_bytes(b"")))
+
+
+def _alias_entries(store: ObjectStore, location: str, versions: list[str], start: int = 1) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from twocluster.store.commitlog import AliasMoved
+
+    def put(seq: int) -> None:
+        entry = AliasMoved(seq=seq, model="kws_cnn", alias="production", version=versions[seq % len(versions)])
+        assert store.put_if_absent(layout.log_entry_key(location, seq), entry.model_dump_json().encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(start, start + 200)))
+
+
+def test_a_checkpoint_makes_reading_a_long_log_constant(store: ObjectStore):
+    """Reading a log of N entries cost N object reads. With a checkpoint every 10 entries a read
+    costs the hint, the checkpoint and the entries after it, and sees exactly the same entries."""
+    location = "models/kws_cnn/aliases/production"
+    versions = [layout.new_version_id(T0) for _ in range(3)]
+    _alias_entries(store, location, versions)  # 200 entries written as-is: no checkpoint yet
+    counting = _CountingStore(store)
+    without = CommitLog(counting, location).read()
+    assert without.head == 200 and without.checkpoint == 0 and counting.reads == 201  # the hint, then every entry
+    assert CommitLog(store, location).write_checkpoint(200)
+    counting.reads = counting.listings = 0
+    with_checkpoint = CommitLog(counting, location).read()
+    assert (counting.reads, counting.listings, with_checkpoint.checkpoint) == (2, 1, 200)
+    assert [e.model_dump() for e in with_checkpoint.entries] == [e.model_dump() for e in without.entries]
+    # Appends past it: the 210th writes the next checkpoint and moves the hint.
+    from twocluster.store.commitlog import AliasMoved
+
+    log = CommitLog(store, location)
+    for _ in range(10):
+        log.append(lambda seq: AliasMoved(seq=seq, model="kws_cnn", alias="production", version=versions[0]))
+    counting.reads = 0
+    after = CommitLog(counting, location).read()
+    assert after.head == 210 and after.checkpoint == 210 and counting.reads == 2 and len(after.entries) == 210
+    # A damaged checkpoint or hint costs reads, never entries.
+    store.write_bytes(layout.log_checkpoint_key(location, 210), b"{not a checkpoint")
+    damaged = CommitLog(store, location).read()
+    assert damaged.checkpoint == 200 and len(damaged.entries) == 210 and "unreadable checkpoint" in damaged.skipped[0].problem
+    store.write_bytes(layout.last_checkpoint_key(location), b"[]")
+    assert len(CommitLog(store, location).read().entries) == 210

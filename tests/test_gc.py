@@ -29,6 +29,13 @@ def commit_model(store: ObjectStore, trained_on: list[str], run_id: str) -> str:
     return version
 
 
+def publish(store: ObjectStore, version: str, alias: str = "production", model: str = MODEL, reason: str = "") -> int:
+    """What a gate does when a version passes: its pass in the gate log, then the alias move."""
+    registry.record_gate_decision(store, model, version, alias, "passed", reason or "test: passed", run_id="test")
+    return registry.move_alias(store, model, alias, version, expected=registry.read_alias(store, model, alias), who="test",
+                               reason=reason).seq
+
+
 def _deleted(plan) -> dict[str, str]:
     return {d.prefix: d.reason for d in plan.deletions}
 
@@ -41,7 +48,7 @@ def test_gc_deletes_only_what_nobody_can_reach_or_is_writing(store: ObjectStore)
     dataset_uri = {v: store.uri(layout.manifest_key(layout.dataset_version_prefix(PIPELINE, "2026-11-20", v))) for v in datasets}
     published = commit_model(store, [dataset_uri[datasets[1]]], run_id="run-published")
     unpublished = [commit_model(store, [dataset_uri[datasets[2]]], run_id=f"run-{i}") for i in range(3)]
-    registry.move_alias(store, MODEL, "production", published, expected=registry.read_alias(store, MODEL, "production"))
+    publish(store, published)
     abandoned = layout.new_version_id(T0)
     _write_version(store, abandoned)  # a killed writer: files, no commit
     in_flight = layout.new_version_id(T0)
@@ -94,3 +101,61 @@ def test_gc_deletes_only_what_nobody_can_reach_or_is_writing(store: ObjectStore)
     again = plan_gc(store, keep_versions=2, grace=GRACE)
     assert ds(in_flight) in _deleted(again) and set(_deleted(again)) <= {ds(in_flight), ds(young)}
     assert all("abandoned write" in reason for reason in _deleted(again).values())
+
+
+# -- issue 32: gc checks again when it applies, and never races an alias move --------------------
+
+
+def _old_models(store: ObjectStore, n: int) -> list[str]:
+    versions = [commit_model(store, [], f"run-old-{i}") for i in range(n)]
+    time.sleep(GRACE.total_seconds() + 1)
+    return versions
+
+
+def test_gc_apply_leaves_a_version_an_alias_moved_to_after_the_plan(store: ObjectStore):
+    """Defect: gc planned to retire v0, an operator then pointed the alias at v0, and `gc --apply`
+    deleted it anyway (the alias then resolved to another version). Apply re-checks."""
+    v0, v1, v2 = _old_models(store, 3)
+    plan = plan_gc(store, keep_versions=2, grace=GRACE)
+    assert layout.model_version_prefix(MODEL, v0) in _deleted(plan)
+    publish(store, v0, reason="the operator's pick")
+    apply_gc(store, plan)
+    assert registry.require_alias(store, MODEL, "production").version == v0
+    assert store.exists(f"{layout.model_version_prefix(MODEL, v0)}/model.keras")
+    assert any(v0 in item["uri"] and "changed since the plan" in item["reason"] for item in plan.left_alone)
+    assert "left_alone" in plan.as_dict()
+
+
+def test_a_version_being_retired_cannot_become_an_alias_target(store: ObjectStore):
+    v0, _, _ = _old_models(store, 3)
+    registry.record_gate_decision(store, MODEL, v0, "production", "passed", "test")
+    from twocluster.store.commitlog import CommitLog, VersionRemoved
+
+    CommitLog(store, layout.model_versions_prefix(MODEL)).append(lambda seq: VersionRemoved(seq=seq, version=v0, reason="gc: test"))
+    import pytest
+
+    with pytest.raises(registry.RegistryError, match="was removed"):
+        registry.move_alias(store, MODEL, "production", v0, expected=registry.read_alias(store, MODEL, "production"), who="test")
+
+
+def test_an_alias_moving_while_gc_retires_the_version_restores_it(store: ObjectStore, monkeypatch):
+    """The window between apply's fresh check and its tombstone: the alias moves there. The
+    re-check after the tombstone sees it, restores the version (committed again, same manifest)
+    and keeps its files; the alias resolves to it."""
+    import twocluster.store.gc as gc
+
+    v0, v1, v2 = _old_models(store, 3)
+    plan = plan_gc(store, keep_versions=2, grace=GRACE)
+    fresh_plan = gc.plan_gc
+
+    def plan_then_move(*args, **kwargs):
+        fresh = fresh_plan(*args, **kwargs)
+        publish(store, v0)  # lands after the fresh check, before the tombstone
+        return fresh
+
+    monkeypatch.setattr(gc, "plan_gc", plan_then_move)
+    apply_gc(store, plan)
+    assert registry.require_alias(store, MODEL, "production").version == v0
+    versions = registry.model_versions(store, MODEL)
+    assert [v.version for v in versions.versions] == [v0, v1, v2] and v0 not in versions.removed  # its place in the order kept
+    assert any("restored" in item["reason"] for item in plan.left_alone)

@@ -83,8 +83,9 @@ def filled(store: ObjectStore, spec):
     fourth = _dataset(store, spec, D[3])
     v2 = commit_model(store, [first, fourth], "run-2")
     for version in (v1, v2):
+        registry.record_gate_decision(store, spec.model.name, version, "production", "passed", "test", run_id="test")
         state = registry.read_alias(store, spec.model.name, "production")
-        registry.move_alias(store, spec.model.name, "production", version, expected=state, reason=f"published {version}")
+        registry.move_alias(store, spec.model.name, "production", version, expected=state, who="test", reason=f"published {version}")
     CommitLog(store, layout.model_gate_prefix(spec.model.name)).append(lambda seq: GateDecided(
         seq=seq, model=spec.model.name, alias="production", version=v2, outcome="published", reason="better",
         numbers={"test_accuracy": 0.9, "champion_version": v1, "champion_test_accuracy": 0.9}))
@@ -111,7 +112,7 @@ def test_overview_shows_missing_rejected_moved_and_invalid(filled, spec):
     assert drift == tvd({"yes": 90, "no": 8}, {"yes": 100, "no": 96}) and drift > spec.monitoring.max_drift
     assert rows[D[4]].dataset is None and any(D[4].isoformat() in s.uri for s in o.skipped)
     assert [m.version for m in o.models] == [v1, v2] and o.models[1].aliases == ["production"]
-    assert o.models[1].gate[0].champion_version == v1 and o.models[1].trained_on == [str(D[0]), str(D[3])]
+    assert o.models[1].gate[-1].champion_version == v1 and o.models[1].trained_on == [str(D[0]), str(D[3])]
     assert [(mv.version, mv.previous_version) for mv in o.alias_moves] == [(v1, None), (v2, v1)]
     assert o.freshness.newest_scored_date == D[3] and o.freshness.lag_days == 1 and not o.freshness.late
     problems = health_problems(o)
@@ -173,3 +174,19 @@ def test_a_dag_runs_view_shows_what_that_run_committed(filled, spec):
     assert page.status_code == 200 and v2 in page.text and "already_published" in page.text
     assert "committed nothing" in client.get(f"/runs/{spec.name}/scheduled__1999-01-01").text
     assert client.get("/runs/nope/r").status_code == 404
+
+
+def test_the_page_shows_a_broken_alias_and_a_gate_override_in_red(filled, spec):
+    """Issue 32: an override is visible where ops look, and a broken champion is a health problem
+    (the page and the health DAG say so) rather than a silent fallback."""
+    store, v1, v2 = filled
+    v3 = commit_model(store, [], "run-3")
+    registry.move_alias(store, spec.model.name, "production", v3, expected=registry.read_alias(store, spec.model.name, "production"),
+                        who="os:oncall", override=True, reason="incident 7")
+    store.delete(f"{layout.model_version_prefix(spec.model.name, v3)}/model.keras")
+    overview = pipeline_overview(store, spec, today=D[-1])
+    assert "model.keras" in overview.broken_aliases["production"]
+    assert overview.alias_moves[-1].authority == "override" and overview.alias_moves[-1].who == "os:oncall"
+    assert any("production is broken" in p for p in health_problems(overview))
+    page = TestClient(create_app(lambda s: store, lambda: {spec.name: spec})).get(f"/pipelines/{spec.name}").text
+    assert "BROKEN:" in page and "<tr class=override>" in page and "GATE OVERRIDDEN" in page and "incident 7" in page

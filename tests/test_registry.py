@@ -7,7 +7,7 @@ import json
 import threading
 
 import pytest
-from test_gc import MODEL, commit_model
+from test_gc import MODEL, commit_model, publish
 
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import AliasMoved, CommitLog
@@ -16,6 +16,8 @@ from twocluster.store.storage import ObjectStore
 
 def test_concurrent_alias_moves_from_one_state_exactly_one_wins(store: ObjectStore):
     versions = [commit_model(store, [], f"run-{i}") for i in range(6)]
+    for version in versions:
+        registry.record_gate_decision(store, MODEL, version, "production", "passed", "test")
     state = registry.read_alias(store, MODEL, "production")
     barrier = threading.Barrier(len(versions))
     outcomes: list[str] = [""] * len(versions)
@@ -23,7 +25,7 @@ def test_concurrent_alias_moves_from_one_state_exactly_one_wins(store: ObjectSto
     def move(i: int) -> None:
         barrier.wait()
         try:
-            registry.move_alias(store, MODEL, "production", versions[i], expected=state)
+            registry.move_alias(store, MODEL, "production", versions[i], expected=state, who="test")
             outcomes[i] = "moved"
         except registry.AliasConflict:
             outcomes[i] = "conflict"
@@ -41,7 +43,8 @@ def test_concurrent_alias_moves_from_one_state_exactly_one_wins(store: ObjectSto
 
 def test_moving_to_an_uncommitted_version_is_refused(store: ObjectStore):
     with pytest.raises(registry.RegistryError, match="is not committed"):
-        registry.move_alias(store, MODEL, "production", layout.new_version_id(), expected=registry.read_alias(store, MODEL, "production"))
+        registry.move_alias(store, MODEL, "production", layout.new_version_id(), expected=registry.read_alias(store, MODEL, "production"),
+                            who="test", override=True, reason="test")
     assert CommitLog(store, layout.model_alias_prefix(MODEL, "production")).head() == 0
 
 
@@ -54,7 +57,7 @@ def test_malformed_alias_entries_are_skipped_and_reported(store: ObjectStore):
         {**valid, "seq": 2, "written_at": "2026-11-21T12:00:00"},  # naive timestamp: never used to order, accepted
         {**valid, "seq": 3, "version": "latest"},
         {**valid, "seq": 4, "model": "another_model"},
-        {**valid, "seq": 5, "version": layout.new_version_id()},  # never committed
+        {**valid, "seq": 5, "alias": "staging"},
         [1, 2, 3],
     ], start=2):
         store.write_bytes(layout.log_entry_key(location, seq), json.dumps(doc).encode())
@@ -63,5 +66,4 @@ def test_malformed_alias_entries_are_skipped_and_reported(store: ObjectStore):
     assert len(state.skipped) == 4
     assert registry.require_alias(store, MODEL, "production").version == good
     newer = commit_model(store, [], "run-newer")
-    entry = registry.move_alias(store, MODEL, "production", newer, expected=state)
-    assert entry.seq == 7 and registry.read_alias(store, MODEL, "production").version == newer
+    assert publish(store, newer) == 7 and registry.read_alias(store, MODEL, "production").version == newer

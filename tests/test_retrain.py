@@ -9,7 +9,7 @@ import pytest
 from test_manifest import FEATURES
 
 from twocluster.orchestration.retrain import committed_datasets, decide_retrain
-from twocluster.orchestration.runs import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id
+from twocluster.orchestration.runs import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id, write_training_job
 from twocluster.store import layout, registry
 from twocluster.store.manifest import Counts, DatasetManifest, Lineage, ModelManifest, ModelMetrics, commit_version
 from twocluster.store.storage import ObjectStore
@@ -38,8 +38,9 @@ def _champion(store: ObjectStore, spec, trained_on: list[str], alias: str = "pro
                              lineage=Lineage(inputs=trained_on, code_version="test", run_id=f"run-{version}"), feature_spec=FEATURES,
                              metrics=ModelMetrics(train_accuracy=1, validation_accuracy=1, test_accuracy=1, test_loss=0, test_examples=1))
     commit_version(store, layout.model_versions_prefix(spec.model.name), manifest)
+    registry.record_gate_decision(store, spec.model.name, version, alias, "passed", "test", run_id="test")
     state = registry.read_alias(store, spec.model.name, alias)
-    registry.move_alias(store, spec.model.name, alias, version, expected=state)
+    registry.move_alias(store, spec.model.name, alias, version, expected=state, who="test")
     return version
 
 
@@ -158,3 +159,28 @@ def test_check_dataset_enforces_presence_examples_and_reject_rate(file_store, sp
     file_store.delete(f"{layout.dataset_date_prefix(speech_spec.name, D)}/v={committed_datasets(file_store, speech_spec.name, D, D)[D.isoformat()].version}/parquet/part-0.parquet")
     with pytest.raises(Exception, match="not there"):
         check_dataset(speech_spec, file_store, D.isoformat(), 0.2)
+
+
+def test_a_training_runs_identity_is_its_inputs(store, speech_spec):
+    """Defect: a train task cleared after its dates were reprocessed returned `already_trained` with
+    the version trained on the old dataset (the key was the run id only). The run id now ends with
+    the job's fingerprint, and the trainer and the gate look a run's version up by both."""
+    from twocluster.store.jobspec import load_job_spec
+
+    old = _dataset(store, speech_spec, D, 900)
+    training_run = training_run_id(speech_spec.name, str(D), "manual__1")
+    decision = {"date": str(D), "training_datasets": [old]}
+    first = load_job_spec(write_training_job(speech_spec, store, decision, training_run, 0), store)
+    assert load_job_spec(write_training_job(speech_spec, store, decision, training_run, 0), store).run_id == first.run_id  # a retry: same run
+    reprocessed = _dataset(store, speech_spec, D, 900)  # the date again: a new dataset version
+    second = load_job_spec(write_training_job(speech_spec, store, {**decision, "training_datasets": [reprocessed]}, training_run, 0), store)
+    assert second.run_id != first.run_id and second.run_id.startswith(training_run) and second.fingerprint() != first.fingerprint()
+
+    # The version the first inputs trained is not the second run's result, even under one run id.
+    version = layout.new_version_id()
+    commit_version(store, layout.model_versions_prefix(speech_spec.model.name), ModelManifest(
+        version=version, created_at=dt.datetime.now(dt.UTC), files=[], model=speech_spec.model.name, feature_spec=FEATURES,
+        lineage=Lineage(inputs=[old], code_version="test", run_id=second.run_id, input_fingerprint=first.fingerprint()),
+        metrics=ModelMetrics(train_accuracy=1, validation_accuracy=1, test_accuracy=1, test_loss=0, test_examples=1)))
+    assert registry.find_version_of_run(store, speech_spec.model.name, second.run_id, second.fingerprint()) is None
+    assert registry.find_version_of_run(store, speech_spec.model.name, second.run_id, first.fingerprint()).version == version

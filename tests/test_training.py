@@ -23,7 +23,7 @@ from twocluster.store.storage import ObjectStore
 from twocluster.training.data import DataError, stage_splits
 from twocluster.training.distribute import strategy_kind
 from twocluster.training.gate import gate_and_publish
-from twocluster.training.trainer import TrainingError, run_training
+from twocluster.training.trainer import TrainingError, checkpoint_prefix, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 17)
@@ -107,6 +107,16 @@ def test_rerunning_a_finished_run_does_not_train_again(trained, tmp_path):
     assert again.status == "already_trained" and again.version == first.version
 
 
+def test_a_run_id_reused_with_other_inputs_trains_again(trained, tmp_path):
+    """Defect: the idempotency key was the run id only, so a run cleared after its inputs changed
+    returned the version trained on the old ones (and would resume their checkpoints)."""
+    store, manifest_uri, first = trained
+    other = run_training(_job(store, manifest_uri, "run-a", epochs=1), tmp_path)
+    assert other.status == "trained" and other.version != first.version and other.resumed_from_epoch == 0
+    assert run_training(_job(store, manifest_uri, "run-a", epochs=1), tmp_path).version == other.version  # identical: done
+    assert run_training(_job(store, manifest_uri, "run-a"), tmp_path).version == first.version
+
+
 def test_gate_publishes_refuses_worse_and_resolves_newest_valid(trained, dataset, tmp_path):
     store, manifest_uri, first = trained
     assert registry.resolve_alias(store, "kws_cnn", "production") is None
@@ -130,19 +140,22 @@ def test_gate_publishes_refuses_worse_and_resolves_newest_valid(trained, dataset
     assert refused.champion_test_accuracy is not None and refused.champion_recorded_test_accuracy is not None
     assert registry.require_alias(store, "kws_cnn", "production").version == first.version
 
-    # An entry pointing at a version that was never committed is skipped; the newest valid wins.
+    # An entry pointing at a version that was never committed breaks the alias: no fallback to
+    # the one before it (issue 32).
     ghost = layout.new_version_id()
     location = layout.model_alias_prefix("kws_cnn", "production")
     assert CommitLog(store, location).append_at(2, AliasMoved(seq=2, model="kws_cnn", alias="production", version=ghost))
     state = registry.read_alias(store, "kws_cnn", "production")
-    assert state.version == first.version and state.position == 2 and "not a valid committed version" in state.skipped[0].problem
-    # An explicit lower-quality publish (allowed regression) moves the alias past it.
+    assert state.version == ghost and state.position == 2 and "is not committed" in state.broken
+    with pytest.raises(registry.AliasBroken, match=f"points at version {ghost}"):
+        registry.require_alias(store, "kws_cnn", "production")
+    # A gate-passed publish (allowed regression) replaces the broken champion; only the floor applied.
     lenient = gate_and_publish(store, "kws_cnn", worse.version, "production", min_test_accuracy=0.0, max_regression=1.0)
-    assert lenient.published and lenient.alias_entry == 3
+    assert lenient.published and lenient.alias_entry == 3 and "is broken" in lenient.reason
     state = registry.read_alias(store, "kws_cnn", "production")
-    assert state.version == worse.version and [e.version for e in state.history] == [first.version, worse.version]
-    assert state.previous_version() == first.version
-    assert lenient.champion_version == first.version
+    assert state.version == worse.version and [e.version for e in state.history] == [first.version, ghost, worse.version]
+    assert state.rollback_candidates() == [ghost, first.version]
+    assert lenient.champion_version == ghost
 
 
 def _gates_released_together(store, versions: list[str], alias: str) -> list:
@@ -330,7 +343,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(dataset, tmp_pat
     spec_path = tmp_path / "job.json"
     spec_path.write_text(job.model_dump_json())
     cmd = [sys.executable, str(ROOT / "training_jobs" / "train.py"), "--job-spec", str(spec_path), "--work-dir", str(tmp_path / "w")]
-    pointer = "models/kws_cnn/runs/run-preempted/LATEST.json"
+    pointer = f"{checkpoint_prefix(job)}/LATEST.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_checkpoint(store, pointer, proc, epoch=2)
@@ -608,3 +621,29 @@ def test_the_augmentation_layers_shift_each_example_keep_jit_and_vanish_at_infer
     trained = with_augmentation(model, [edge])
     assert all(layer.supports_jit for layer in trained._flatten_layers()), "Keras' own shift layers turn jit off"
     assert np.allclose(trained.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_approval_policy_waits_for_a_person_with_the_evidence(trained):
+    """gate.approval: the first model under an alias waits for a person (needs_approval, with the
+    per-class accuracy and the confusion matrix on the test split); the registry moves nothing on
+    it until a person's answer, which the alias history records."""
+    store, _, first = trained
+    waiting = gate_and_publish(store, "kws_cnn", first.version, "approval", 0.0, 0.02, approval="first_model", run_id="dag-run-1")
+    assert waiting.outcome == "needs_approval" and "first model" in waiting.reason and not waiting.published
+    assert set(waiting.per_class_accuracy) == set(registry.read_model_manifest(store, "kws_cnn", first.version).label_vocabulary)
+    assert sum(map(sum, waiting.confusion_matrix)) == waiting.test_examples
+    assert registry.resolve_alias(store, "kws_cnn", "approval") is None
+    with pytest.raises(registry.GateNotPassed, match="is needs_approval"):
+        registry.move_alias(store, "kws_cnn", "approval", first.version, expected=registry.read_alias(store, "kws_cnn", "approval"),
+                            who="someone")
+    answer = registry.decide_approval(store, "kws_cnn", first.version, "approval", "publish", who="airflow:alice", comment="looks right")
+    assert answer["alias_moved"] == "approval" and registry.require_alias(store, "kws_cnn", "approval").version == first.version
+    moved = registry.read_alias(store, "kws_cnn", "approval").current
+    assert registry.authority_of(moved).kind == "approval" and registry.authority_of(moved).who == "airflow:alice"
+    again = registry.decide_approval(store, "kws_cnn", first.version, "approval", "publish", who="airflow:alice", comment="retry")
+    assert again["already_decided"] and len(registry.read_alias(store, "kws_cnn", "approval").history) == 1
+    # Rejected: nothing moves, the rejection is the standing decision.
+    gate_and_publish(store, "kws_cnn", first.version, "approval-no", 0.0, 0.02, approval="always")
+    registry.decide_approval(store, "kws_cnn", first.version, "approval-no", "reject", who="airflow:bob", comment="not this week")
+    assert registry.resolve_alias(store, "kws_cnn", "approval-no") is None
+    assert registry.gate_standing(store, "kws_cnn", first.version, "approval-no").decided_by == "airflow:bob"

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         ObjectStore(args.store), args.model, args.version, args.alias, args.min_test_accuracy, args.max_regression
     )
     print(decision.to_json())
-    return 0 if decision.published else REFUSED
+    return 0 if decision.outcome in ("published", "already_published") else REFUSED
 
 
 if __name__ == "__main__":

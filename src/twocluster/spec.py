@@ -173,6 +173,11 @@ class Thresholds(_Strict):
 class Gate(_Strict):
     min_test_accuracy: float = Field(0.9, ge=0, le=1)
     max_regression: float = Field(0.02, ge=0, le=1)
+    # When a person must approve a version that passed the checks before the alias moves:
+    # never, the first model under an alias, a model worse than the champion on any class (on the
+    # same test set), or always. Until then the decision is `needs_approval` and nothing moves;
+    # `twocluster approve` records the person's answer (see docs/model-control.md).
+    approval: Literal["never", "first_model", "when_worse_on_any_class", "always"] = "never"
 
 
 class Model(_Strict):

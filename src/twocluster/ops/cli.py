@@ -3,7 +3,10 @@
     twocluster status  [--pipeline P] [--store URI]     what is committed, published and skipped
     twocluster verify  URI                              re-check one version's files
     twocluster alias set MODEL ALIAS VERSION            move an alias (compare-and-set)
-    twocluster alias rollback MODEL ALIAS               back to the version before the current one
+    twocluster alias set MODEL ALIAS VERSION --override-gate --reason TEXT   bypass the gate (recorded)
+    twocluster alias rollback MODEL ALIAS [--to V]      back along the history to a version that verifies
+    twocluster alias history MODEL ALIAS                every move: when, from, to, who, why, authority
+    twocluster approve MODEL VERSION --option publish|staging|reject --comment TEXT
     twocluster gc      [--apply]                        what garbage collection would delete
     twocluster migrate [--apply]                        pre-log stores to the commit-log layout
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import json
 import logging
 import os
@@ -102,7 +106,8 @@ def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, A
             if state.current is not None:
                 aliases[alias] = {"version": state.version, "log_entry": state.current.seq,
                                   "previous_version": state.previous_version(), "reason": state.current.reason,
-                                  "moves": len(state.history)}
+                                  "moves": len(state.history), "broken": state.broken,
+                                  "authority": registry.authority_of(state.current).kind}
                 pointed.setdefault(state.version, []).append(alias)
         out["models"][model] = {
             "aliases": aliases,
@@ -132,7 +137,9 @@ def _print_status(status: dict) -> None:
         print(f"\nmodel {model}")
         for alias, a in sorted(m["aliases"].items()):
             prev = f" (before: {a['previous_version']})" if a["previous_version"] else ""
-            print(f"  {alias} -> {a['version']}{prev}")
+            broken = f"  BROKEN: {a['broken']}" if a["broken"] else ""
+            override = "  [set by a gate override]" if a["authority"] == "override" else ""
+            print(f"  {alias} -> {a['version']}{prev}{override}{broken}")
         for v in m["versions"]:
             tags = f"  [{', '.join(v['aliases'])}]" if v["aliases"] else ""
             span = f"{v['trained_on'][0]}..{v['trained_on'][-1]}" if v["trained_on"] else "-"
@@ -180,39 +187,92 @@ def verify_uri(uri: str) -> dict:
 # -- alias ---------------------------------------------------------------------------------------
 
 
-def alias_set(store: ObjectStore, model: str, alias: str, version: str, reason: str, attempts: int = 5) -> dict:
+def operator(user: str | None = None) -> str:
+    """Who acts, for the alias history: an Airflow user when one is given, else the OS user."""
+    return f"airflow:{user}" if user else f"os:{os.environ.get('USER') or getpass.getuser()}"
+
+
+def alias_set(store: ObjectStore, model: str, alias: str, version: str, reason: str, *, override_gate: bool = False,
+              who: str | None = None, attempts: int = 5) -> dict:
+    """Move an alias to a version whose gate decision for it passed or a person approved; with
+    ``override_gate`` (and a reason) to any committed version, recorded as an override."""
     layout.check_name(model, "model"), layout.check_name(alias, "alias"), layout.check_version(version)
+    if override_gate and not reason.strip():
+        raise CliError("--override-gate needs --reason TEXT: the override is recorded with it")
     for _ in range(attempts):
         state = registry.read_alias(store, model, alias)
-        if state.version == version:
+        if state.version == version and not state.broken:
             return {"model": model, "alias": alias, "version": version, "moved": False, "reason": "already there"}
         try:
-            entry = registry.move_alias(store, model, alias, version, expected=state, reason=reason or "set by an operator",
-                                        run_id=_operator())
+            entry = registry.move_alias(store, model, alias, version, expected=state, who=who or operator(),
+                                        reason=reason or "set by an operator", override=override_gate)
         except registry.AliasConflict:
             continue
         return {"model": model, "alias": alias, "version": version, "moved": True, "previous_version": state.version,
-                "log_entry": entry.seq}
+                "log_entry": entry.seq, "authority": registry.authority_of(entry).kind}
     raise CliError(f"{model}:{alias} kept moving; try again")
 
 
-def alias_rollback(store: ObjectStore, model: str, alias: str, reason: str) -> dict:
+def alias_rollback(store: ObjectStore, model: str, alias: str, reason: str, *, to: str | None = None, who: str | None = None) -> dict:
+    """Back along the alias's history: to the newest version before the current one that a
+    rollback has not left and whose files verify (or to ``to``, which must have served under the
+    alias and verify). Never to a version that does not verify."""
     state = registry.read_alias(store, model, alias)
     if state.current is None:
         raise CliError(f"nothing is published as {model}:{alias}")
-    previous = state.previous_version()
-    if previous is None:
-        raise CliError(f"{model}:{alias} has no earlier version to roll back to (it only ever pointed at {state.version})")
-    try:
-        entry = registry.move_alias(store, model, alias, previous, expected=state,
-                                    reason=reason or f"rollback from {state.version} by an operator", run_id=_operator())
-    except registry.AliasConflict:
-        raise CliError(f"{model}:{alias} moved while rolling back; look at `twocluster status` and try again") from None
-    return {"model": model, "alias": alias, "version": previous, "moved": True, "previous_version": state.version, "log_entry": entry.seq}
+    candidates = [layout.check_version(to)] if to else state.rollback_candidates()
+    if not candidates:
+        raise CliError(f"{model}:{alias} has no earlier version to roll back to (history: "
+                       f"{' -> '.join(e.version for e in state.history)}; versions rolled back from are not candidates)")
+    problems = []
+    for target in candidates:
+        try:
+            registry.read_model_manifest(store, model, target, verify_checksums=True)
+        except ManifestError as e:
+            problems.append(f"{target}: {e}")
+            continue
+        try:
+            entry = registry.move_alias(store, model, alias, target, expected=state, who=who or operator(), rollback=True,
+                                        reason=reason or f"rollback from {state.version} by an operator")
+        except registry.AliasConflict:
+            raise CliError(f"{model}:{alias} moved while rolling back; look at `twocluster alias history` and try again") from None
+        return {"model": model, "alias": alias, "version": target, "moved": True, "previous_version": state.version,
+                "log_entry": entry.seq, "skipped_targets": problems}
+    raise CliError(f"{model}:{alias}: no rollback target verifies: " + "; ".join(problems))
 
 
-def _operator() -> str:
-    return f"cli:{os.environ.get('USER', 'unknown')}"
+def alias_history(store: ObjectStore, model: str, alias: str) -> dict:
+    """Every move of the alias, oldest first: entry, time, from, to, who, why and on what authority."""
+    layout.check_name(model, "model"), layout.check_name(alias, "alias")
+    state = registry.read_alias(store, model, alias)
+    decisions = {d.seq: d for d in registry.gate_decisions(store, model)}
+    moves = []
+    for e in state.history:
+        authority = registry.authority_of(e)
+        gate = decisions.get(authority.gate_entry) if authority.gate_entry else None
+        moves.append({"entry": e.seq, "time": e.written_at.isoformat(), "from": e.previous_version, "to": e.version,
+                      "who": authority.who or e.run_id, "run_id": e.run_id, "why": e.reason,
+                      "authority": {"gate": "gate-passed", "approval": "approved", "override": "overridden",
+                                    "rollback": "rollback", "legacy": "before audits"}[authority.kind],
+                      "gate_entry": authority.gate_entry, "approved_by": gate.decided_by if gate and gate.outcome == "approved" else None,
+                      "rolled_back_from": authority.rolled_back_from})
+    return {"model": model, "alias": alias, "current": state.version, "broken": state.broken, "moves": moves,
+            "skipped": [asdict(s) for s in state.skipped]}
+
+
+def _print_history(history: dict) -> None:
+    print(f"{history['model']}:{history['alias']} -> {history['current'] or 'nothing'}"
+          + (f"  BROKEN: {history['broken']}" if history["broken"] else ""))
+    for m in history["moves"]:
+        print(f"  #{m['entry']:<4} {m['time'][:19]}  {m['from'] or '-':<26} -> {m['to']:<26} {m['authority']:<12} "
+              f"{m['who']}: {m['why']}")
+
+
+def approve(store: ObjectStore, model: str, version: str, alias: str, option: str, comment: str, who: str | None = None) -> dict:
+    """A person's answer to a version waiting for approval (see :func:`registry.decide_approval`)."""
+    layout.check_name(model, "model"), layout.check_name(alias, "alias"), layout.check_version(version)
+    result = registry.decide_approval(store, model, version, alias, option, who=who or operator(), comment=comment)
+    return {"model": model, "version": version, "alias": alias, **result}
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -235,10 +295,23 @@ def _parser() -> argparse.ArgumentParser:
     alias_set_p.add_argument("alias")
     alias_set_p.add_argument("version")
     alias_set_p.add_argument("--reason", default="")
-    rollback = alias_sub.add_parser("rollback", parents=[common])
+    alias_set_p.add_argument("--override-gate", action="store_true",
+                             help="point at a version the gate did not pass (needs --reason; recorded as an override)")
+    rollback = alias_sub.add_parser("rollback", parents=[common], help="back to the newest earlier version that verifies")
     rollback.add_argument("model")
     rollback.add_argument("alias")
     rollback.add_argument("--reason", default="")
+    rollback.add_argument("--to", help="roll back to this version (it must have served under the alias)")
+    history = alias_sub.add_parser("history", parents=[common], help="every move: when, from, to, who, why, on what authority")
+    history.add_argument("model")
+    history.add_argument("alias")
+    approve_p = sub.add_parser("approve", parents=[common], help="answer a version waiting for a person's approval")
+    approve_p.add_argument("model")
+    approve_p.add_argument("version")
+    approve_p.add_argument("--alias", default="production")
+    approve_p.add_argument("--option", choices=registry.APPROVAL_OPTIONS, required=True,
+                           help="publish: move the alias; staging: move only 'staging'; reject")
+    approve_p.add_argument("--comment", required=True)
     gc = sub.add_parser("gc", parents=[common], help="garbage collection (a dry run unless --apply)")
     gc.add_argument("--apply", action="store_true")
     gc.add_argument("--keep", type=int, default=None, help="committed versions kept per date and model (default: the spec's, 3)")
@@ -282,12 +355,25 @@ def _run(args) -> int:
             _print_status(status)
         return 0
     if args.command == "alias":
+        if args.alias_command == "history":
+            history = alias_history(store, args.model, args.alias)
+            if args.json:
+                _emit(args, history)
+            else:
+                _print_history(history)
+            return 1 if history["broken"] else 0
         if args.alias_command == "set":
-            result = alias_set(store, args.model, args.alias, args.version, args.reason)
+            result = alias_set(store, args.model, args.alias, args.version, args.reason, override_gate=args.override_gate)
         else:
-            result = alias_rollback(store, args.model, args.alias, args.reason)
+            result = alias_rollback(store, args.model, args.alias, args.reason, to=args.to)
         _emit(args, result, f"{result['model']}:{result['alias']} -> {result['version']}"
-                            + ("" if result["moved"] else f" ({result['reason']})"))
+                            + ("" if result["moved"] else f" ({result['reason']})")
+                            + (" (GATE OVERRIDDEN, recorded)" if result.get("authority") == "override" else ""))
+        return 0
+    if args.command == "approve":
+        result = approve(store, args.model, args.version, args.alias, args.option, args.comment)
+        _emit(args, result, f"{args.model} {args.version}: {result['outcome']}" + (f", {result['alias_moved']} -> {args.version}"
+                                                                                     if result.get("alias_moved") else ""))
         return 0
     if args.command == "gc":
         from twocluster.store.gc import apply_gc, plan_gc

@@ -116,6 +116,8 @@ class AliasMove(BaseModel):
     previous_version: str | None
     reason: str
     written_at: dt.datetime
+    authority: str = "legacy"  # gate | approval | override | rollback | legacy (twocluster.store.registry.MoveAuthority)
+    who: str = ""
 
 
 class Freshness(BaseModel):
@@ -140,6 +142,7 @@ class PipelineOverview(BaseModel):
     aliases: dict[str, str | None]
     skipped: list[Skipped]
     read_seconds: float = 0.0
+    broken_aliases: dict[str, str] = Field(default_factory=dict)  # alias -> why its target does not validate
 
 
 def tvd(p: dict[str, int], q: dict[str, int]) -> float | None:
@@ -251,7 +254,8 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
             aliases=sorted(a for a, cur in current.items() if cur == v.version), gate=gate_by_version.get(v.version, []),
             files=[f.path for f in m.files if f.path in ("training_curves.png", "metrics.json", "history.csv")]))
     moves = sorted((AliasMove(alias=a, seq=e.seq, version=e.version, previous_version=e.previous_version, reason=e.reason,
-                              written_at=e.written_at) for a, s in alias_states.items() for e in s.history),
+                              written_at=e.written_at, authority=(auth := registry.authority_of(e)).kind, who=auth.who or e.run_id)
+                    for a, s in alias_states.items() for e in s.history),
                    key=lambda mv: (mv.alias, mv.seq))
 
     def label_counts_of(model_version: str) -> dict[str, int]:
@@ -318,7 +322,7 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     return PipelineOverview(
         pipeline=spec.name, model=model, store=store.root_uri, generated_at=dt.datetime.now(dt.UTC), window=window,
         freshness=freshness, max_reject_rate=threshold, max_drift=spec.monitoring.max_drift, dates=rows, models=models,
-        alias_moves=moves, aliases=current, skipped=_unique(skipped), read_seconds=round(time.perf_counter() - started, 3))
+        alias_moves=moves, aliases=current, broken_aliases={a: s.broken for a, s in alias_states.items() if s.broken}, skipped=_unique(skipped), read_seconds=round(time.perf_counter() - started, 3))
 
 
 def _unique(items: list[Skipped]) -> list[Skipped]:
@@ -359,6 +363,8 @@ def health_problems(overview: PipelineOverview) -> list[str]:
     if f.late:
         problems.append(f"{overview.pipeline}: newest scored date is {f.newest_scored_date or 'none'}"
                         f" ({'never' if f.lag_days is None else f'{f.lag_days} days'} behind; limit {f.max_lag_days})")
+    problems += [f"{overview.model}:{alias} is broken (nothing falls back to an older version): {why}"
+                 for alias, why in overview.broken_aliases.items()]
     rejecting = [str(r.date) for r in overview.dates if r.dataset and r.dataset.reject_rate > overview.max_reject_rate]
     if rejecting:
         problems.append(f"{overview.pipeline}: reject rate above {overview.max_reject_rate:.1%} on {', '.join(rejecting)}")

@@ -39,7 +39,7 @@ h1{font-size:20px;margin:0}h2{font-size:16px;margin:0 0 8px}
 table{border-collapse:collapse;font-size:12px;width:100%}th,td{border-bottom:1px solid #eee;padding:3px 6px;text-align:left}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .chip{display:inline-block;border-radius:9px;padding:0 7px;font-size:11px;color:#fff}
-.ok{background:#59a14f}.bad{background:#e15759}.warn{background:#f28e2b}.none{background:#aaa}
+tr.override td{color:#e15759;font-weight:600}.ok{background:#59a14f}.bad{background:#e15759}.warn{background:#f28e2b}.none{background:#aaa}
 .banner{padding:8px 12px;border-radius:6px;margin-bottom:12px}.banner.ok{color:#fff}.banner.bad{color:#fff}
 svg.chart{width:100%;height:auto;max-width:760px}code{font-size:11px}
 """
@@ -58,9 +58,11 @@ def _chip(ok: bool | None, text: str) -> str:
 def render_overview(o: PipelineOverview, base: str = "") -> str:
     f = o.freshness
     lag = "never scored" if f.lag_days is None else f"{f.lag_days} day(s)"
-    banner = (f'<div class="banner {"bad" if f.late else "ok"}">Newest scored date: <b>{f.newest_scored_date or "none"}</b> '
+    banner = (f'<div class="banner {"bad" if f.late or o.broken_aliases else "ok"}">Newest scored date: <b>{f.newest_scored_date or "none"}</b> '
               f"({lag} behind; limit {f.max_lag_days}). Aliases: "
-              + ", ".join(f"<b>{escape(a)}</b> → {escape(v or 'nothing')}" for a, v in o.aliases.items()) + "</div>")
+              + ", ".join(f"<b>{escape(a)}</b> → {escape(v or 'nothing')}" + (f" <b>BROKEN: {escape(o.broken_aliases[a])}</b>"
+                                                                              if a in o.broken_aliases else "")
+                          for a, v in o.aliases.items()) + "</div>")
     labels = [d.date.strftime("%m-%d") for d in o.dates]
     reasons = sorted({r for d in o.dates if d.dataset for r in d.dataset.rejected_by_reason})
     volume = charts.stacked_bars(
@@ -100,12 +102,15 @@ def render_overview(o: PipelineOverview, base: str = "") -> str:
         f"<td>{escape(', '.join(m.aliases))}</td>"
         f"<td>{' '.join(f'<a href={chr(39)}{base}/models/{o.model}/versions/{m.version}/files/{n}{chr(39)}>{n}</a>' for n in m.files)}</td></tr>"
         for m in reversed(o.models))
-    moves = "".join(f"<tr><td>{escape(mv.alias)}</td><td class=num>{mv.seq}</td><td>{mv.version}</td>"
-                    f"<td>{escape(mv.previous_version or '')}</td><td>{escape(mv.reason)}</td></tr>" for mv in reversed(o.alias_moves))
+    # A gate override is shown in red: the one way a version reached an alias without a pass or an approval.
+    moves = "".join(f"<tr{' class=override' if mv.authority == 'override' else ''}><td>{escape(mv.alias)}</td><td class=num>{mv.seq}</td>"
+                    f"<td>{mv.version}</td><td>{escape(mv.previous_version or '')}</td>"
+                    f"<td>{escape({'override': 'GATE OVERRIDDEN'}.get(mv.authority, mv.authority))}</td><td>{escape(mv.who)}</td>"
+                    f"<td>{escape(mv.reason)}</td></tr>" for mv in reversed(o.alias_moves))
     models = (f"<section id='models'><h2>Models</h2>{accuracy}<table><tr><th>version</th><th>trained</th><th>on dates</th>"
               f"<th class=num>test acc.</th><th class=num>fit</th><th>gate</th><th>aliases</th><th>artifacts</th></tr>{model_rows}</table>"
               f"<h2 style='margin-top:12px'>Alias moves</h2><table><tr><th>alias</th><th class=num>entry</th><th>to</th><th>from</th>"
-              f"<th>reason</th></tr>{moves}</table></section>")
+              f"<th>authority</th><th>who</th><th>reason</th></tr>{moves}</table></section>")
 
     drift = charts.lines("Predictions: drift against training labels, mean confidence, share below the floor", labels,
                          [("drift (TVD)", [d.predictions.drift if d.predictions else None for d in o.dates]),

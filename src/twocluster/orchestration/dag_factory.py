@@ -350,8 +350,8 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
               doc_md="Gate the new version (load test; it and the champion measured on the same test data; floor; "
                      "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
-        def publish(run: dict) -> dict:
-            decision = runs.publish(spec, store_for(spec), run["training_run"], run["model_alias"], run["run_id"])
+        def publish(run: dict, job_spec_uri: str) -> dict:
+            decision = runs.publish(spec, store_for(spec), job_spec_uri, run["model_alias"], run["run_id"])
             if decision["published"]:
                 get_current_context()["outlet_events"][model_alias].add(
                     model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
@@ -359,7 +359,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             _record_metrics(f"twocluster.{spec.model.name}", {"test_accuracy": decision["test_accuracy"]})
             return decision
 
-        published = publish(run)
+        published = publish(run, job_spec_uri)
         # Joins the two branches that leave a model to score with (score itself also reads
         # check_params' output, which would satisfy a min-one-success rule on its own).
         model_ready = EmptyOperator(task_id="model_ready", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,

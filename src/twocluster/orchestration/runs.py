@@ -150,7 +150,7 @@ def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_
 
 
 def training_run_id(pipeline: str, date: str, airflow_run_id: str) -> str:
-    """One training run per DAG run (a retried or cleared train task resumes this run)."""
+    """The DAG run's part of its training run's id (:func:`write_training_job` adds the inputs')."""
     return layout.safe_id(f"{pipeline}.{date}.{airflow_run_id}")
 
 
@@ -167,28 +167,36 @@ def training_job(spec: PipelineSpec, training_run: str, datasets: list[str], sto
 
 def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, training_run: str, gpus: int) -> str:
     """Write the training job spec (the only thing besides the store that the GPU side gets) and
-    return its URI. Keyed by the run, so a retry rewrites the same document."""
+    return its URI. A training run's identity is the DAG run *and its inputs*: the run id ends
+    with the job's fingerprint (datasets, code, hyper-parameters), so a train task cleared after
+    its dates were reprocessed trains a new version (and does not resume the old inputs'
+    checkpoints), while a retry with the same inputs resumes or returns the same run."""
     if not decision["training_datasets"]:
         raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
-    job = training_job(spec, training_run, decision["training_datasets"], store.root_uri, gpus)
-    key = f"{layout.jobs_prefix(spec.model.name)}/{layout.run_key(training_run)}.json"
+    draft = training_job(spec, "draft", decision["training_datasets"], store.root_uri, gpus)
+    run_id = layout.safe_id(f"{training_run}.{draft.fingerprint().removeprefix('sha256:')[:12]}")
+    job = draft.model_copy(update={"run_id": run_id})
+    key = f"{layout.jobs_prefix(spec.model.name)}/{layout.run_key(run_id)}.json"
     store.write_bytes(key, job.model_dump_json(indent=2).encode())
     return store.uri(key)
 
 
-def publish(spec: PipelineSpec, store: ObjectStore, training_run: str, alias: str, run_id: str = "") -> dict:
-    """Gate the model version the training run produced and publish it under ``alias`` if it
-    passes. A refusal is an outcome, not a failure: the champion stays and scoring uses it. The
-    decision and the alias move record ``run_id`` (the DAG run that decided; default: the
-    training run), so the run's page in the UI finds them."""
+def publish(spec: PipelineSpec, store: ObjectStore, job_spec_uri: str, alias: str, run_id: str = "") -> dict:
+    """Gate the model version the training job (its spec at ``job_spec_uri``) produced and publish
+    it under ``alias`` if it passes, or mark it for a person's approval (``gate.approval``). A
+    refusal is an outcome, not a failure: the champion stays and scoring uses it. The decision and
+    the alias move record ``run_id`` (the DAG run that decided; default: the training run), so the
+    run's page in the UI finds them."""
+    from twocluster.store.jobspec import load_job_spec
     from twocluster.training.gate import gate_and_publish  # loads the model with Keras: not at DAG parse time
 
-    committed = registry.find_version_of_run(store, spec.model.name, training_run)
+    job = load_job_spec(job_spec_uri, store)
+    committed = registry.find_version_of_run(store, spec.model.name, job.run_id, job.fingerprint())
     if committed is None:
-        raise CheckFailed(f"training run {training_run} committed no {spec.model.name} version")
+        raise CheckFailed(f"training run {job.run_id} committed no {spec.model.name} version from its inputs ({job_spec_uri})")
     gate = spec.model.gate
     decision = gate_and_publish(store, spec.model.name, committed.version, alias, gate.min_test_accuracy, gate.max_regression,
-                                run_id=run_id or training_run)
+                                run_id=run_id or job.run_id, approval=gate.approval)
     return {**decision.as_dict(), "metrics": committed.manifest.metrics.model_dump()}
 
 
@@ -216,7 +224,8 @@ def format_summary(run: dict, dataset: dict, decision: dict, published: dict | N
     ]
     if published:
         acc = published.get("test_accuracy")
-        verdict = {"published": "published", "already_published": "already published"}.get(published.get("outcome"), "NOT published")
+        verdict = {"published": "published", "already_published": "already published",
+                   "needs_approval": "NOT published yet, waiting for a person's approval"}.get(published.get("outcome"), "NOT published")
         lines.append(f"  model     {published['model']} v={published['version']} test accuracy "
                      f"{'n/a' if acc is None else f'{acc:.3f}'}: {verdict} as {published['alias']} ({published['reason']})")
     if predictions is None:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import CommitLog, VersionCommitted, VersionRemoved
-from twocluster.store.manifest import scan_location
+from twocluster.store.manifest import scan_location, standing
 from twocluster.store.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class GcPlan:
     keep_versions: int
     deletions: list[Deletion] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # notable things left alone, and why
+    left_alone: list[dict] = field(default_factory=list)  # planned, but no longer deletable when applied
 
     @property
     def bytes(self) -> int:
@@ -60,7 +61,8 @@ class GcPlan:
 
     def as_dict(self) -> dict:
         return {"store": self.store_uri, "grace_hours": self.grace_hours, "keep_versions": self.keep_versions,
-                "bytes": self.bytes, "deletions": [asdict(d) for d in self.deletions], "kept": self.kept}
+                "bytes": self.bytes, "deletions": [asdict(d) for d in self.deletions], "kept": self.kept,
+                "left_alone": self.left_alone}
 
 
 def store_now_ns(store: ObjectStore) -> int:
@@ -109,7 +111,7 @@ class _Planner:
         state = scan_location(self.store, location)
         entries = CommitLog(self.store, location).read().entries
         in_log = {e.version for e in entries if isinstance(e, VersionCommitted)}
-        removed = {e.version for e in entries if isinstance(e, VersionRemoved)}
+        removed = {v for v, e in standing(entries).items() if isinstance(e, VersionRemoved)}
         live = self.live_writers(location)
         valid = [v.version for v in state.versions]
         keep_newest = set(valid[-self.keep_versions:])
@@ -189,20 +191,53 @@ def plan_gc(store: ObjectStore, *, keep_versions: int = 3, grace: dt.timedelta =
     return planner.plan
 
 
+def _protected(store: ObjectStore, location: str, version: str) -> str | None:
+    """Why ``version`` of ``location`` must stay, read now: a model version an alias points or
+    pointed at, or a dataset version such a model was trained on."""
+    parts = location.split("/")
+    if parts[0] == "models":
+        model = parts[1]
+        aliases = registry.published_versions(store, model).get(version)
+        return f"alias {', '.join(aliases)} pointed at it" if aliases else None
+    if parts[0] == "datasets":
+        for model in registry.model_names(store):
+            published = registry.published_versions(store, model)
+            for committed in registry.model_versions(store, model).versions:
+                if committed.version in published and any(
+                        (dv := layout.dated_version(uri)) and dv[1] == version for uri in committed.manifest.lineage.inputs):
+                    return f"the published {model} version {committed.version} was trained on it"
+    return None
+
+
 def apply_gc(store: ObjectStore, plan: GcPlan) -> int:
-    """Delete what ``plan`` lists (retiring committed versions in their logs first); returns the
-    number of objects deleted."""
+    """Delete what ``plan`` lists and what is still deletable now; returns the number of objects
+    deleted. Everything the plan checked is checked again first (a fresh plan with the same
+    settings: aliases and their histories, lineage, heartbeats, commits, ages), so what changed
+    since the plan (an alias moved to a version, a writer came back) is left alone and reported in
+    ``plan.left_alone``. A committed version is retired with a tombstone (a ``remove`` entry, which
+    the registry refuses to point an alias at) and its protection read once more after it: an
+    alias that moved to it in between makes gc restore it (commit it again) and keep its files."""
+    fresh = plan_gc(store, keep_versions=plan.keep_versions, grace=dt.timedelta(hours=plan.grace_hours))
+    still = {(d.prefix, d.retire) for d in fresh.deletions}
     deleted = 0
     for d in plan.deletions:
+        if (d.prefix, d.retire) not in still:
+            why = next((k["reason"] for k in fresh.kept if k["uri"] == store.uri(d.prefix)), "it is no longer in a fresh plan")
+            _leave(store, plan, d, f"changed since the plan: {why}")
+            continue
         if d.unless_committed is not None:
             location, version = d.unless_committed
             if any(isinstance(e, VersionCommitted) and e.version == version for e in CommitLog(store, location).read().entries):
-                log.warning("gc: %s was committed after the plan was made; left alone", store.uri(d.prefix))
+                _leave(store, plan, d, "committed after the plan was made")
                 continue
         if d.retire is not None:
             location, version = d.retire
-            CommitLog(store, location).append(
-                lambda seq, v=version, r=d.reason: VersionRemoved(seq=seq, version=v, reason=f"gc: {r}", run_id="twocluster-gc"))
+            log_ = CommitLog(store, location)
+            log_.append(lambda seq, v=version, r=d.reason: VersionRemoved(seq=seq, version=v, reason=f"gc: {r}", run_id="twocluster-gc"))
+            if (why := _protected(store, location, version)) is not None:
+                _restore(store, location, version)
+                _leave(store, plan, d, f"{why} while gc retired it; restored")
+                continue
         keys = [d.prefix] if store.exists(d.prefix) else [o.key for o in store.list(d.prefix)]
         for key in keys:
             store.delete(key)
@@ -210,3 +245,16 @@ def apply_gc(store: ObjectStore, plan: GcPlan) -> int:
         store.remove_empty_folders(d.prefix.rsplit("/", 1)[0] if len(keys) == 1 and keys[0] == d.prefix else d.prefix)
         log.info("gc: deleted %s (%s: %s)", store.uri(d.prefix), d.what, d.reason)
     return deleted
+
+
+def _leave(store: ObjectStore, plan: GcPlan, d: Deletion, reason: str) -> None:
+    log.warning("gc: left %s alone: %s", store.uri(d.prefix), reason)
+    plan.left_alone.append({"uri": store.uri(d.prefix), "reason": reason})
+
+
+def _restore(store: ObjectStore, location: str, version: str) -> None:
+    """Commit a retired version again, with its original commit's manifest (its files are all
+    still there: gc deletes only after the re-check)."""
+    original = next(e for e in CommitLog(store, location).read().entries if isinstance(e, VersionCommitted) and e.version == version)
+    CommitLog(store, location).append(lambda seq: original.model_copy(update={"seq": seq, "run_id": "twocluster-gc-restore",
+                                                                               "commit_id": uuid.uuid4().hex}))

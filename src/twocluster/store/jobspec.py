@@ -6,6 +6,7 @@ validates before any heavy work. Importable without TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,6 +75,18 @@ class TrainingJobSpec(BaseModel):
             raise ValueError(f"{uri!r} must be a file:///absolute/path or s3://bucket/prefix URI")
         return uri
 
+    def fingerprint(self) -> str:
+        """What the run trains from: datasets, splits, model, architecture, input format,
+        hyper-parameters, seed and the trainer's code. Equal fingerprints train the same model, so a
+        rerun returns the finished version; a rerun after the dates were reprocessed (other dataset
+        versions) or the code changed trains a new one. The run id, store and resources are not
+        part of it."""
+        from twocluster.version import code_hashes
+
+        inputs = self.model_dump(mode="json", exclude={"run_id", "store_uri", "resources"})
+        canonical = json.dumps({**inputs, "trainer_code": code_hashes()["trainer"]}, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
     def dataset_folders(self) -> list[str]:
         return [split_uri(uri)[0] for uri in self.datasets]
 
@@ -88,8 +101,11 @@ def parse_job_spec(text: str | bytes, source: str) -> TrainingJobSpec:
         raise JobSpecError(f"{source}: invalid training job spec:\n{problems}") from None
 
 
-def load_job_spec(location: str) -> TrainingJobSpec:
-    """From a local path or a ``file://``/``s3://`` URI."""
+def load_job_spec(location: str, store: ObjectStore | None = None) -> TrainingJobSpec:
+    """From a local path or a ``file://``/``s3://`` URI; a URI under ``store``'s root is read with
+    that store's settings (the Airflow side's identity, not whatever ``AWS_*`` the process has)."""
+    if store is not None and location.startswith(store.root_uri.rstrip("/") + "/"):
+        return parse_job_spec(store.read_bytes(location[len(store.root_uri.rstrip("/")) + 1:]), location)
     if "://" in location:
         folder, name = split_uri(location)
         return parse_job_spec(ObjectStore(folder).read_bytes(name), location)

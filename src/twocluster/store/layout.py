@@ -31,6 +31,9 @@ STAGING_FOLDER = "_staging"
 INFLIGHT_FOLDER = "_inflight"
 ARRIVED_MARKER = "_ARRIVED.json"  # written last by an arrival, in the raw date folder
 LOG_SEQ_DIGITS = 20  # as Delta Lake's _delta_log: names sort in commit order
+MAX_LOG_SEQ = 10**LOG_SEQ_DIGITS - 1  # the largest number a log entry's name can hold
+LAST_CHECKPOINT = "_last_checkpoint"  # a hint: the newest checkpoint's number (Delta Lake's name)
+CHECKPOINT_SUFFIX = ".checkpoint.json"
 
 # Also the JSON-schema patterns of the DAGs' params, so the UI refuses what the layout would.
 # ASCII classes only ("\d" also matches full-width and other Unicode digits), and matched whole
@@ -163,19 +166,50 @@ def log_prefix(location: str) -> str:
     return f"{location.rstrip('/')}/{LOG_FOLDER}"
 
 
+def _check_seq(seq: int) -> int:
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_LOG_SEQ:
+        raise LayoutError(f"commit log sequence number {seq!r} must be an integer from 1 to {MAX_LOG_SEQ}")
+    return seq
+
+
 def log_entry_key(location: str, seq: int) -> str:
-    if not isinstance(seq, int) or seq < 1:
-        raise LayoutError(f"commit log sequence number {seq!r} must be a positive integer")
-    return f"{log_prefix(location)}/{seq:0{LOG_SEQ_DIGITS}d}.json"
+    return f"{log_prefix(location)}/{_check_seq(seq):0{LOG_SEQ_DIGITS}d}.json"
+
+
+def log_checkpoint_key(location: str, seq: int) -> str:
+    """The checkpoint of a log's entries 1..``seq`` (it sorts just before entry ``seq``)."""
+    return f"{log_prefix(location)}/{_check_seq(seq):0{LOG_SEQ_DIGITS}d}{CHECKPOINT_SUFFIX}"
+
+
+def last_checkpoint_key(location: str) -> str:
+    """The hint naming a log's newest checkpoint. Next to ``_log/``, not in it: it is rewritten,
+    and everything in ``_log/`` is create-only (the stack's bucket policy denies overwrites there)."""
+    return f"{location.rstrip('/')}/{LAST_CHECKPOINT}"
+
+
+def _seq_of(stem: str) -> int | None:
+    if len(stem) != LOG_SEQ_DIGITS or not stem.isascii() or not stem.isdigit():
+        return None
+    seq = int(stem)
+    return seq if seq >= 1 else None
 
 
 def log_seq_from_name(name: str) -> int | None:
     """The sequence number of a log entry's object name, or None if it is not one."""
     stem, dot, ext = name.partition(".")
-    if ext != "json" or len(stem) != LOG_SEQ_DIGITS or not stem.isascii() or not stem.isdigit():
-        return None
-    seq = int(stem)
-    return seq if seq >= 1 else None
+    return _seq_of(stem) if ext == "json" else None
+
+
+def log_checkpoint_seq_from_name(name: str) -> int | None:
+    """The sequence number a checkpoint object's name covers up to, or None if it is not one."""
+    return _seq_of(name[: -len(CHECKPOINT_SUFFIX)]) if name.endswith(CHECKPOINT_SUFFIX) else None
+
+
+def looks_like_log_entry(name: str) -> bool:
+    """A name in a ``_log/`` folder that tries to be an entry (digits and ``.json``) but is not a
+    valid one: 21 digits, 0, ... Reported, never part of the log."""
+    stem, dot, ext = name.partition(".")
+    return ext == "json" and stem.isascii() and stem.isdigit() and log_seq_from_name(name) is None
 
 
 def is_log_entry_key(key: str) -> bool:
@@ -187,7 +221,8 @@ def is_commit_record(key: str) -> bool:
     """A log entry or a committed version's manifest: objects written once (create-only) and never
     changed, which a reader may cache by key, size and modification time."""
     parts = key.strip("/").split("/")
-    return is_log_entry_key(key) or (len(parts) >= 2 and parts[-1] == MANIFEST_NAME
+    is_checkpoint = len(parts) >= 2 and parts[-2] == LOG_FOLDER and log_checkpoint_seq_from_name(parts[-1]) is not None
+    return is_log_entry_key(key) or is_checkpoint or (len(parts) >= 2 and parts[-1] == MANIFEST_NAME
                                      and parts[-2].startswith(VERSION_FOLDER_PREFIX) and STAGING_FOLDER not in parts)
 
 

@@ -419,21 +419,27 @@ def scan_location(store: ObjectStore, location: str, kind: type[M] | None = None
     if snapshot.head == 0:
         _check_legacy(store, location)
         return state
-    for entry in snapshot.newest_first():
-        if isinstance(entry, VersionRemoved):
-            state.removed.setdefault(entry.version, entry.reason)
-            continue
-        if not isinstance(entry, VersionCommitted):
+    first_commit: dict[str, VersionCommitted] = {}
+    for entry in snapshot.entries:
+        if isinstance(entry, VersionCommitted):
+            first_commit.setdefault(entry.version, entry)
+        elif not isinstance(entry, VersionRemoved):
             state.skipped.append(SkippedObject(store.uri(layout.log_entry_key(location, entry.seq)), f"a {entry.op!r} entry in a version log"))
-            continue
-        if entry.version in state.removed or any(v.version == entry.version for v in state.versions):
+    now = standing(snapshot.entries)
+    state.removed = {v: e.reason for v, e in now.items() if isinstance(e, VersionRemoved)}
+    # Newest first by first commit: a version gc retired and restored keeps its place in the order.
+    for version, first in sorted(first_commit.items(), key=lambda item: item[1].seq, reverse=True):
+        entry = now[version]
+        if not isinstance(entry, VersionCommitted):
             continue
         try:
-            state.versions.append(_validate_entry(store, location, entry, kind, verify_checksums))
+            committed = _validate_entry(store, location, entry, kind, verify_checksums)
         except ManifestError as e:
             log.warning("skipping version %s of %s: %s", entry.version, store.uri(location), e)
             state.skipped.append(SkippedObject(store.uri(_version_prefix(location, entry.version)), str(e)))
             continue
+        committed.seq = first.seq
+        state.versions.append(committed)
         if newest_only:
             break
     state.versions.reverse()
@@ -447,15 +453,23 @@ def resolve_latest(store: ObjectStore, location: str, kind: type[M] | None = Non
     return scan_location(store, location, kind, verify_checksums=verify_checksums, newest_only=True).latest
 
 
+def standing(entries: Iterable[Any]) -> dict[str, VersionCommitted | VersionRemoved]:
+    """Each version's newest commit or remove entry: a version garbage collection retired is gone
+    unless it was committed again after (gc restores a version an alias moved to meanwhile)."""
+    found: dict[str, VersionCommitted | VersionRemoved] = {}
+    for entry in entries:
+        if isinstance(entry, VersionCommitted | VersionRemoved):
+            found[entry.version] = entry
+    return found
+
+
 class VersionIndex:
     """A location's commits read once, validated on demand (for readers that only need a few
     versions of a long log, e.g. the model versions an alias points at)."""
 
     def __init__(self, store: ObjectStore, location: str, kind: type[M] | None = None):
         self.store, self.location, self.kind = store, location.rstrip("/"), kind
-        snapshot = CommitLog(store, location).read()
-        removed = {e.version for e in snapshot.entries if isinstance(e, VersionRemoved)}
-        self._entries = {e.version: e for e in snapshot.entries if isinstance(e, VersionCommitted) and e.version not in removed}
+        self._entries = {v: e for v, e in standing(CommitLog(store, location).read().entries).items() if isinstance(e, VersionCommitted)}
         self._checked: dict[str, CommittedVersion | ManifestError] = {}
 
     def get(self, version: str) -> CommittedVersion:
@@ -479,12 +493,11 @@ def resolve_version(store: ObjectStore, location: str, version: str, kind: type[
     """A specific version, only if it is committed (in the log, not removed) and validates."""
     layout.check_version(version)
     snapshot = CommitLog(store, location).read()
-    removed = {e.version: e.reason for e in snapshot.entries if isinstance(e, VersionRemoved)}
-    if version in removed:
-        raise ManifestNotFound(f"{store.uri(location)}: version {version} was removed ({removed[version]})")
-    for entry in snapshot.newest_first():
-        if isinstance(entry, VersionCommitted) and entry.version == version:
-            return _validate_entry(store, location, entry, kind, verify_checksums)
+    entry = standing(snapshot.entries).get(version)
+    if isinstance(entry, VersionRemoved):
+        raise ManifestNotFound(f"{store.uri(location)}: version {version} was removed ({entry.reason})")
+    if isinstance(entry, VersionCommitted):
+        return _validate_entry(store, location, entry, kind, verify_checksums)
     if snapshot.head == 0:
         _check_legacy(store, location)
     raise ManifestNotFound(f"{store.uri(location)}: version {version} is not committed")

@@ -340,11 +340,34 @@ class ObjectStore:
             raise ObjectNotFound(f"{self.uri(key)}: no such object")
         return info.size
 
-    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = ()) -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = (), start_after: str = "") -> list[ObjectInfo]:
         """Objects (not folders) under ``prefix``, sorted by key. ``suffixes`` filters by
-        case-insensitive name ending (e.g. ``(".wav",)``). Symbolic links are never listed."""
+        case-insensitive name ending (e.g. ``(".wav",)``). Symbolic links are never listed.
+        ``start_after``: only keys after this one (on S3 the listing starts there: a long commit
+        log's tail costs one request, not one per thousand entries)."""
         wanted = tuple(s.lower() for s in suffixes)
-        return [o for o in self.listing(prefix, recursive=recursive).objects if not wanted or o.key.lower().endswith(wanted)]
+        if start_after and self.scheme == "s3":
+            objects = self._s3_list_after(prefix, recursive, start_after.strip("/"))
+        else:
+            objects = [o for o in self.listing(prefix, recursive=recursive).objects if o.key > start_after.strip("/")]
+        return [o for o in objects if not wanted or o.key.lower().endswith(wanted)]
+
+    def _s3_list_after(self, prefix: str, recursive: bool, start_after: str) -> list[ObjectInfo]:
+        root = self._s3_key(prefix).rstrip("/") + "/" if prefix.strip("/") else (self._prefix + "/" if self._prefix else "")
+        strip = len(self._prefix) + 1 if self._prefix else 0
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root, "StartAfter": self._s3_key(start_after)}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
+        found = []
+        try:
+            for page in self._s3_client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        found.append(ObjectInfo(key=obj["Key"][strip:], size=obj["Size"],
+                                                mtime_ns=int(obj["LastModified"].timestamp() * 1e9)))
+        except Exception as e:  # botocore's ClientError and connection errors alike
+            raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+        return sorted(found, key=lambda o: o.key)
 
     def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
         """The objects under ``prefix``, sorted by key, and (on a local store) the symbolic links
@@ -682,13 +705,14 @@ class StoreSnapshot:
                 break
             yield self.objects[key]
 
-    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = ()) -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True, suffixes: Iterable[str] = (), start_after: str = "") -> list[ObjectInfo]:
         if not self._covers(prefix):
-            return self.store.list(prefix, recursive=recursive, suffixes=suffixes)
+            return self.store.list(prefix, recursive=recursive, suffixes=suffixes, start_after=start_after)
         wanted = tuple(s.lower() for s in suffixes)
         depth = prefix.strip("/").count("/") + 1
+        after = start_after.strip("/")
         return [o for o in self._under(prefix)
-                if (recursive or o.key.count("/") == depth) and (not wanted or o.key.lower().endswith(wanted))]
+                if (recursive or o.key.count("/") == depth) and (not wanted or o.key.lower().endswith(wanted)) and o.key > after]
 
     def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
         if not self._covers(prefix):

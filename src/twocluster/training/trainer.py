@@ -51,12 +51,20 @@ class TrainingResult:
     seconds: float = 0.0
 
 
+def checkpoint_prefix(spec: TrainingJobSpec, fingerprint: str | None = None) -> str:
+    """Where a run's checkpoints live: per run *and inputs*, so a run id reused with other
+    datasets, code or hyper-parameters never resumes the other inputs' weights."""
+    fingerprint = fingerprint or spec.fingerprint()
+    return f"{layout.model_run_prefix(spec.model_name, spec.run_id)}/inputs={fingerprint.removeprefix('sha256:')[:16]}"
+
+
 def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> TrainingResult:
     """Train, evaluate and commit one model version. Rerunning a run resumes from its last
     checkpoint; rerunning a finished run returns its version without training again."""
     started = time.perf_counter()
     store = ObjectStore(spec.store_uri)
-    done = registry.find_version_of_run(store, spec.model_name, spec.run_id)
+    fingerprint = spec.fingerprint()
+    done = registry.find_version_of_run(store, spec.model_name, spec.run_id, fingerprint)
     if done is not None:
         log.info("run %s already produced %s version %s", spec.run_id, spec.model_name, done.version)
         return TrainingResult("already_trained", spec.model_name, done.version, done.manifest_uri, done.manifest.metrics.model_dump())
@@ -97,7 +105,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 
     # -- fit, resuming from the run's last checkpoint on the store
-    run_prefix = layout.model_run_prefix(spec.model_name, spec.run_id)
+    run_prefix = checkpoint_prefix(spec, fingerprint)
     backup_dir = work_dir / "runs" / run_prefix.replace("/", "_")
     shutil.rmtree(backup_dir, ignore_errors=True)
     backup_dir.mkdir(parents=True)
@@ -136,6 +144,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
         feature_spec=staged.feature_spec,
         lineage=Lineage(
             inputs=spec.datasets, code_version=code_version(), run_id=spec.run_id, dataset_versions=staged.dataset_versions,
+            input_fingerprint=fingerprint,
             code={"trainer": code_hashes()["trainer"], "package": code_hashes()["package"]},
             params={"architecture": spec.architecture, "hyperparameters": hp.model_dump(), "seed": spec.seed,
                     "strategy": distribution.name, "backend": keras.backend.backend()},
