@@ -235,10 +235,15 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     gate_log = CommitLog(store, layout.model_gate_prefix(model)).read()
     skipped += [Skipped(uri=s.uri, problem=s.problem) for s in gate_log.skipped]
     gate_by_version: dict[str, list[GateRecord]] = {}
+    # A pass is written before its alias move; it reads "published" once a move names it (a pass
+    # whose move lost a race to another gate stays "passed").
+    moved_on = {(a, auth.gate_entry) for a, st in alias_states.items() for e in st.history
+                if (auth := registry.authority_of(e)).gate_entry is not None}
     for entry in gate_log.entries:
         if isinstance(entry, GateDecided):
+            outcome = "published" if entry.outcome == "passed" and (entry.alias, entry.seq) in moved_on else entry.outcome
             gate_by_version.setdefault(entry.version, []).append(GateRecord(
-                alias=entry.alias, outcome=entry.outcome, reason=entry.reason, seq=entry.seq, run_id=entry.run_id,
+                alias=entry.alias, outcome=outcome, reason=entry.reason, seq=entry.seq, run_id=entry.run_id,
                 test_accuracy=entry.numbers.get("test_accuracy"), champion_version=entry.numbers.get("champion_version"),
                 champion_test_accuracy=entry.numbers.get("champion_test_accuracy")))
     current = {a: s.version for a, s in alias_states.items()}
