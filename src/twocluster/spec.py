@@ -178,6 +178,8 @@ class Gate(_Strict):
     # same test set), or always. Until then the decision is `needs_approval` and nothing moves;
     # `twocluster approve` records the person's answer (see docs/model-control.md).
     approval: Literal["never", "first_model", "when_worse_on_any_class", "always"] = "never"
+    # How long the DAG's approval step waits for a person before its default, reject, applies.
+    approval_timeout_hours: float = Field(72, gt=0)
 
 
 class Model(_Strict):

@@ -118,7 +118,7 @@ def test_pipeline_dag_shape_pools_and_operators():
     (dag,) = [d for d in _all_dags() if d.dag_id == "speech_commands"]
     assert {t.task_id for t in dag.tasks} == {
         "check_params", "wait_for_arrivals", "preprocess", "validate_dataset", "wait_for_earlier_dates", "decide_retrain", "write_training_job", "train", "publish",
-        "training_skipped", "no_model_yet", "model_ready", "score", "validate_predictions", "summarize",
+        "approve", "training_skipped", "no_model_yet", "model_ready", "score", "validate_predictions", "summarize",
     }
     for task_id in ("preprocess", "score"):
         task = dag.get_task(task_id)
@@ -132,7 +132,12 @@ def test_pipeline_dag_shape_pools_and_operators():
     assert dag.get_task("preprocess").upstream_task_ids == {"wait_for_arrivals"}
     assert dag.get_task("wait_for_arrivals").upstream_task_ids == {"check_params"}
     assert dag.get_task("wait_for_arrivals").mode == "reschedule"
-    assert dag.get_task("model_ready").upstream_task_ids == {"publish", "training_skipped"}
+    assert dag.get_task("model_ready").upstream_task_ids == {"publish", "approve", "training_skipped"}
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    # A person's approval waits in Airflow's human-in-the-loop step, after the gate, before scoring.
+    approve = dag.get_task("approve")
+    assert isinstance(approve, HITLOperator) and approve.upstream_task_ids == {"publish"} and approve.defaults == ["reject"]
     assert dag.get_task("score").upstream_task_ids == {"check_params", "model_ready"}
     assert dag.get_task("decide_retrain").downstream_task_ids == {"write_training_job", "training_skipped", "no_model_yet"}
     # Model decisions go in date order even when a backfill runs several dates at once.

@@ -44,6 +44,7 @@ from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param
 
 from twocluster.deployment import ROOT as REPO_ROOT
 from twocluster.orchestration import runs
+from twocluster.orchestration.approval import ModelApprovalOperator
 from twocluster.orchestration.backends import TrainingJobOperator
 from twocluster.orchestration.notifiers import task_defaults
 from twocluster.orchestration.retrain import decide_retrain as decide_retrain_policy
@@ -360,6 +361,12 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             return decision
 
         published = publish(run, job_spec_uri)
+        approve = ModelApprovalOperator(
+            task_id="approve", spec=spec, decision=published, store_for=store_for,
+            doc_md=f"When the gate's decision is needs_approval (model.gate.approval: {spec.model.gate.approval}): wait, in "
+                   "Airflow's human-in-the-loop step (Required Actions), for a person to publish, publish to staging, or "
+                   f"reject, with the candidate-vs-champion evidence; no answer in {spec.model.gate.approval_timeout_hours:g} h "
+                   "rejects. Skipped for any other decision.")
         # Joins the two branches that leave a model to score with (score itself also reads
         # check_params' output, which would satisfy a min-one-success rule on its own).
         model_ready = EmptyOperator(task_id="model_ready", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
@@ -380,16 +387,19 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             ti = get_current_context()["ti"]
             decision = ti.xcom_pull(task_ids="decide_retrain", key="decision")
             gate = ti.xcom_pull(task_ids="publish") if decision["retrain"] else None
+            approval = ti.xcom_pull(task_ids="approve") if gate else None  # None unless a person was asked
             predictions = ti.xcom_pull(task_ids="validate_predictions")  # None when scoring was skipped
             print(runs.SUMMARY_MARKER)
-            print(runs.format_summary(run, dataset, decision, gate, predictions))
-            return {"date": run["date"], "dataset": dataset, "retrain": decision, "gate": gate, "predictions": predictions}
+            print(runs.format_summary(run, dataset, decision, gate, predictions, approval))
+            return {"date": run["date"], "dataset": dataset, "retrain": decision, "gate": gate, "approval": approval,
+                    "predictions": predictions}
 
         dataset = validate_dataset(run)
         predictions = validate_predictions(run)
         branch = decide_retrain(run)
         run >> arrivals >> preprocess >> dataset >> wait_for_earlier_dates(run) >> branch
         branch >> job_spec_uri >> train >> published >> model_ready
+        published >> approve >> model_ready
         branch >> skipped >> model_ready
         branch >> no_model_yet
         model_ready >> score

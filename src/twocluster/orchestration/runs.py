@@ -214,7 +214,8 @@ def check_predictions(spec: PipelineSpec, store: ObjectStore, date: str) -> dict
     return summary
 
 
-def format_summary(run: dict, dataset: dict, decision: dict, published: dict | None, predictions: dict | None) -> str:
+def format_summary(run: dict, dataset: dict, decision: dict, published: dict | None, predictions: dict | None,
+                   approval: dict | None = None) -> str:
     lines = [
         f"{run['pipeline']} {run['date']}",
         f"  inputs {dataset['input']}: accepted {dataset['accepted']}, rejected {dataset['rejected']} "
@@ -228,6 +229,9 @@ def format_summary(run: dict, dataset: dict, decision: dict, published: dict | N
                    "needs_approval": "NOT published yet, waiting for a person's approval"}.get(published.get("outcome"), "NOT published")
         lines.append(f"  model     {published['model']} v={published['version']} test accuracy "
                      f"{'n/a' if acc is None else f'{acc:.3f}'}: {verdict} as {published['alias']} ({published['reason']})")
+    if approval:
+        lines.append(f"  approval  {approval['option']} by {approval['who']}: {approval['comment']}"
+                     + (f" ({approval['alias_moved']} moved)" if approval.get("alias_moved") else ""))
     if predictions is None:
         lines.append("  scoring   skipped: no model is published yet")
     else:
