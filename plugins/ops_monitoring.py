@@ -19,9 +19,36 @@ from twocluster.deployment import PIPELINES_DIR
 URL_PREFIX = "/twocluster"
 
 
+def _trigger_run(request, dag_id: str, conf: dict) -> str:
+    """Trigger ``dag_id`` through Airflow's own REST API with the caller's token (the cookie the UI
+    signed them in with, or their bearer token): the run is theirs, with Airflow's permission
+    checks and audit log, as if they had pressed Trigger."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
+
+    token = request.cookies.get(COOKIE_NAME_JWT_TOKEN) or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    body = {"logical_date": None, "conf": conf, "note": "re-run from the twocluster ops page"}
+    call = urllib.request.Request(f"{request.url.scheme}://{request.url.netloc}/api/v2/dags/{dag_id}/dagRuns", method="POST",
+                                  data=json.dumps(body).encode(), headers={"Authorization": f"Bearer {token}",
+                                                                           "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(call, timeout=60) as response:
+            return json.loads(response.read())["dag_run_id"]
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{e.code}: {e.read()[:500].decode(errors='replace')}") from None
+
+
 @lru_cache(maxsize=1)
 def _app():
-    from airflow.api_fastapi.core_api.security import requires_authenticated
+    import hashlib
+    import secrets
+
+    from airflow.api_fastapi.core_api.security import get_user, requires_authenticated
+    from airflow.configuration import conf
+    from fastapi import Depends
 
     from twocluster.ops.opsview import create_app, load_specs
     from twocluster.store.storage import ObjectStore
@@ -29,7 +56,15 @@ def _app():
     def store_for(spec):
         return ObjectStore(spec.resolve_store_uri())
 
-    return create_app(store_for, lambda: load_specs(PIPELINES_DIR), auth=requires_authenticated(), base=URL_PREFIX)
+    def signed_in(user=Depends(get_user)) -> str:  # no annotation: this module's annotations are strings
+        return user.get_name()
+
+    # The forms' token key: from Airflow's JWT secret, so every API server worker agrees (a
+    # random one per process when none is configured: one process only, as `make ui` runs).
+    secret = conf.get("api_auth", "jwt_secret", fallback="") or secrets.token_hex(32)
+    return create_app(store_for, lambda: load_specs(PIPELINES_DIR), auth=requires_authenticated(), base=URL_PREFIX,
+                      user=signed_in, csrf_key=hashlib.sha256(b"twocluster-ops-forms:" + secret.encode()).digest(),
+                      trigger_run=_trigger_run)
 
 
 class OpsPageApp:

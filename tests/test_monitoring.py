@@ -191,3 +191,50 @@ def test_the_page_shows_a_broken_alias_and_a_gate_override_in_red(filled, spec):
     assert any("production is broken" in p for p in health_problems(overview))
     page = TestClient(create_app(lambda s: store, lambda: {spec.name: spec})).get(f"/pipelines/{spec.name}").text
     assert "BROKEN:" in page and "<tr class=override>" in page and "GATE OVERRIDDEN" in page and "incident 7" in page
+
+
+def _acting_client(store, spec, triggered: list):
+    import hashlib
+
+    def trigger(request, dag_id, conf):
+        triggered.append((dag_id, conf))
+        return "manual__from-the-page"
+
+    app = create_app(lambda s: store, lambda: {spec.name: spec}, user=lambda: "alice", csrf_key=hashlib.sha256(b"k").digest(),
+                     trigger_run=trigger)
+    client = TestClient(app)
+    page = client.get(f"/pipelines/{spec.name}").text
+    import re
+
+    return client, re.search(r"name=csrf value='([0-9a-f]+)'", page).group(1), page
+
+
+def test_operators_act_from_the_page_through_the_registry(filled, spec):
+    """Issue 32: rollback (reason required), moving an alias to a gate-passed version and
+    re-running a date are POSTs carrying the page's form token; the registry decides and the
+    alias history records airflow:<user>. A version the gate never passed cannot be chosen."""
+    store, v1, v2 = filled
+    triggered: list = []
+    client, csrf, page = _acting_client(store, spec, triggered)
+    assert f"/actions/aliases/{spec.model.name}/production/rollback" in page and f"<option>{v1}</option>" in page
+    rollback = f"/actions/aliases/{spec.model.name}/production/rollback"
+    assert client.post(rollback, data={"reason": "x"}).status_code == 403  # no form token
+    assert client.post(rollback, data={"csrf": csrf, "reason": "x"}, headers={"origin": "https://evil.example"}).status_code == 403
+    assert client.post(rollback, data={"csrf": csrf, "reason": " "}).status_code == 400
+    done = client.post(rollback, data={"csrf": csrf, "reason": "v2 misfires on 'no'"}, follow_redirects=False)
+    assert done.status_code == 303 and "rolled%20back" in done.headers["location"]
+    state = registry.read_alias(store, spec.model.name, "production")
+    assert state.version == v1 and registry.authority_of(state.current).who == "airflow:alice"
+    assert "rolled back from" in client.get(done.headers["location"]).text
+
+    unjudged = commit_model(store, [], "run-unjudged")
+    refused = client.post(f"/actions/aliases/{spec.model.name}/production/set", data={"csrf": csrf, "version": unjudged, "reason": "try"})
+    assert "refused" in refused.text and "has no gate decision" in refused.text
+    moved = client.post(f"/actions/aliases/{spec.model.name}/production/set", data={"csrf": csrf, "version": v2, "reason": "fixed upstream"})
+    assert moved.status_code == 200 and registry.read_alias(store, spec.model.name, "production").version == v2
+
+    rerun = client.post(f"/actions/pipelines/{spec.name}/rerun", data={"csrf": csrf, "date": str(D[2]), "retrain": "force"})
+    assert "triggered" in rerun.text and triggered == [(spec.name, {"date": str(D[2]), "retrain": "force"})]
+    assert client.post(f"/actions/pipelines/{spec.name}/rerun", data={"csrf": csrf, "date": "2026-13-01"}).status_code == 400
+    version_page = client.get(f"/models/{spec.model.name}/versions/{v2}").text
+    assert "airflow:alice" in version_page and "fixed upstream" in version_page and "Gate decisions and approvals" in version_page

@@ -121,3 +121,51 @@ def test_an_operator_signs_in_and_sees_the_page(served, airflow_page):
         errors = [e for e in errors if "/api/v2/" not in e]  # the queued run's UI polls; not ours
         assert errors == [], errors
     assert SCREENSHOT.stat().st_size > 20_000
+
+
+def test_an_operator_rolls_back_and_reruns_a_date_from_the_page(served, airflow_page):
+    """Issue 32: acting where ops look. A second version goes out (the gate passed it); the
+    operator rolls production back from the page, giving a reason, then re-runs a date: Airflow
+    gets the run from the signed-in user through its own API, with the date and retrain params."""
+    from twocluster.store import layout, registry
+    from twocluster.store.manifest import commit_version, describe_files
+
+    server, spec, model_version = served
+    store = ObjectStore(f"file://{server.env['TWOCLUSTER_STORE_URI'].removeprefix('file://')}")
+    model = spec.model.name
+    second = layout.new_version_id()
+    src, dst = layout.model_version_prefix(model, model_version), layout.model_version_prefix(model, second)
+    for obj in store.list(src):
+        if not obj.key.endswith(layout.MANIFEST_NAME):
+            store.write_bytes(dst + obj.key[len(src):], store.read_bytes(obj.key))
+    original = registry.read_model_manifest(store, model, model_version)
+    commit_version(store, layout.model_versions_prefix(model), original.model_copy(update={"version": second, "files": describe_files(store, dst)}))
+    registry.record_gate_decision(store, model, second, "production", "passed", "test: passed", run_id="ui-second")
+    registry.move_alias(store, model, "production", second, expected=registry.read_alias(store, model, "production"), who="gate:ui-second")
+
+    with airflow_page(server.url, server.user, server.password, viewport={"width": 1280, "height": 1000}) as page:
+        page.goto(f"{server.url}/twocluster/pipelines/{spec.name}", wait_until="networkidle")
+        rollback = page.locator("#actions form[action$='/production/rollback']")
+        rollback.locator("input[name=reason]").fill("second version misfires on 'no' in the canary")
+        rollback.locator("button").click()
+        page.wait_for_selector("#notice", timeout=30_000)
+        assert "rolled back from" in page.locator("#notice").inner_text()
+        page.locator("#notice").scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOT.with_name("ops-rollback.png")))
+        state = registry.read_alias(store, model, "production")
+        assert state.version == model_version
+        assert registry.authority_of(state.current).kind == "rollback" and registry.authority_of(state.current).who == f"airflow:{server.user}"
+
+        rerun = page.locator("#actions form[action$='/rerun']")
+        rerun.locator("input[name=date]").fill(DATES[-1].isoformat())
+        rerun.locator("select[name=retrain]").select_option("force")
+        rerun.locator("button").click()
+        page.wait_for_selector("#notice", timeout=30_000)
+        notice = page.locator("#notice").inner_text()
+        assert notice.startswith(f"triggered {spec.name} for {DATES[-1]} (retrain force) as {server.user}: run "), notice
+        page.screenshot(path=str(SCREENSHOT.with_name("ops-rerun.png")))
+    run_id = notice.rsplit("run ", 1)[1]
+    status, body = _get(f"{server.url}/api/v2/dags/{spec.name}/dagRuns/{run_id}", server.token())
+    run = json.loads(body)
+    assert status == 200 and run["conf"] == {"date": DATES[-1].isoformat(), "retrain": "force"}
+    assert run.get("triggering_user_name") in (None, server.user)

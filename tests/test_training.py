@@ -413,8 +413,9 @@ def test_sigkill_of_the_task_process_leaves_no_trainer_and_the_retry_resumes(dat
     from the last checkpoint in the store, each epoch trained once."""
     store, manifest_uri = dataset
     spec_path = tmp_path / "job.json"
-    spec_path.write_text(_job(store, manifest_uri, "run-task-killed", epochs=6).model_dump_json())
-    pointer = "models/kws_cnn/runs/run-task-killed/LATEST.json"
+    job = _job(store, manifest_uri, "run-task-killed", epochs=6)
+    spec_path.write_text(job.model_dump_json())
+    pointer = f"{checkpoint_prefix(job)}/LATEST.json"
     env = {**os.environ, "TWOCLUSTER_WORK_DIR": str(tmp_path / "w")}
     cmd = [sys.executable, "-c", TASK_PROCESS, str(ROOT / "plugins"), str(spec_path)]
     task = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
+from fastapi import Request  # at module level: route annotations are resolved from the module's names
+
 from twocluster.ops import charts
 from twocluster.ops.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
 from twocluster.spec import PipelineSpec, load_pipeline_spec
@@ -39,7 +41,7 @@ h1{font-size:20px;margin:0}h2{font-size:16px;margin:0 0 8px}
 table{border-collapse:collapse;font-size:12px;width:100%}th,td{border-bottom:1px solid #eee;padding:3px 6px;text-align:left}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .chip{display:inline-block;border-radius:9px;padding:0 7px;font-size:11px;color:#fff}
-tr.override td{color:#e15759;font-weight:600}.ok{background:#59a14f}.bad{background:#e15759}.warn{background:#f28e2b}.none{background:#aaa}
+tr.override td{color:#e15759;font-weight:600}form{margin:4px 0}.pending{color:#b36b00;font-weight:600}.ok{background:#59a14f}.bad{background:#e15759}.warn{background:#f28e2b}.none{background:#aaa}
 .banner{padding:8px 12px;border-radius:6px;margin-bottom:12px}.banner.ok{color:#fff}.banner.bad{color:#fff}
 svg.chart{width:100%;height:auto;max-width:760px}code{font-size:11px}
 """
@@ -55,7 +57,39 @@ def _chip(ok: bool | None, text: str) -> str:
     return f'<span class="chip {cls}">{escape(text)}</span>'
 
 
-def render_overview(o: PipelineOverview, base: str = "") -> str:
+PASSING = ("passed", "published", "already_published", "approved")
+
+
+def _actions(o: PipelineOverview, base: str, csrf: str) -> str:
+    """The forms an operator acts with (each a POST carrying the CSRF token; the registry decides
+    what is allowed and records who did it)."""
+    hidden = f"<input type=hidden name=csrf value='{escape(csrf)}'>"
+    forms = []
+    for alias, current in o.aliases.items():
+        if current is None:
+            continue
+        eligible = [m.version for m in reversed(o.models) if m.version != current
+                    and (standing := next((g for g in reversed(m.gate) if g.alias == alias), None)) and standing.outcome in PASSING]
+        forms.append(f"<form method=post action='{base}/actions/aliases/{o.model}/{alias}/rollback'>{hidden}"
+                     f"<b>{escape(alias)}</b> → {escape(current)} <input name=reason required placeholder='why (required)' size=28>"
+                     f"<button>Roll back {escape(alias)}</button></form>")
+        if eligible:
+            options = "".join(f"<option>{v}</option>" for v in eligible)
+            forms.append(f"<form method=post action='{base}/actions/aliases/{o.model}/{alias}/set'>{hidden}"
+                         f"<select name=version>{options}</select> <input name=reason required placeholder='why (required)' size=28>"
+                         f"<button>Move {escape(alias)} to this gate-passed version</button></form>")
+    pending = sorted({(m.version, g.alias) for m in o.models for g in m.gate[-1:] if g.outcome == "needs_approval"})
+    for version, alias in pending:
+        forms.append(f"<p class=pending>{escape(version)} waits for a person's approval as {escape(alias)}: "
+                     f"<a href='/required_actions'>open the pending approval</a></p>")
+    retrain = "".join(f"<option>{m}</option>" for m in ("auto", "force", "never"))
+    forms.append(f"<form method=post action='{base}/actions/pipelines/{o.pipeline}/rerun'>{hidden}"
+                 f"Re-run <input type=date name=date required> retrain <select name=retrain>{retrain}</select> "
+                 f"<button>Trigger {escape(o.pipeline)}</button></form>")
+    return f"<section id='actions'><h2>Act</h2>{''.join(forms)}</section>"
+
+
+def render_overview(o: PipelineOverview, base: str = "", csrf: str | None = None, notice: str = "") -> str:
     f = o.freshness
     lag = "never scored" if f.lag_days is None else f"{f.lag_days} day(s)"
     banner = (f'<div class="banner {"bad" if f.late or o.broken_aliases else "ok"}">Newest scored date: <b>{f.newest_scored_date or "none"}</b> '
@@ -125,7 +159,8 @@ def render_overview(o: PipelineOverview, base: str = "") -> str:
     skipped = "".join(f"<li><code>{escape(s.uri)}</code>: {escape(s.problem)}</li>" for s in o.skipped) or "<li>none</li>"
     return _page(f"{o.pipeline}: operations",
                  f"<p><a href='{base}/'>all pipelines</a> · store <code>{escape(o.store)}</code> · read in {o.read_seconds:.2f}s</p>"
-                 f"{freshness}<section id='volumes'><h2>Volumes and rejects</h2>{volume}</section>{models}{predictions}"
+                 + (f"<div class='banner ok' id='notice'>{escape(notice)}</div>" if notice else "")
+                 + f"{freshness}{_actions(o, base, csrf) if csrf else ''}<section id='volumes'><h2>Volumes and rejects</h2>{volume}</section>{models}{predictions}"
                  f"<section id='timings'><h2>Run timings</h2>{timings}</section>"
                  f"<section id='skipped'><h2>Skipped as invalid ({len(o.skipped)})</h2><ul>{skipped}</ul></section>")
 
@@ -173,13 +208,40 @@ def render_run(v: RunView, base: str = "") -> str:
 
 
 def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable[[], dict[str, PipelineSpec]], auth=None,
-               base: str = ""):
+               base: str = "", *, user=None, csrf_key: bytes | None = None, trigger_run=None):
     """The ops app. ``store_for`` opens a pipeline's store, ``specs`` lists the pipelines, ``auth``
-    is a FastAPI dependency every route requires, ``base`` the mount point (for links)."""
-    from fastapi import Depends, FastAPI, HTTPException, Response
-    from fastapi.responses import HTMLResponse
+    is a FastAPI dependency every route requires, ``base`` the mount point (for links).
+
+    Acting (rollback, moving an alias, re-running a date) needs ``user`` (a dependency giving the
+    signed-in user's name, recorded as ``airflow:<name>``), ``csrf_key`` (each form carries an HMAC
+    of the user under it, and a cross-site ``Origin`` is refused) and, to re-run, ``trigger_run``
+    (``(request, dag_id, conf) -> run id``: the plugin triggers through Airflow's REST API with the
+    caller's own token, so the run is the user's). Without them the page only shows."""
+    import hashlib
+    import hmac
+    from urllib.parse import quote, urlparse
+
+    from fastapi import Depends, FastAPI, Form, HTTPException, Response
+    from fastapi.responses import HTMLResponse, RedirectResponse
+
+    from twocluster.ops import cli
 
     app = FastAPI(title="twocluster ops", dependencies=[Depends(auth)] if auth is not None else [])
+    user_name = user or (lambda: "")
+
+    def csrf_for(name: str) -> str | None:
+        return hmac.new(csrf_key, f"twocluster-ops:{name}".encode(), hashlib.sha256).hexdigest() if csrf_key and name else None
+
+    def check_action(request: Request, csrf: str, name: str) -> None:
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and urlparse(origin).netloc != request.headers.get("host"):
+            raise HTTPException(403, f"cross-site request from {origin} refused")
+        expected = csrf_for(name)
+        if expected is None or not hmac.compare_digest(csrf or "", expected):
+            raise HTTPException(403, "this action needs the page's form token (reload the page and try again)")
+
+    def back_to(spec: PipelineSpec, notice: str) -> RedirectResponse:
+        return RedirectResponse(f"{base}/pipelines/{spec.name}?notice={quote(notice[:600])}#notice", status_code=303)
 
     def spec_of(name: str) -> PipelineSpec:
         found = specs().get(name)
@@ -238,8 +300,55 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
                                              f"{rows}</table></section>")
 
     @app.get("/pipelines/{name}", response_class=HTMLResponse)
-    def pipeline_page(name: str) -> str:
-        return render_overview(overview(name), base)
+    def pipeline_page(name: str, notice: str = "", who: str = Depends(user_name)) -> str:
+        return render_overview(overview(name), base, csrf=csrf_for(who), notice=notice)
+
+    @app.post("/actions/aliases/{model}/{alias}/rollback")
+    def rollback_action(request: Request, model: str, alias: str, csrf: str = Form(""), reason: str = Form(""), to: str = Form(""),
+                        who: str = Depends(user_name)) -> Response:
+        check_action(request, csrf, who)
+        spec = model_spec(model)
+        if not reason.strip():
+            raise HTTPException(400, "a rollback needs a reason")
+        try:
+            done = cli.alias_rollback(store_for(spec), model, alias, reason.strip(), to=to or None, who=f"airflow:{who}")
+        except (cli.CliError, registry.RegistryError, ManifestError, layout.LayoutError) as e:
+            return back_to(spec, f"refused: {e}")
+        return back_to(spec, f"{model}:{alias} rolled back from {done['previous_version']} to {done['version']} "
+                             f"(alias log entry {done['log_entry']}, by airflow:{who})")
+
+    @app.post("/actions/aliases/{model}/{alias}/set")
+    def set_action(request: Request, model: str, alias: str, csrf: str = Form(""), version: str = Form(""), reason: str = Form(""),
+                   who: str = Depends(user_name)) -> Response:
+        check_action(request, csrf, who)
+        spec = model_spec(model)
+        if not reason.strip():
+            raise HTTPException(400, "moving an alias needs a reason")
+        try:  # never an override from the page: only a version the gate passed or a person approved
+            done = cli.alias_set(store_for(spec), model, alias, version, reason.strip(), who=f"airflow:{who}")
+        except (cli.CliError, registry.RegistryError, ManifestError, layout.LayoutError) as e:
+            return back_to(spec, f"refused: {e}")
+        return back_to(spec, f"{model}:{alias} -> {version}" + (f" (alias log entry {done['log_entry']}, by airflow:{who})"
+                                                                 if done["moved"] else " (already there)"))
+
+    @app.post("/actions/pipelines/{name}/rerun")
+    def rerun_action(request: Request, name: str, csrf: str = Form(""), date: str = Form(""), retrain: str = Form("auto"),
+                     who: str = Depends(user_name)) -> Response:
+        check_action(request, csrf, who)
+        spec = spec_of(name)
+        if trigger_run is None:
+            raise HTTPException(501, "re-running needs Airflow's API (the page runs without it here)")
+        try:
+            day = layout.check_date(date)
+        except layout.LayoutError as e:
+            raise HTTPException(400, str(e)) from None
+        if retrain not in ("auto", "force", "never"):
+            raise HTTPException(400, f"retrain {retrain!r} is not one of auto, force, never")
+        try:
+            run_id = trigger_run(request, name, {"date": day, "retrain": retrain})
+        except Exception as e:  # noqa: BLE001 - Airflow's answer, shown to the operator
+            return back_to(spec, f"refused: Airflow did not start the run: {e}")
+        return back_to(spec, f"triggered {name} for {day} (retrain {retrain}) as {who}: run {run_id}")
 
     @app.get("/pipelines/{name}/dates/{date}", response_class=HTMLResponse)
     def date_page(name: str, date: dt.date) -> str:
@@ -279,7 +388,19 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
                         for n in ARTIFACTS if any(f.path == n for f in manifest.files))
         curves = (f"<img alt='training curves' src='{base}/models/{model}/versions/{version}/files/training_curves.png' style='max-width:760px'>"
                   if any(f.path == "training_curves.png" for f in manifest.files) else "")
+        decisions = "".join(
+            f"<li>#{d.seq} {escape(d.alias)}: <b>{escape(d.outcome)}</b>{' by ' + escape(d.decided_by) if d.decided_by else ''}"
+            f" — {escape(d.reason)}</li>" for d in registry.gate_decisions(store, model) if d.version == version)
+        moves = "".join(
+            f"<tr{' class=override' if mv.authority == 'override' else ''}><td>{escape(mv.alias)}</td><td class=num>{mv.seq}</td>"
+            f"<td>{mv.written_at:%Y-%m-%d %H:%M}</td><td>{escape(mv.previous_version or '-')} → {escape(mv.version)}</td>"
+            f"<td>{escape(mv.authority)}</td><td>{escape(mv.who)}</td><td>{escape(mv.reason)}</td></tr>"
+            for mv in o.alias_moves if version in (mv.version, mv.previous_version))
         return _page(f"{model} {version}", f"<p><a href='{base}/pipelines/{spec.name}'>{escape(spec.name)}</a></p><section>"
+                                           f"<h2>Gate decisions and approvals</h2><ul id='decisions'>{decisions or '<li>none</li>'}</ul>"
+                                           f"<h2>Alias history (moves to or from it)</h2><table id='moves'><tr><th>alias</th>"
+                                           f"<th class=num>entry</th><th>when</th><th>move</th><th>authority</th><th>who</th><th>why</th></tr>"
+                                           f"{moves or _NONE_ROW}</table>"
                                            f"<h2>Trained on</h2><ul>{trained}</ul><h2>Scored dates (in the window)</h2>"
                                            f"<p>{escape(', '.join(scored) or 'none')}</p><h2>Artifacts</h2><ul>{files}</ul>{curves}</section>")
 
