@@ -1,11 +1,10 @@
 """The pipeline DAG, built from a pipeline spec (``pipelines/<name>.yaml``).
 
-    check_params -> preprocess -> validate_dataset -> wait_for_earlier_dates -> decide_retrain -+-> write_training_job -> train -> publish -+
-                    (Spark)                                           +-> training_skipped --------------------+
-                                                                      +-> no_model_yet (nothing to score with)   |
-                                                                                                          model_ready
-                                                                                                                 |
-                               summarize <- validate_predictions <- score (Spark, the published model) <--------+
+    check_params -> wait_for_arrivals -> preprocess (Spark) -> validate_dataset -> wait_for_earlier_dates -> decide_retrain -+
+      +-> write_training_job -> train -> publish -+-> approve (a person, only when the gate asks: HITL) -+
+      |                                           +-----------------------------------------------------+-> model_ready
+      +-> training_skipped ----------------------------------------------------------------------------+       |
+      +-> no_model_yet (nothing to score with)    summarize <- validate_predictions <- score (Spark) <----------+
 
 Parsing this file imports no Spark and no TensorFlow: the Spark jobs run through the provider's
 ``SparkSubmitOperator`` or on a Spark Connect server (:class:`PipelineSparkOperator`), training through the configured backend (:mod:`twocluster.orchestration.backends`), and
