@@ -56,7 +56,7 @@ def _app():
     def store_for(spec):
         return ObjectStore(spec.resolve_store_uri())
 
-    def signed_in(user=Depends(get_user)) -> str:  # no annotation: this module's annotations are strings
+    def signed_in(user=Depends(get_user)) -> str:  # noqa: B008 - FastAPI's idiom; no annotation: they are strings here
         return user.get_name()
 
     # The forms' token key: from Airflow's JWT secret, so every API server worker agrees (a
