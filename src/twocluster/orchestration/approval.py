@@ -21,6 +21,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param
 
+from twocluster.orchestration.notifiers import approval_notifier
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.storage import ObjectStore
@@ -102,7 +103,8 @@ class ModelApprovalOperator(HITLOperator):
         super().__init__(
             subject="Model approval", options=OPTIONS, defaults=TIMEOUT_DEFAULT,
             params={"comment": Param("", type="string", title="Comment", description="why: recorded in the alias history")},
-            response_timeout=dt.timedelta(hours=spec.model.gate.approval_timeout_hours), **kwargs)
+            response_timeout=dt.timedelta(hours=spec.model.gate.approval_timeout_hours),
+            notifiers=[approval_notifier()], **kwargs)
         self.spec, self.decision, self.store_for = spec, decision, store_for
 
     def execute(self, context):

@@ -37,17 +37,42 @@ class LogNotifier(BaseNotifier):
         )
 
 
-def failure_notifier(setting: str | None = None) -> BaseNotifier:
-    """The configured notifier (``$TWOCLUSTER_FAILURE_NOTIFIER``), or :class:`LogNotifier`."""
-    setting = os.environ.get(NOTIFIER_ENV) if setting is None else setting
+class ApprovalWaitingNotifier(BaseNotifier):
+    """Log that a model version waits for a person's approval, with where to answer (Airflow has
+    no in-app notice of pending approvals, apache/airflow#64847)."""
+
+    def notify(self, context) -> None:
+        ti = context.get("ti") or context.get("task_instance")
+        task = context.get("task")
+        log.warning("APPROVAL WAITING %s.%s run=%s: %s (answer on Airflow's Required Actions page; log: %s)",
+                    getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?"), getattr(ti, "run_id", "?"),
+                    getattr(task, "subject", "?"), getattr(ti, "log_url", "n/a"))
+
+
+def _configured(env: str, setting: str | None, default: BaseNotifier) -> BaseNotifier:
+    setting = os.environ.get(env) if setting is None else setting
     if not setting:
-        return LogNotifier()
+        return default
     try:
         config = json.loads(setting)
         cls = import_string(config["class"])
         return cls(**config.get("kwargs", {}))
     except (ValueError, KeyError, ImportError, TypeError) as e:
-        raise ValueError(f"{NOTIFIER_ENV}: cannot build the notifier from {setting!r}: {e}") from None
+        raise ValueError(f"{env}: cannot build the notifier from {setting!r}: {e}") from None
+
+
+def failure_notifier(setting: str | None = None) -> BaseNotifier:
+    """The configured notifier (``$TWOCLUSTER_FAILURE_NOTIFIER``), or :class:`LogNotifier`."""
+    return _configured(NOTIFIER_ENV, setting, LogNotifier())
+
+
+APPROVAL_NOTIFIER_ENV = "TWOCLUSTER_APPROVAL_NOTIFIER"
+
+
+def approval_notifier(setting: str | None = None) -> BaseNotifier:
+    """Who is told an approval waits (``$TWOCLUSTER_APPROVAL_NOTIFIER``, the same form as the
+    failure notifier's setting), or :class:`ApprovalWaitingNotifier`."""
+    return _configured(APPROVAL_NOTIFIER_ENV, setting, ApprovalWaitingNotifier())
 
 
 def task_defaults(*, retries: int, retry_delay: dt.timedelta, execution_timeout: dt.timedelta, **more) -> dict:

@@ -753,6 +753,10 @@ class StoreSnapshot:
         return (self.store.root_uri, info.key, info.size, info.mtime_ns)
 
     def read_bytes(self, key: str) -> bytes:
+        if self._covers(key) and key.strip("/") not in self.objects:
+            # Not in the listing: missing as far as this view goes (no round trip to learn it; a
+            # commit log's checkpoint hint is looked for at every location, most have none).
+            raise ObjectNotFound(f"{self.store.uri(key)}: no such object")
         cache_key = self._cache_key(key)
         if cache_key is not None and cache_key in self._immutable:
             return self._immutable[cache_key]
