@@ -55,7 +55,11 @@ def _project() -> dict:
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(imported module, at module level) for every import in a file."""
-    tree = ast.parse(path.read_text())
+    source = path.read_text()
+    try:
+        tree = ast.parse(source)
+    except SystemError:  # CPython 3.11's "AST constructor recursion depth mismatch" while another
+        tree = ast.parse(source)  # thread (a dying Spark gateway's) runs meanwhile: a flake, parse again
     found = []
 
     def visit(node: ast.AST, top: bool) -> None:

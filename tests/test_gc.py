@@ -106,17 +106,18 @@ def test_gc_deletes_only_what_nobody_can_reach_or_is_writing(store: ObjectStore)
 # -- issue 32: gc checks again when it applies, and never races an alias move --------------------
 
 
+NO_GRACE = dt.timedelta(0)  # these tests are about what changes between plan and apply, not about ages
+
+
 def _old_models(store: ObjectStore, n: int) -> list[str]:
-    versions = [commit_model(store, [], f"run-old-{i}") for i in range(n)]
-    time.sleep(GRACE.total_seconds() + 1)
-    return versions
+    return [commit_model(store, [], f"run-old-{i}") for i in range(n)]
 
 
 def test_gc_apply_leaves_a_version_an_alias_moved_to_after_the_plan(store: ObjectStore):
     """Defect: gc planned to retire v0, an operator then pointed the alias at v0, and `gc --apply`
     deleted it anyway (the alias then resolved to another version). Apply re-checks."""
     v0, v1, v2 = _old_models(store, 3)
-    plan = plan_gc(store, keep_versions=2, grace=GRACE)
+    plan = plan_gc(store, keep_versions=2, grace=NO_GRACE)
     assert layout.model_version_prefix(MODEL, v0) in _deleted(plan)
     publish(store, v0, reason="the operator's pick")
     apply_gc(store, plan)
@@ -145,7 +146,7 @@ def test_an_alias_moving_while_gc_retires_the_version_restores_it(store: ObjectS
     import twocluster.store.gc as gc
 
     v0, v1, v2 = _old_models(store, 3)
-    plan = plan_gc(store, keep_versions=2, grace=GRACE)
+    plan = plan_gc(store, keep_versions=2, grace=NO_GRACE)
     fresh_plan = gc.plan_gc
 
     def plan_then_move(*args, **kwargs):

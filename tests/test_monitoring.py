@@ -238,3 +238,22 @@ def test_operators_act_from_the_page_through_the_registry(filled, spec):
     assert client.post(f"/actions/pipelines/{spec.name}/rerun", data={"csrf": csrf, "date": "2026-13-01"}).status_code == 400
     version_page = client.get(f"/models/{spec.model.name}/versions/{v2}").text
     assert "airflow:alice" in version_page and "fixed upstream" in version_page and "Gate decisions and approvals" in version_page
+
+
+def test_the_approval_request_carries_the_evidence(filled, spec):
+    """What a person sees in Airflow's Required Actions: both models per class on the same test
+    set, the confusion matrix, what each was trained on, and how the newest scored date's
+    predictions differ from the test split's labels."""
+    from twocluster.orchestration.approval import approval_body
+
+    store, v1, v2 = filled
+    decision = {"model": spec.model.name, "version": v2, "alias": "production", "reason": "worse than the champion on no",
+                "test_accuracy": 0.95, "test_examples": 40, "champion_version": v1, "champion_test_accuracy": 0.97,
+                "per_class_accuracy": {"no": 0.9, "yes": 1.0}, "champion_per_class_accuracy": {"no": 0.95, "yes": 0.99},
+                "confusion_matrix": [[18, 2], [0, 20]]}
+    subject, body = approval_body(store, spec, decision, "http://airflow.example")
+    assert subject == f"Publish {spec.model.name} {v2} as production?"
+    assert "| no ⚠ | 0.900 | 0.950 |" in body and "| yes | 1.000 | 0.990 |" in body and "| no | 18 | 2 |" in body
+    assert f"Newest scored date {D[3]} (by {v2})" in body and "by 0.418 (total variation" in body
+    assert f"http://airflow.example/twocluster/models/{spec.model.name}/versions/{v1}" in body
+    assert f"candidate {D[0]} .. {D[3]} (2 dates)" in body

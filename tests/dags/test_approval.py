@@ -48,7 +48,7 @@ SPEC = load_pipeline_spec(default_spec_path("speech_commands"))
 
 # The pipeline DAG's task defaults, with a short execution_timeout: the wait for a person must not
 # count against it (apache/airflow#55866 was a timeout ending the task before it waited).
-DEFAULTS = task_defaults(retries=1, retry_delay=dt.timedelta(seconds=5), execution_timeout=dt.timedelta(seconds=15))
+DEFAULTS = task_defaults(retries=1, retry_delay=dt.timedelta(seconds=5), execution_timeout=dt.timedelta(seconds=5))
 
 with DAG("approval_roundtrip", schedule=None, start_date=dt.datetime(2026, 1, 1), catchup=False, tags=["test"],
          default_args=DEFAULTS):
@@ -160,7 +160,7 @@ def test_an_approval_answered_through_the_rest_api_moves_the_alias_with_the_answ
     assert detail["options"] == ["publish", "staging", "reject"] and detail["defaults"] == ["reject"]
     assert decision["version"] in detail["subject"] and "| yes | 0.900 |" in detail["body"] and "Confusion matrix" in detail["body"]
     assert registry.resolve_alias(store, decision["model"], "production") is None  # nothing moved while waiting
-    time.sleep(20)  # past the task's execution_timeout: still waiting
+    time.sleep(8)  # past the task's execution_timeout: still waiting
     ti = _request("GET", f"{server.url}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve", token)
     assert ti["state"] == "awaiting_input", ti
     logs = "".join(p.read_text(errors="replace") for p in (root / "airflow" / "logs").rglob("*") if p.is_file())
