@@ -57,9 +57,6 @@ def _chip(ok: bool | None, text: str) -> str:
     return f'<span class="chip {cls}">{escape(text)}</span>'
 
 
-PASSING = ("passed", "published", "already_published", "approved")
-
-
 def _actions(o: PipelineOverview, base: str, csrf: str) -> str:
     """The forms an operator acts with (each a POST carrying the CSRF token; the registry decides
     what is allowed and records who did it)."""
@@ -69,7 +66,7 @@ def _actions(o: PipelineOverview, base: str, csrf: str) -> str:
         if current is None:
             continue
         eligible = [m.version for m in reversed(o.models) if m.version != current
-                    and (standing := next((g for g in reversed(m.gate) if g.alias == alias), None)) and standing.outcome in PASSING]
+                    and (standing := next((g for g in reversed(m.gate) if g.alias == alias), None)) and standing.outcome in registry.MAY_SERVE]
         forms.append(f"<form method=post action='{base}/actions/aliases/{o.model}/{alias}/rollback'>{hidden}"
                      f"<b>{escape(alias)}</b> → {escape(current)} <input name=reason required placeholder='why (required)' size=28>"
                      f"<button>Roll back {escape(alias)}</button></form>")
@@ -303,33 +300,33 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
     def pipeline_page(name: str, notice: str = "", who: str = Depends(user_name)) -> str:
         return render_overview(overview(name), base, csrf=csrf_for(who), notice=notice)
 
-    @app.post("/actions/aliases/{model}/{alias}/rollback")
-    def rollback_action(request: Request, model: str, alias: str, csrf: str = Form(""), reason: str = Form(""), to: str = Form(""),
-                        who: str = Depends(user_name)) -> Response:
-        check_action(request, csrf, who)
-        spec = model_spec(model)
-        if not reason.strip():
-            raise HTTPException(400, "a rollback needs a reason")
-        try:
-            done = cli.alias_rollback(store_for(spec), model, alias, reason.strip(), to=to or None, who=f"airflow:{who}")
-        except (cli.CliError, registry.RegistryError, ManifestError, layout.LayoutError) as e:
-            return back_to(spec, f"refused: {e}")
-        return back_to(spec, f"{model}:{alias} rolled back from {done['previous_version']} to {done['version']} "
-                             f"(alias log entry {done['log_entry']}, by airflow:{who})")
-
-    @app.post("/actions/aliases/{model}/{alias}/set")
-    def set_action(request: Request, model: str, alias: str, csrf: str = Form(""), version: str = Form(""), reason: str = Form(""),
-                   who: str = Depends(user_name)) -> Response:
+    def alias_action(request: Request, csrf: str, who: str, model: str, reason: str, move, describe) -> Response:
+        """An alias move from the page: the form token checked, a reason required, the move made
+        by ``move(store, reason, who)`` through the CLI's functions; a refusal shown, not raised."""
         check_action(request, csrf, who)
         spec = model_spec(model)
         if not reason.strip():
             raise HTTPException(400, "moving an alias needs a reason")
-        try:  # never an override from the page: only a version the gate passed or a person approved
-            done = cli.alias_set(store_for(spec), model, alias, version, reason.strip(), who=f"airflow:{who}")
+        try:
+            done = move(store_for(spec), reason.strip(), f"airflow:{who}")
         except (cli.CliError, registry.RegistryError, ManifestError, layout.LayoutError) as e:
             return back_to(spec, f"refused: {e}")
-        return back_to(spec, f"{model}:{alias} -> {version}" + (f" (alias log entry {done['log_entry']}, by airflow:{who})"
-                                                                 if done["moved"] else " (already there)"))
+        return back_to(spec, describe(done) + (f" (alias log entry {done['log_entry']}, by airflow:{who})" if done["moved"] else ""))
+
+    @app.post("/actions/aliases/{model}/{alias}/rollback")
+    def rollback_action(request: Request, model: str, alias: str, csrf: str = Form(""), reason: str = Form(""), to: str = Form(""),
+                        who: str = Depends(user_name)) -> Response:
+        return alias_action(request, csrf, who, model, reason,
+                            lambda store, why, by: cli.alias_rollback(store, model, alias, why, to=to or None, who=by),
+                            lambda done: f"{model}:{alias} rolled back from {done['previous_version']} to {done['version']}")
+
+    @app.post("/actions/aliases/{model}/{alias}/set")
+    def set_action(request: Request, model: str, alias: str, csrf: str = Form(""), version: str = Form(""), reason: str = Form(""),
+                   who: str = Depends(user_name)) -> Response:
+        # Never an override from the page: only a version the gate passed or a person approved.
+        return alias_action(request, csrf, who, model, reason,
+                            lambda store, why, by: cli.alias_set(store, model, alias, version, why, who=by),
+                            lambda done: f"{model}:{alias} -> {version}" + ("" if done["moved"] else " (already there)"))
 
     @app.post("/actions/pipelines/{name}/rerun")
     def rerun_action(request: Request, name: str, csrf: str = Form(""), date: str = Form(""), retrain: str = Form("auto"),

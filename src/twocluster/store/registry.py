@@ -69,6 +69,7 @@ MoveKind = Literal["gate", "approval", "override", "rollback", "legacy"]
 # Gate-log outcomes that let a version be an alias's target (``published`` and
 # ``already_published`` are what the gate wrote before "passed" existed: it passed then).
 PASSED = ("passed", "published", "already_published")
+MAY_SERVE = (*PASSED, "approved")  # the standings that let a version be the alias's target
 
 
 class MoveAuthority(BaseModel):
@@ -254,7 +255,7 @@ def move_alias(store: ObjectStore, model: str, alias: str, version: str, *, expe
         authority = MoveAuthority(kind="rollback", who=who, rolled_back_from=expected.version)
     else:
         standing = gate_standing(store, model, version, alias)
-        if standing is None or standing.outcome not in (*PASSED, "approved"):
+        if standing is None or standing.outcome not in MAY_SERVE:
             raise GateNotPassed(f"refusing to point {model}:{alias} at {version}: {describe_standing(standing, model, version, alias)}. "
                                 "An operator may bypass the gate with --override-gate --reason TEXT (recorded as an override)")
         authority = MoveAuthority(kind="approval" if standing.outcome == "approved" else "gate", who=who, gate_entry=standing.seq)

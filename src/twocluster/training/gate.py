@@ -109,12 +109,6 @@ def measure(model, staged, split: str, vocabulary: list[str], batch_size: int = 
     return Measurement(float(np.mean(y_true == y_pred)), len(y_true), per_class, confusion.tolist())
 
 
-def accuracy_on(model, staged, split: str, batch_size: int = 256) -> tuple[float, int]:
-    """Top-1 accuracy of a Keras model on a staged split (:class:`twocluster.training.data.StagedData`)."""
-    found = measure(model, staged, split, list(staged.vocabulary), batch_size)
-    return found.accuracy, found.examples
-
-
 def approval_needed(policy: ApprovalPolicy, champion: str | None, candidate: Measurement,
                     champion_measured: Measurement | None) -> str | None:
     """Why a person must approve before the alias moves (``None``: the gate decides alone)."""
