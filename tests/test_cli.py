@@ -82,11 +82,16 @@ def test_verify_finds_corruption_and_strays(store: ObjectStore):
 def test_gc_is_a_dry_run_unless_applied(store: ObjectStore):
     for _ in range(3):
         _commit(store, layout.new_version_id(T0))
-    out = twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--json")
+    # A grace shorter than the longest job's timeout would take a running writer's staging area.
+    before = store.list("")
+    refused = twocluster(store, "gc", "--keep", "1", "--grace-hours", "0", "--apply", check=False)
+    assert refused.returncode == 2 and "below the longest job timeout (12 h, the default)" in refused.stderr
+    assert "pass --force" in refused.stderr and store.list("") == before  # nothing deleted
+    out = twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--force", "--json")
     plan = json.loads(out.stdout)
     assert not plan["applied"] and len(plan["deletions"]) == 2 and plan["deleted_objects"] == 0
-    assert "dry run: pass --apply" in twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001").stdout
-    applied = json.loads(twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--apply", "--json").stdout)
+    assert "dry run: pass --apply" in twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--force").stdout
+    applied = json.loads(twocluster(store, "gc", "--keep", "1", "--grace-hours", "0.0001", "--force", "--apply", "--json").stdout)
     assert applied["applied"] and applied["deleted_objects"] == 2 * 3  # two files and a manifest each
 
 

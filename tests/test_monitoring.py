@@ -257,3 +257,71 @@ def test_the_approval_request_carries_the_evidence(filled, spec):
     assert f"Newest scored date {D[3]} (by {v2})" in body and "by 0.418 (total variation" in body
     assert f"http://airflow.example/twocluster/models/{spec.model.name}/versions/{v1}" in body
     assert f"candidate {D[0]} .. {D[3]} (2 dates)" in body
+
+
+def _strays(store: ObjectStore, spec) -> list[str]:
+    """A stray object in every place the page reads: folders and names no writer of this
+    project makes (an alias spelled in capitals, a date folder that is no date, a version folder
+    that is no version, a name with a C1 line break), as a hand upload or another tool leaves."""
+    model, name = spec.model.name, spec.name
+    keys = [f"{layout.model_aliases_prefix(model)}/Production/_log/00000000000000000001.json",
+            f"{layout.model_aliases_prefix(model)}/production/_log/stray.txt",
+            f"{layout.model_versions_prefix(model)}/Not A Version/_MANIFEST.json",
+            f"{layout.model_versions_prefix(model)}/stray.txt",
+            f"{layout.model_gate_prefix(model)}/stray/x.json",
+            f"{layout.datasets_prefix(name)}/date=bogus/v=1/_MANIFEST.json",
+            f"{layout.datasets_prefix(name)}/stray/x",
+            f"{layout.dataset_date_prefix(name, D[0])}/v=junk/_MANIFEST.json",
+            f"{layout.dataset_date_prefix(name, D[0])}/_log/not-a-number.json",
+            f"{layout.predictions_prefix(name)}/date=2026-13-45/x",
+            f"{layout.predictions_date_prefix(name, D[0])}/weird folder/x",
+            f"{layout.raw_date_prefix(name, D[0])}/Stray Folder/notes.txt",
+            f"raw/{name}/date=yesterday/x.wav",
+            f"raw/{name}/stray.txt"]
+    for key in keys:
+        store.write_bytes(key, b"{not json")
+    if store.scheme == "file":  # names no S3 server takes: written as a local uploader would
+        (store.local_path(layout.model_aliases_prefix(model)) / "odd\x85alias").mkdir()
+        (store.local_path(layout.datasets_prefix(name)) / "date=2026-11-01\u2028").mkdir()
+    return keys
+
+
+def test_stray_folders_everywhere_the_page_reads_degrade_it_never_fail_it(filled, spec):
+    """One stray folder such as ``aliases/Production`` made the pipeline view, its API and the
+    health check answer 500. Every route still answers; what could not be read is listed as
+    skipped, with its reason; the health check names problems, it does not crash."""
+    store, _, v2 = filled
+    _strays(store, spec)
+    overview = pipeline_overview(store, spec, today=D[-1])
+    assert overview.aliases["production"] == v2
+    skipped = {s.uri.rsplit("/", 1)[-1] if s.uri.endswith("Production") else s.uri: s.problem for s in overview.skipped}
+    assert any("Production" in uri for uri in skipped), skipped
+    assert all("\x85" not in s.uri and "\u2028" not in s.uri for s in overview.skipped)
+    assert health_problems(overview)  # the problems it had, and no exception
+    client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}), raise_server_exceptions=False)
+    for path in ("/", f"/pipelines/{spec.name}", f"/api/pipelines/{spec.name}", "/api/pipelines", f"/api/pipelines/{spec.name}/health",
+                 f"/pipelines/{spec.name}/dates/{D[0]}", f"/api/pipelines/{spec.name}/dates/{D[0]}",
+                 f"/models/{spec.model.name}/versions/{v2}", "/runs/speech_commands/run-2"):
+        answer = client.get(path)
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[-2000:])
+    page = client.get(f"/pipelines/{spec.name}").text
+    assert "Skipped as invalid" in page and "Production" in page
+
+
+def test_the_api_docs_need_the_same_sign_in_as_the_pages_and_describe_every_route(filled, spec):
+    """``/docs`` and ``/redoc`` were public, and ``/openapi.json`` answered 500 to anyone."""
+    store, _, _ = filled
+    signed_in = {"yes": False}
+
+    def auth():
+        if not signed_in["yes"]:
+            raise HTTPException(401, "not authenticated")
+
+    client = TestClient(create_app(lambda s: store, lambda: {spec.name: spec}, auth=auth), raise_server_exceptions=False)
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code in (401, 404), path
+    signed_in["yes"] = True
+    described = client.get("/openapi.json")
+    assert described.status_code == 200, described.text[-2000:]
+    assert "/api/pipelines/{name}/health" in described.json()["paths"]
+    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 404

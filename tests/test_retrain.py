@@ -125,7 +125,8 @@ INTERVAL = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
     ({"retrain": "sometimes"}, "retrain"),
     ({"max_reject_rate": 1.5}, "max_reject_rate"),
     ({"unexpected": 1}, "unexpected"),
-    ({"date": "2020-01-01"}, "before the pipeline's start_date"),
+    ({"date": "2020-01-01"}, "date 2020-01-01 is outside the dates this pipeline processes: from its start_date 2026-"),
+    ({"date": "2099-12-31"}, "date 2099-12-31 is outside the dates"),  # its sensor held the DAG's only run slot for 48 h
 ])
 def test_bad_run_params_are_refused_with_the_reason(file_store, speech_spec, params, message):
     with pytest.raises(RunParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("$", r"\$")):
@@ -145,6 +146,10 @@ def test_run_params_resolve_to_the_run_settings(file_store, speech_spec):
         resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="backfill")
     assert resolve_run(speech_spec, file_store, {"date": None}, INTERVAL, run_type="backfill")["date"] == "2026-11-20"
     assert resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="manual")["date"] == "2026-11-18"
+    # Up to arrivals.days_ahead past today (UTC), not a day more.
+    assert resolve_run(speech_spec, file_store, {"date": "2026-11-21"}, None, today=dt.date(2026, 11, 20))["date"] == "2026-11-21"
+    with pytest.raises(RunParamsError, match=r"to 2026-11-21 \(today, UTC, plus arrivals.days_ahead = 1\)"):
+        resolve_run(speech_spec, file_store, {"date": "2026-11-22"}, None, today=dt.date(2026, 11, 20))
     assert training_run_id("p", "2026-11-20", "manual__2026-11-22T10:46:53.78+00:00") == "p.2026-11-20.manual__2026-11-22T10:46:53.78+00:00"
     assert training_run_id("p", "2026-11-20", "my run/../x").startswith("p.2026-11-20.my-run-..-x-")
 

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 
 from twocluster.demo import sample_data
 from twocluster.features import featurizer_for
@@ -322,6 +323,20 @@ def test_the_model_as_a_spark_sql_function(spark, speech_spec, published, tmp_pa
     assert len(broken) == 4
     assert len(labelled) == len(visible) - len(broken) and all(r.keyword in speech_spec.labels.vocabulary for r in labelled)
     assert all(r.keyword is None for r in rows if "/bad" in r.path and "unknownlabel" not in r.path)
+    # The spec's input limits apply in SQL too: over max_bytes, or a sample rate it does not allow,
+    # is NULL (before, both were decoded, resampled and labelled).
+    limited = speech_spec.model_copy(update={"inputs": speech_spec.inputs.model_copy(update={"max_bytes": 60_000})})
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    ok = next(p for p in visible if not p.name.startswith("bad"))
+    (odd / "ok.wav").write_bytes(ok.read_bytes())
+    t = np.arange(48_000) / 48_000
+    sf.write(odd / "large_48k.wav", 0.3 * np.sin(2 * np.pi * 440 * t), 48_000, subtype="PCM_16")  # 96 KB
+    sf.write(odd / "rate_300k.wav", 0.3 * np.sin(2 * np.pi * 440 * t[:15_000]), 300_000, subtype="PCM_16")  # 30 KB
+    register_model_function(spark, limited, store, name="predict_limited")
+    spark.read.format("binaryFile").load(str(odd)).createOrReplaceTempView("odd_audio")
+    keywords = {r.path.rsplit("/", 1)[1]: r.keyword for r in spark.sql("SELECT path, predict_limited(content) AS keyword FROM odd_audio").collect()}
+    assert keywords["ok.wav"] is not None and keywords["large_48k.wav"] is None and keywords["rate_300k.wav"] is None, keywords
 
 
 def test_gpu_selection_for_spark_tasks():

@@ -57,6 +57,9 @@ _DELETE = object()
         ("store_uri", "/data/store", r"store_uri: Value error|store_uri: '/data/store' must be a file:///"),
         ("start_date", "soon", r"start_date: Input should be a valid date"),
         ("labels", _DELETE, r"labels: Field required"),
+        ("retention.grace_hours", 6, r"retention\.grace_hours \(6\) is below the longest job timeout \(12 h\)"),
+        ("inputs.max_depth", 1000, r"inputs\.audio\.max_depth: Input should be less than or equal to 64"),
+        ("arrivals.days_ahead", -1, r"arrivals\.days_ahead: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_specs_name_the_field(spec_doc, field, value, expected):

@@ -47,6 +47,9 @@ class AudioInputs(_Strict):
     formats: list[Literal["WAV", "WAVEX", "FLAC", "OGG", "AIFF", "MP3"]] = Field(
         default_factory=lambda: ["WAV", "WAVEX"], min_length=1)
     max_bytes: int = Field(8 << 20, gt=0)
+    # How many levels below the date's folder an input may lie (``yes/clip.wav`` is 2): deeper
+    # folders are not entered, and counted as ignored (``too_deep``).
+    max_depth: int = Field(8, gt=0, le=64)
     min_sample_rate: int = Field(4_000, gt=0)
     max_sample_rate: int = Field(192_000, gt=0)
     max_channels: int = Field(8, gt=0)
@@ -61,6 +64,7 @@ class ImageInputs(_Strict):
     formats: list[Literal["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]] = Field(
         default_factory=lambda: ["PNG", "JPEG"], min_length=1)
     max_bytes: int = Field(32 << 20, gt=0)
+    max_depth: int = Field(8, gt=0, le=64)  # as :attr:`AudioInputs.max_depth`
 
 
 class Labels(_Strict):
@@ -249,6 +253,20 @@ class Monitoring(_Strict):
     max_drift: float = Field(0.25, gt=0, le=1, description="total variation distance, predictions vs training labels")
 
 
+class Timeouts(_Strict):
+    """How long each of the pipeline's jobs may run before Airflow stops it (its task's
+    ``execution_timeout``). ``retention.grace_hours`` must outlast the longest: a writer still
+    within its timeout may still be writing its staging area, which gc must not take for
+    abandoned."""
+
+    spark_job_hours: float = Field(2, gt=0, description="preprocessing and scoring, each")
+    training_job_hours: float = Field(12, gt=0)
+
+    @property
+    def longest_hours(self) -> float:
+        return max(self.spark_job_hours, self.training_job_hours)
+
+
 class Retries(_Strict):
     """How Airflow retries a failed task of the pipeline's DAG (a storage outage, a lost Spark
     worker, a preempted trainer): ``attempts`` retries, the first after ``delay_seconds``, each
@@ -278,6 +296,10 @@ class Arrivals(_Strict):
     quiet_minutes: float = Field(10, gt=0)
     deadline_hours: float = Field(6, ge=0)
     on_deadline: Literal["fail", "commit_incomplete"] = "fail"
+    # How far past today (UTC) a run's date may lie: a source a timezone ahead of UTC starts its
+    # date before UTC does. A date further ahead is refused, not waited for (its sensor would
+    # hold the DAG's run slot until its deadline).
+    days_ahead: int = Field(1, ge=0, le=7)
 
 
 class PipelineSpec(_Strict):
@@ -298,6 +320,7 @@ class PipelineSpec(_Strict):
     retries: Retries = Retries()
     scoring: Scoring = Scoring()
     retention: Retention = Retention()
+    timeouts: Timeouts = Timeouts()
     monitoring: Monitoring = Monitoring()
 
     @field_validator("store_uri")
@@ -312,6 +335,13 @@ class PipelineSpec(_Strict):
         expected = {"audio": "log_mel", "image": "image"}[self.inputs.kind]
         if self.featurizer.kind != expected:
             raise ValueError(f"inputs.kind {self.inputs.kind!r} needs featurizer.kind {expected!r}, not {self.featurizer.kind!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _grace_outlasts_jobs(self) -> PipelineSpec:
+        if self.retention.grace_hours < self.timeouts.longest_hours:
+            raise ValueError(f"retention.grace_hours ({self.retention.grace_hours:g}) is below the longest job timeout "
+                             f"({self.timeouts.longest_hours:g} h): gc would delete a running job's staging area")
         return self
 
     def resolve_store_uri(self, override: str | None = None) -> str:

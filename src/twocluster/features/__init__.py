@@ -25,7 +25,8 @@ UNDECODABLE = "undecodable"
 UNKNOWN_LABEL = "unknown_label"
 TOO_LARGE = "too_large"  # bytes (from the listing: never read) or pixels (from the header)
 WRONG_FORMAT = "wrong_format"  # a container the spec does not allow, or not the one the name says
-BAD_NAME = "bad_name"  # control characters in the object's name
+BAD_NAME = "bad_name"  # control, separator or bidirectional characters, or bytes not UTF-8, in the object's name
+DUPLICATE_NAME = "duplicate_name"  # the same name as another input once both are in Unicode NFC form
 
 
 class FeaturizeError(ValueError):

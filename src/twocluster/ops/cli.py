@@ -317,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep", type=int, default=None, help="committed versions kept per date and model (default: the spec's, 3)")
     gc.add_argument("--grace-hours", type=float, default=None, help="leave younger objects alone (default: the spec's, 24)")
     gc.add_argument("--pipeline", help="take --keep and --grace-hours from this pipeline's spec")
+    gc.add_argument("--force", action="store_true",
+                    help="accept a --grace-hours below the longest job timeout (a running job's staging area may go)")
     migrate = sub.add_parser("migrate", parents=[common], help="record a pre-log store's versions in commit logs")
     migrate.add_argument("--apply", action="store_true")
     return parser
@@ -376,16 +378,22 @@ def _run(args) -> int:
                                                                                      if result.get("alias_moved") else ""))
         return 0
     if args.command == "gc":
+        from twocluster.spec import Retention, Timeouts
         from twocluster.store.gc import apply_gc, plan_gc
 
-        keep, grace = 3, 24.0
+        retention, timeouts = Retention(), Timeouts()
         if args.pipeline:
             from twocluster.spec import default_spec_path, load_pipeline_spec
 
-            retention = load_pipeline_spec(default_spec_path(args.pipeline)).retention
-            keep, grace = retention.keep_versions, retention.grace_hours
-        keep = args.keep if args.keep is not None else keep
-        grace = args.grace_hours if args.grace_hours is not None else grace
+            pipeline = load_pipeline_spec(default_spec_path(args.pipeline))
+            retention, timeouts = pipeline.retention, pipeline.timeouts
+        keep = args.keep if args.keep is not None else retention.keep_versions
+        grace = args.grace_hours if args.grace_hours is not None else retention.grace_hours
+        if grace < timeouts.longest_hours and not args.force:
+            print(f"twocluster gc: --grace-hours {grace:g} is below the longest job timeout ({timeouts.longest_hours:g} h"
+                  f"{' in the spec of ' + args.pipeline if args.pipeline else ', the default'}): a job still running could lose "
+                  "its staging area; pass --force to accept that", file=sys.stderr)
+            return 2
         plan = plan_gc(store, keep_versions=keep, grace=dt.timedelta(hours=grace))
         deleted = apply_gc(store, plan) if args.apply else 0
         lines = [f"{'deleting' if args.apply else 'would delete'} {store.uri(d.prefix)}  ({d.what}, {d.objects} objects, "

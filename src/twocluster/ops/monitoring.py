@@ -29,7 +29,7 @@ from twocluster.store.manifest import (
     PredictionsManifest,
     scan_location,
 )
-from twocluster.store.storage import ObjectStore, StoreSnapshot
+from twocluster.store.storage import ObjectStore, StoreSnapshot, printable_name
 
 _READERS = 32
 
@@ -228,7 +228,16 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
     model = spec.model.name
     versions = registry.model_versions(store, model)
     skipped += [Skipped(uri=s.uri, problem=s.problem) for s in versions.skipped]
-    alias_names = sorted(set(store.list_folders(layout.model_aliases_prefix(model))) | set(spec.scoring.allowed_aliases))
+    # A folder under aliases/ that no alias could be named (``Production``, a hand upload's) is
+    # listed as skipped, as any unreadable entry, never read as an alias.
+    alias_names = set(spec.scoring.allowed_aliases)
+    for folder in store.list_folders(layout.model_aliases_prefix(model)):
+        if layout.is_valid_name(folder):
+            alias_names.add(folder)
+        else:
+            skipped.append(Skipped(uri=printable_name(store.uri(layout.model_aliases_prefix(model)) + "/" + folder),
+                                   problem="not an alias: alias names are 1-64 lowercase letters, digits, '_' or '-'"))
+    alias_names = sorted(alias_names)
     alias_states = {a: registry.read_alias(store, model, a, versions) for a in alias_names}
     for state in alias_states.values():
         skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]

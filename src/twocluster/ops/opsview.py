@@ -21,7 +21,9 @@ from collections.abc import Callable
 from html import escape
 from pathlib import Path
 
-from fastapi import Request  # at module level: route annotations are resolved from the module's names
+# At module level: route annotations are resolved from the module's names (a name imported
+# inside create_app left /openapi.json unable to describe the routes: a 500 for everyone).
+from fastapi import Request, Response
 
 from twocluster.ops import charts
 from twocluster.ops.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
@@ -218,12 +220,24 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
     import hmac
     from urllib.parse import quote, urlparse
 
-    from fastapi import Depends, FastAPI, Form, HTTPException, Response
+    from fastapi import Depends, FastAPI, Form, HTTPException
+    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, RedirectResponse
 
     from twocluster.ops import cli
 
-    app = FastAPI(title="twocluster ops", dependencies=[Depends(auth)] if auth is not None else [])
+    # The API's description and its docs are routes like the others, behind the same ``auth``
+    # (FastAPI's own are public); ReDoc is off.
+    app = FastAPI(title="twocluster ops", dependencies=[Depends(auth)] if auth is not None else [], docs_url=None,
+                  redoc_url=None, openapi_url=None)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi() -> dict:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=f"{base}/openapi.json", title="twocluster ops API")
     user_name = user or (lambda: "")
 
     def csrf_for(name: str) -> str | None:

@@ -286,7 +286,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                 name=f"{job}-{spec.name}",
                 conn_id="spark_default",
                 pool=SPARK_POOL,
-                execution_timeout=dt.timedelta(hours=2),
+                execution_timeout=dt.timedelta(hours=spec.timeouts.spark_job_hours),
                 doc_md=doc_md,
             )
 
@@ -335,7 +335,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         job_spec_uri = write_training_job(run)
         train = TrainingJobOperator(
-            task_id="train", job_spec_uri=job_spec_uri, pool=GPU_POOL, execution_timeout=dt.timedelta(hours=12),
+            task_id="train", job_spec_uri=job_spec_uri, pool=GPU_POOL, execution_timeout=dt.timedelta(hours=spec.timeouts.training_job_hours),
             doc_md="Train on the GPU cluster (the backend the `twocluster_training_backend` variable names); "
                    "a retry resumes the run from its last checkpoint.",
         )

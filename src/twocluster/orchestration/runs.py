@@ -65,10 +65,11 @@ class RunParams(BaseModel):
 
 
 def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], interval_start: dt.datetime | None,
-                run_type: str | None = None) -> dict:
+                run_type: str | None = None, today: dt.date | None = None) -> dict:
     """Validate a run's parameters against the spec and the store and return the run's settings
     (date, alias, pinned model version, retrain mode, reject threshold). ``run_type``: the DAG
-    run's (``backfill`` runs must take their date from their data interval)."""
+    run's (``backfill`` runs must take their date from their data interval); ``today``: UTC's,
+    unless a test says."""
     try:
         p = RunParams.model_validate(params)
     except ValidationError as e:
@@ -86,8 +87,10 @@ def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], 
         date = layout.check_date(interval_start.date())
     else:
         raise RunParamsError(f"{spec.name}: this run has no data interval; pass the date to process as the 'date' parameter")
-    if dt.date.fromisoformat(date) < spec.start_date:
-        raise RunParamsError(f"date {date} is before the pipeline's start_date {spec.start_date}")
+    latest = (today or dt.datetime.now(dt.UTC).date()) + dt.timedelta(days=spec.arrivals.days_ahead)
+    if not spec.start_date <= dt.date.fromisoformat(date) <= latest:
+        raise RunParamsError(f"date {date} is outside the dates this pipeline processes: from its start_date {spec.start_date} "
+                             f"to {latest} (today, UTC, plus arrivals.days_ahead = {spec.arrivals.days_ahead})")
     alias = p.model_alias or spec.scoring.alias
     if alias not in spec.scoring.allowed_aliases:
         raise RunParamsError(f"model_alias {alias!r} is not one of the pipeline's aliases {spec.scoring.allowed_aliases}")

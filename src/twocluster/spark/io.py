@@ -27,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twocluster.features import BAD_NAME, TOO_LARGE, UNKNOWN_LABEL, Featurizer, featurizer_for
+from twocluster.features import BAD_NAME, DUPLICATE_NAME, TOO_LARGE, UNKNOWN_LABEL, Featurizer, featurizer_for
 from twocluster.spark import splits
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
 from twocluster.store.manifest import ManifestFile
-from twocluster.store.storage import CONTROL_CHARACTERS, ObjectStore, StorageError
+from twocluster.store.storage import UNSAFE_NAME_CHARACTERS, ObjectInfo, ObjectStore, ReadRefused, StorageError, printable_name
 from twocluster.version import code_hashes
 
 if TYPE_CHECKING:  # imported where used: Spark's Python workers never need pandas (2+ s of import each)
@@ -43,11 +43,20 @@ T = TypeVar("T")
 _FETCH_THREADS = 8  # remote object-store reads are IO-bound; overlap them within a task
 
 # ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
-# never read.
-LISTING_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("folder", pa.string()),
-                            ("label", pa.string()), ("label_id", pa.int32()), ("source_id", pa.string()), ("split", pa.string()),
+# never read. ``size``, ``mtime_ns`` and ``etag`` are what the read must find (the object as
+# listed: :meth:`ObjectStore.read_listed`).
+LISTING_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                            ("etag", pa.string()), ("folder", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
+                            ("source_id", pa.string()), ("split", pa.string()),
                             ("reject", pa.string())])  # label: null for an unknown folder
-_LISTING_CHUNK_ROWS = 8192  # rows held as Python objects at a time while listing
+# Why the listing alone condemned an input, as the rejects table says it.
+LISTING_VERDICTS = {
+    BAD_NAME: "the name holds a control, line-separator or bidirectional character, or bytes that are not UTF-8 "
+              "(shown escaped)",
+    DUPLICATE_NAME: "another input has the same name once both are in Unicode NFC form (one spelled NFC, one NFD); "
+                    "the first in key order was read",
+}
+_LISTING_CHUNK_ROWS = 4096  # rows held as Python objects at a time while listing (~150 B each)
 
 
 def job_fingerprint(listing_fingerprint: str, *parts: str, code: tuple[str, ...]) -> str:
@@ -92,7 +101,10 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     resource forks, editors' temp files), the arrival marker, and symbolic links (``symlink``:
     never followed, on a local store). Each input gets its label from its parent folder (``None``
     for an unknown folder), its source id, its split, and a ``reject`` reason where the listing
-    alone condemns it (``too_large``, ``bad_name``).
+    alone condemns it (``too_large``; ``bad_name``, the name then shown escaped; ``duplicate_name``,
+    a second spelling of a name in another Unicode normal form). Folders deeper than the spec's
+    ``max_depth`` are not entered (``too_deep``), nor folders the listing may not read
+    (``unreadable_folder``).
 
     The listing is built in Arrow, a chunk of rows at a time, from the store's :class:`Walk` (an
     object at a time, in key order): as Python objects (a dict per row, then a pandas frame of
@@ -106,7 +118,8 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
     columns: dict[str, list] = {field.name: [] for field in LISTING_SCHEMA}
     ignored, fingerprint = Counter(), hashlib.sha256()
     vocabulary = {label: i for i, label in enumerate(spec.labels.vocabulary)}
-    walk = store.walk(prefix)  # one object at a time: the listing is never whole in Python objects
+    respelled = False  # whether any name changed in NFC form (only then can two names collide)
+    walk = store.walk(prefix, max_depth=spec.inputs.max_depth)  # one object at a time: never whole in Python objects
     for obj in walk:
         rel = obj.key[len(prefix) + 1 :]
         name = posixpath.basename(rel)
@@ -118,21 +131,27 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
         if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
             ignored["pattern"] += 1
             continue
+        key, reject = obj.key, ""
+        if UNSAFE_NAME_CHARACTERS.search(rel):  # a name the store itself would refuse as a key: never read,
+            reject = BAD_NAME  # and shown escaped wherever it goes (logs, the rejects table, the page)
+            key, rel = printable_name(key), printable_name(rel)
+        elif obj.size > spec.inputs.max_bytes:
+            reject = TOO_LARGE
         # Identities derived from the name (label folder, speaker, split) use its NFC form: the
         # same clip uploaded from macOS (NFD names) and from Linux lands in the same split. The
         # key itself stays as listed: it is what reads the object.
-        rel = unicodedata.normalize("NFC", rel)
+        if not rel.isascii():
+            normal = unicodedata.normalize("NFC", rel)
+            respelled |= normal != rel
+            rel = normal
         folder = posixpath.basename(posixpath.dirname(rel))
         label = spec.labels.label_for_folder(folder)
-        reject = ""
-        if CONTROL_CHARACTERS.search(rel):  # a name the store itself would refuse as a key
-            reject = BAD_NAME
-        elif obj.size > spec.inputs.max_bytes:
-            reject = TOO_LARGE
         row = {
-            "key": obj.key,
+            "key": key,
             "path": rel,
             "size": obj.size,
+            "mtime_ns": obj.mtime_ns,
+            "etag": obj.etag,
             "folder": folder,
             "label": label,
             "label_id": vocabulary[label] if label is not None else -1,
@@ -140,19 +159,41 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
             "split": splits.split_for_path(rel, spec.splits.validation_percent, spec.splits.testing_percent),
             "reject": reject,
         }
-        for name, value in row.items():
-            columns[name].append(value)
-        fingerprint.update(f"{rel}\0{obj.size}\0{obj.mtime_ns}\n".encode())
+        for column, value in row.items():
+            columns[column].append(value)
+        fingerprint.update(f"{obj.key}\0{obj.size}\0{obj.mtime_ns}\0{obj.etag}\n".encode("utf-8", "surrogateescape"))
         if len(columns["key"]) == _LISTING_CHUNK_ROWS:
             chunks.append(_listing_chunk(columns))
     chunks.append(_listing_chunk(columns))
     if walk.links:
         ignored["symlink"] = len(walk.links)
+    ignored.update(walk.skipped)
     # What the listing depends on besides the files: the spec sections it reads. Each job adds
     # what its own output depends on (:func:`job_fingerprint`).
     for part in (spec.inputs, spec.labels, spec.splits):
         fingerprint.update(part.model_dump_json().encode())
-    return pa.concat_tables(chunks), dict(sorted(ignored.items())), "sha256:" + fingerprint.hexdigest()
+    listing = pa.concat_tables(chunks)
+    if respelled:
+        listing = _reject_name_twins(listing)
+    return listing, dict(sorted(ignored.items())), "sha256:" + fingerprint.hexdigest()
+
+
+def _reject_name_twins(listing: pa.Table) -> pa.Table:
+    """Reject (``duplicate_name``) every input whose NFC name an input before it in key order
+    already has: ``café.wav`` uploaded from macOS (NFD) and from Linux (NFC) are two objects but
+    one path, one source and one split; two rows of it would count one clip twice."""
+    counts = listing.group_by("path").aggregate([("path", "count")])
+    twins = set(counts.filter(pa.compute.greater(counts.column("path_count"), 1)).column("path").to_pylist())
+    if not twins:
+        return listing
+    seen: set[str] = set()
+    rejects = listing.column("reject").to_pylist()
+    for i, path in enumerate(listing.column("path").to_pylist()):
+        if path in twins:
+            if path in seen and not rejects[i]:
+                rejects[i] = DUPLICATE_NAME
+            seen.add(path)
+    return listing.set_column(listing.schema.get_field_index("reject"), "reject", pa.array(rejects, pa.string()))
 
 
 def _listing_chunk(columns: dict[str, list]) -> pa.Table:
@@ -289,9 +330,9 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
         worker_store = ObjectStore(root_uri, s3_settings)
         row_size = int(np.prod(featurizer.shape))
 
-        def fetch(key: str) -> bytes | StorageError:
-            try:
-                return worker_store.read_bytes(key)
+        def fetch(listed: ObjectInfo) -> bytes | StorageError:
+            try:  # the object as listed, or a reason: never a link followed, a FIFO waited on, or a byte past the limit
+                return worker_store.read_listed(listed, max_bytes)
             except StorageError as e:
                 return e
 
@@ -301,7 +342,11 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
             known = (np.asarray(batch.column("label").is_valid()) if require_label else np.ones(n, dtype=bool))
             # Condemned by the listing (too large, bad name): never read.
             listed_ok = np.array([r == "" for r in prechecked], dtype=bool)
-            return _ReadPlan(batch.column("key").to_pylist(), prechecked, known, listed_ok, np.flatnonzero(known & listed_ok))
+            wanted = np.flatnonzero(known & listed_ok)
+            keys, sizes = batch.column("key").to_pylist(), batch.column("size").to_pylist()
+            mtimes, etags = batch.column("mtime_ns").to_pylist(), batch.column("etag").to_pylist()
+            listed = [ObjectInfo(keys[i], sizes[i], mtimes[i], etags[i]) for i in wanted]
+            return _ReadPlan(keys, prechecked, known, listed_ok, wanted, listed)
 
         # A remote store's reads, 8 at a time; a local store's in turn (measured: 0.05 ms of CPU
         # per clip read in turn, 0.14-0.17 ms through 8 threads; featurizing a clip costs ~0.5 ms),
@@ -317,8 +362,8 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                     if following is not None:
                         worker_store.will_read(following[1].to_read)
                 n = batch.num_rows
-                keys, prechecked, known, listed_ok, wanted = plan
-                fetched = list((pool.map if concurrent else map)(fetch, [keys[i] for i in wanted]))
+                keys, prechecked, known, listed_ok, wanted, _ = plan
+                fetched = list((pool.map if concurrent else map)(fetch, plan.listed))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
                 featurized = featurizer.featurize_many(blobs, [keys[i] for i in wanted], input_limits)
                 reasons: list[str | None] = [None] * n
@@ -326,10 +371,12 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                 for i in np.flatnonzero(known & ~listed_ok):
                     reasons[i] = prechecked[i]
                     details[i] = (f"{batch.column('size')[i].as_py()} bytes in the listing; the spec allows {max_bytes}"
-                                  if reasons[i] == TOO_LARGE else "the name holds control characters")
+                                  if reasons[i] == TOO_LARGE else LISTING_VERDICTS[reasons[i]])
                 accepted_rows = []  # (row in the batch, row in the featurized batch)
                 for j, i in enumerate(wanted):
-                    if isinstance(fetched[j], StorageError):
+                    if isinstance(fetched[j], ReadRefused):
+                        reasons[i], details[i] = fetched[j].reason, fetched[j].detail
+                    elif isinstance(fetched[j], StorageError):
                         reasons[i], details[i] = UNREADABLE, str(fetched[j])
                     elif featurized.reasons[j] is not None:
                         reasons[i], details[i] = featurized.reasons[j], featurized.details[j]
@@ -353,10 +400,11 @@ class _ReadPlan(NamedTuple):
     known: np.ndarray
     listed_ok: np.ndarray
     wanted: np.ndarray
+    listed: list[ObjectInfo]  # the rows to read, as listed
 
     @property
     def to_read(self) -> list[str]:
-        return [self.keys[i] for i in self.wanted]
+        return [o.key for o in self.listed]
 
 
 def _each_with_the_next(items: Iterator[T]) -> Iterator[tuple[T, T | None]]:

@@ -508,7 +508,9 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
         spark.sql("SELECT path, predict_keyword(content) FROM audio")
 
     Returns the model version it is bound to (resolved once, so one query uses one model).
-    Inputs that cannot be featurized give NULL."""
+    Inputs that cannot be featurized give NULL, and so do inputs the spec's ``inputs`` limits
+    refuse (over ``max_bytes``, a container, sample rate, channel count or duration it does not
+    allow: judged from the header, before decoding), as the scoring job refuses them."""
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
@@ -518,6 +520,7 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
     root_uri, s3_settings, model = store.root_uri, store.worker_settings, spec.model.name
     batch_size, runtime = spec.scoring.inference_batch_size, spec.scoring.runtime
+    input_limits = spec.inputs
     serving_runtime(runtime, manifest, on_gpu=False)  # a runtime the version cannot have fails here, not in a task
 
     def predict_sql(batches):
@@ -525,7 +528,8 @@ def register_model_function(spark, spec: PipelineSpec, store: ObjectStore, name:
         featurizer = worker_featurizer(featurizer_json, kind)
         loaded, _ = worker_model(root_uri, s3_settings, model, version, runtime)
         for content in batches:
-            batch = featurizer.featurize_many(list(content))
+            blobs = [c if c is not None and len(c) <= input_limits.max_bytes else None for c in content]
+            batch = featurizer.featurize_many(blobs, None, input_limits)
             ok = np.array([r is None for r in batch.reasons], dtype=bool)
             labels = pd.Series([None] * len(content), dtype=object)
             if ok.any():

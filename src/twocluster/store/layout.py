@@ -61,6 +61,12 @@ def check_name(value: str, what: str = "name") -> str:
     return value
 
 
+def is_valid_name(value: str) -> bool:
+    """Whether ``value`` could name a pipeline, model or alias (:func:`check_name` without the
+    error: for readers that list what others wrote)."""
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
 def check_date(value: str | dt.date, what: str = "date") -> str:
     if isinstance(value, dt.datetime):
         value = value.date()

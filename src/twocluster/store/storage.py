@@ -13,18 +13,21 @@ Credentials are never in code: S3 settings come from the standard AWS environmen
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,10 +36,37 @@ import pyarrow.fs as pafs
 
 CHECKSUM_ALGORITHM = "sha256"
 _COPY_CHUNK_BYTES = 8 << 20
-# What a key may not contain (newline, NUL, ...: they break logs, listings and other tools).
-# A regex, not a test per character: keys are checked on every read (0.2 us a clip's key, where
-# a generator over its characters took 2.3 us).
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# What a name may not contain: C0 and C1 control characters and DEL (newline, NUL, NEL \x85:
+# they break logs, listings and other tools), the Unicode line and paragraph separators (a log
+# line split in two), the bidirectional and invisible format characters (a name that reads as
+# another: U+202E turns "gnp.wav" around), the interlinear and object replacement controls, and
+# lone surrogates (what Python makes of a local file name that is not UTF-8). A regex, not a
+# test per character: keys are checked on every read (0.2 us a clip's key, where a generator
+# over its characters took 2.3 us).
+UNSAFE_NAME_CHARACTERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffc\ud800-\udfff]")
+# How deep a walk goes below its prefix unless its caller says (a raw folder 1,200 levels deep
+# must not exhaust the walk's stack or the kernel's path length).
+DEFAULT_MAX_DEPTH = 64
+
+# Why a listed object was not read (reject reasons: :meth:`ObjectStore.read_listed`).
+CHANGED_SINCE_LISTING = "changed_since_listing"  # another size, time, ETag, or gone
+NOT_A_FILE = "not_a_file"  # a symbolic link, FIFO, device or folder at read time
+TOO_LARGE = "too_large"  # over the caller's byte limit
+
+
+def printable_name(name: str) -> str:
+    """``name`` with each unsafe character (:data:`UNSAFE_NAME_CHARACTERS`) written as an escape
+    (``\\x85``, ``\\u2028``; a byte of a local name that was not UTF-8 as ``\\xe9``): what a
+    log line, a rejects table or a page may show."""
+    return UNSAFE_NAME_CHARACTERS.sub(_escape_character, name)
+
+
+def _escape_character(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte the file system held
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class StorageError(Exception):
@@ -45,6 +75,16 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The object does not exist."""
+
+
+class ReadRefused(StorageError):
+    """A listed object was not read as listed (:meth:`ObjectStore.read_listed`): ``reason`` is
+    :data:`CHANGED_SINCE_LISTING`, :data:`NOT_A_FILE` or :data:`TOO_LARGE`, the message says
+    what was found."""
+
+    def __init__(self, uri: str, reason: str, detail: str):
+        super().__init__(f"{uri}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -105,6 +145,7 @@ class ObjectInfo:
     key: str  # relative to the store root
     size: int
     mtime_ns: int | None = None  # last modification (S3: LastModified)
+    etag: str | None = None  # S3 only: what a read may require the object still to be (If-Match)
 
 
 @dataclass(frozen=True)
@@ -115,13 +156,16 @@ class Listing:
 
 class Walk(Iterator[ObjectInfo]):
     """The objects under a prefix in key order, made as the walk reaches them (a local store's
-    folders are read one at a time), and the symbolic links skipped so far (``links``, all of
-    them once the walk is exhausted). For a caller that turns a large listing into something
-    else (the preprocessing job's Arrow listing): it never holds the whole listing as Python
-    objects (~350 B an object, each key a string)."""
+    folders are read one at a time), the symbolic links skipped so far (``links``, all of them
+    once the walk is exhausted) and what else was not listed, by reason (``skipped``:
+    ``too_deep``, a folder below the walk's depth limit, not entered, or an S3 object below it;
+    ``unreadable_folder``, a folder the walk may not read or whose path the kernel refuses).
+    For a caller that turns a large listing into something else (the preprocessing job's Arrow
+    listing): it never holds the whole listing as Python objects (~350 B an object)."""
 
-    def __init__(self, objects: Iterator[ObjectInfo], links: list[str]):
+    def __init__(self, objects: Iterator[ObjectInfo], links: list[str], skipped: Counter | None = None):
         self._objects, self.links = objects, links
+        self.skipped: Counter = Counter() if skipped is None else skipped
 
     def __iter__(self) -> Walk:
         return self
@@ -196,6 +240,25 @@ def _local_temp_copy(path: str, prefix: str, data: bytes, *, durable: bool = Fal
             os.unlink(tmp)
 
 
+@lru_cache(maxsize=8)
+def _boto3_client(settings: S3Settings):
+    """One boto3 client per process and settings (thread-safe; making one costs tens of ms, and
+    a Spark task makes a store per task): ``max_pool_connections`` covers a task's reading
+    threads."""
+    import boto3  # only the S3 path needs it
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region or "us-east-1",
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        config=Config(max_pool_connections=16),
+    )
+
+
 class ObjectStore:
     """A ``file://`` or ``s3://`` root with key-addressed read, write, list, copy and
     create-only writes."""
@@ -253,17 +316,7 @@ class ObjectStore:
 
     @cached_property
     def _s3_client(self):
-        import boto3  # only the S3 path needs it
-
-        s = self.s3_settings
-        return boto3.session.Session().client(
-            "s3",
-            endpoint_url=s.endpoint_url,
-            region_name=s.region or "us-east-1",
-            aws_access_key_id=s.access_key,
-            aws_secret_access_key=s.secret_key,
-            aws_session_token=s.session_token,
-        )
+        return _boto3_client(self.s3_settings)
 
     # -- addressing --------------------------------------------------------------------------
 
@@ -271,8 +324,9 @@ class ObjectStore:
         key = key.strip("/")
         if key and any(part in ("..", ".", "") for part in key.split("/")):
             raise StorageError(f"{key!r}: keys may not contain '.', '..' or empty ('//') segments")
-        if CONTROL_CHARACTERS.search(key):
-            raise StorageError(f"{key!r}: keys may not contain control characters (newline, NUL, ...)")
+        if UNSAFE_NAME_CHARACTERS.search(key):
+            raise StorageError(f"'{printable_name(key)}': keys may not contain control characters, line separators, "
+                               "bidirectional controls or bytes that are not UTF-8")
         return join_key(self._base, key) if self.scheme == "s3" else os.path.join(self._base, key)
 
     # pyarrow's streams default to compression="detect", which would silently (de)compress any
@@ -331,6 +385,118 @@ class ObjectStore:
         except OSError as e:
             raise StorageError(f"{self.uri(key)}: read failed: {e}") from e
 
+    def read_listed(self, listed: ObjectInfo, max_bytes: int) -> bytes:
+        """The object ``listed`` as its listing described it, read without following a link,
+        waiting on anything or holding more than ``max_bytes + 1`` bytes: between a listing and
+        its read, whoever may write the folder can swap a file for a link to ``/dev/zero``, a
+        FIFO, or a larger file. Raises :class:`ReadRefused` (``too_large``, ``not_a_file``,
+        ``changed_since_listing``) for anything but the listed object, :class:`ObjectNotFound`
+        if it is gone.
+
+        A local file is opened folder by folder below the store's root with ``O_NOFOLLOW``
+        (no link on its path either), ``O_NONBLOCK`` (a FIFO answers at once), and its
+        ``fstat`` must show a regular file of the listed size and modification time. An S3
+        object is read with one ranged GET of at most ``max_bytes + 1`` bytes, ``If-Match`` the
+        listed ETag (servers that ignore it are caught by the answer's ETag and total size)."""
+        if listed.size > max_bytes:
+            raise ReadRefused(self.uri(listed.key), TOO_LARGE, f"{listed.size} bytes in the listing; the limit is {max_bytes}")
+        if self.scheme == "file":
+            return self._read_local_listed(listed, max_bytes)
+        return self._read_s3_listed(listed, max_bytes)
+
+    def _read_local_listed(self, listed: ObjectInfo, max_bytes: int) -> bytes:
+        uri = self.uri(listed.key)
+        fd = self._open_beneath_root(listed.key)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "folder" if stat.S_ISDIR(st.st_mode) else "device or socket"
+                raise ReadRefused(uri, NOT_A_FILE, f"a {kind} at read time, listed as a {listed.size}-byte file")
+            if st.st_size > max_bytes:
+                raise ReadRefused(uri, TOO_LARGE, f"{st.st_size} bytes at read time; the limit is {max_bytes}")
+            if st.st_size != listed.size or (listed.mtime_ns is not None and st.st_mtime_ns != listed.mtime_ns):
+                raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{st.st_size} bytes modified at {st.st_mtime_ns} ns at "
+                                  f"read time; listed as {listed.size} bytes at {listed.mtime_ns} ns")
+            chunks, held = [], 0
+            while held <= listed.size:  # one byte past the listed size: a file growing meanwhile is seen
+                chunk = os.read(fd, listed.size + 1 - held)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                held += len(chunk)
+        finally:
+            os.close(fd)
+        if held != listed.size:
+            raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{'more' if held > listed.size else held} bytes read; listed as {listed.size}")
+        return b"".join(chunks)
+
+    def _open_beneath_root(self, key: str) -> int:
+        """A descriptor of ``key``'s file, opened one path component at a time from the store's
+        root, none of them followed if it is a symbolic link (the root itself may be reached
+        through links: it is the operator's)."""
+        parts = self._path(key)[len(self._base):].strip("/").split("/")
+        uri = self.uri(key)
+        directory = os.open(self._base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                try:
+                    below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+                except (NotADirectoryError, OSError) as e:
+                    if isinstance(e, FileNotFoundError):
+                        raise ObjectNotFound(f"{uri}: no such object") from e
+                    raise ReadRefused(uri, NOT_A_FILE, f"folder {part!r} on its path is no longer a folder "
+                                      f"(a symbolic link?) at read time: {e.strerror}") from e
+                os.close(directory)
+                directory = below
+            try:
+                return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+            except FileNotFoundError as e:
+                raise ObjectNotFound(f"{uri}: no such object") from e
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ReadRefused(uri, NOT_A_FILE, "a symbolic link at read time, listed as a file") from e
+                raise StorageError(f"{uri}: read failed: {e.strerror}") from e
+        finally:
+            os.close(directory)
+
+    def _read_s3_listed(self, listed: ObjectInfo, max_bytes: int) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        uri = self.uri(listed.key)
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": self._s3_key(listed.key)}
+        if listed.etag:
+            request["IfMatch"] = listed.etag
+        try:
+            try:
+                response = self._s3_client.get_object(**request, Range=f"bytes=0-{max_bytes}")
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") != "InvalidRange":
+                    raise
+                response = self._s3_client.get_object(**request)  # an empty object has no byte 0 to range from
+            body = response["Body"]
+            try:
+                data = body.read(max_bytes + 1)
+            finally:
+                body.close()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                raise ObjectNotFound(f"{uri}: no such object") from e
+            if code in ("PreconditionFailed", "412"):
+                raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"its ETag is no longer the listed {listed.etag}") from e
+            raise StorageError(f"{uri}: read failed: {code or e}") from e
+        except BotoCoreError as e:
+            raise StorageError(f"{uri}: read failed: {e}") from e
+        content_range = response.get("ContentRange") or ""
+        total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else response.get("ContentLength", len(data))
+        if total > max_bytes:
+            raise ReadRefused(uri, TOO_LARGE, f"{total} bytes at read time; the limit is {max_bytes}")
+        etag = response.get("ETag")
+        if total != listed.size or len(data) != listed.size or (listed.etag and etag and etag != listed.etag):
+            raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{total} bytes, ETag {etag} at read time; listed as "
+                              f"{listed.size} bytes, ETag {listed.etag}")
+        return data
+
     def exists(self, key: str) -> bool:
         return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
 
@@ -347,48 +513,61 @@ class ObjectStore:
         log's tail costs one request, not one per thousand entries)."""
         wanted = tuple(s.lower() for s in suffixes)
         if start_after and self.scheme == "s3":
-            objects = self._s3_list_after(prefix, recursive, start_after.strip("/"))
+            objects = list(self._s3_objects(prefix, recursive, start_after.strip("/")))
         else:
             objects = [o for o in self.listing(prefix, recursive=recursive).objects if o.key > start_after.strip("/")]
         return [o for o in objects if not wanted or o.key.lower().endswith(wanted)]
 
-    def _s3_list_after(self, prefix: str, recursive: bool, start_after: str) -> list[ObjectInfo]:
+    def _s3_objects(self, prefix: str, recursive: bool, start_after: str = "", max_depth: int = DEFAULT_MAX_DEPTH,
+                    skipped: Counter | None = None) -> Iterator[ObjectInfo]:
+        """An S3 prefix's objects in key order (S3 lists in UTF-8 binary order, which is code point
+        order: Python's string order), with their ETags, a page of 1,000 at a time. Objects more
+        than ``max_depth`` levels below the prefix are counted in ``skipped``."""
         root = self._s3_key(prefix).rstrip("/") + "/" if prefix.strip("/") else (self._prefix + "/" if self._prefix else "")
         strip = len(self._prefix) + 1 if self._prefix else 0
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root, "StartAfter": self._s3_key(start_after)}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root}
+        if start_after:
+            kwargs["StartAfter"] = self._s3_key(start_after)
         if not recursive:
             kwargs["Delimiter"] = "/"
-        found = []
         try:
             for page in self._s3_client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):
-                        found.append(ObjectInfo(key=obj["Key"][strip:], size=obj["Size"],
-                                                mtime_ns=int(obj["LastModified"].timestamp() * 1e9)))
+                    if obj["Key"].endswith("/"):
+                        continue  # a folder marker some tools write
+                    if obj["Key"].count("/", len(root)) >= max_depth:
+                        if skipped is not None:
+                            skipped["too_deep"] += 1
+                        continue
+                    yield ObjectInfo(key=obj["Key"][strip:], size=obj["Size"], mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
+                                     etag=obj.get("ETag"))
         except Exception as e:  # botocore's ClientError and connection errors alike
             raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
-        return sorted(found, key=lambda o: o.key)
 
-    def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
+    def listing(self, prefix: str = "", *, recursive: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> Listing:
         """The objects under ``prefix``, sorted by key, and (on a local store) the symbolic links
         met on the way, which are skipped, never followed: a link can point out of the store
         (a file that is not the store's to read), into a loop (``loop -> ../..`` would list the
         tree again and again), or at another label's folder (``no -> yes`` would relabel it)."""
-        walk = self.walk(prefix, recursive=recursive)
+        walk = self.walk(prefix, recursive=recursive, max_depth=max_depth)
         objects = list(walk)
         return Listing(objects, sorted(walk.links))
 
-    def walk(self, prefix: str = "", *, recursive: bool = True) -> Walk:
-        """:meth:`listing`'s objects one at a time, in the same key order (see :class:`Walk`)."""
+    def walk(self, prefix: str = "", *, recursive: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> Walk:
+        """:meth:`listing`'s objects one at a time, in the same key order (see :class:`Walk`),
+        at most ``max_depth`` levels below ``prefix`` (a file directly in it is level 1)."""
+        skipped: Counter = Counter()
         if self.scheme == "file":
             links: list[str] = []
-            return Walk(self._local_walk(prefix, recursive, links), links)
-        root_len = len(self._base.rstrip("/")) + 1
-        found = [ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns)
-                 for info in self._file_infos(prefix, recursive) if info.type == pafs.FileType.File]
-        return Walk(iter(sorted(found, key=lambda o: o.key)), [])
+            return Walk(self._local_walk(prefix, recursive, links, max_depth, skipped), links, skipped)
+        return Walk(self._s3_objects(prefix, recursive, max_depth=max_depth, skipped=skipped), [], skipped)
 
-    def _local_walk(self, prefix: str, recursive: bool, links: list[str]) -> Iterator[ObjectInfo]:
+    def _local_walk(self, prefix: str, recursive: bool, links: list[str], max_depth: int, skipped: Counter) -> Iterator[ObjectInfo]:
+        """A local folder's objects in key order, depth first, with a stack of its own (a tree
+        deeper than Python's recursion limit is walked as any other), entering no folder whose
+        files would lie more than ``max_depth`` levels below the prefix. A folder's entries
+        sorted by name, a subfolder's name followed by "/", are its keys' order: every key under
+        ``a/`` sorts after ``a.wav`` and before ``a0.wav``, as "/" sorts between "." and "0"."""
         top = self._path(prefix)
         root_len = len(self._base.rstrip("/")) + 1
         # The prefix itself must not lead out of the store through a link either.
@@ -396,13 +575,27 @@ class ObjectStore:
         if os.path.lexists(top) and os.path.commonpath([os.path.realpath(top), real_base]) != real_base:
             links.append(top[root_len:])
             return
-        yield from self._local_folder(top, root_len, recursive, links)
+        stack = [(top, 1, iter(self._local_entries(top, root_len, recursive, links, skipped)))]
+        while stack:
+            folder, depth, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            name, size, mtime_ns = entry
+            path = os.path.join(folder, name.rstrip("/"))
+            if size is not None:
+                yield ObjectInfo(key=path[root_len:], size=size, mtime_ns=mtime_ns)
+            elif depth + 1 > max_depth:
+                skipped["too_deep"] += 1
+            else:
+                stack.append((path, depth + 1, iter(self._local_entries(path, root_len, recursive, links, skipped))))
 
-    def _local_folder(self, folder: str, root_len: int, recursive: bool, links: list[str]) -> Iterator[ObjectInfo]:
-        """A local folder's objects in key order, depth first. A folder's entries sorted by name,
-        a subfolder's name followed by "/", are its keys' order: every key under ``a/`` sorts
-        after ``a.wav`` and before ``a0.wav``, as "/" sorts between "." and "0"."""
-        found: list[tuple[str, int, int] | tuple[str, None, None]] = []  # (name, size, mtime); a folder: ("name/", None, None)
+    @staticmethod
+    def _local_entries(folder: str, root_len: int, recursive: bool, links: list[str], skipped: Counter) -> list[tuple]:
+        """One folder's files as ``(name, size, mtime_ns)`` and subfolders as ``(name + "/", None,
+        None)``, sorted by name; links recorded in ``links``, never followed."""
+        found: list[tuple] = []
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -418,14 +611,11 @@ class ObjectStore:
                     except FileNotFoundError:
                         continue  # a writer's temp file renamed away mid-listing: a moment's race, not a state
         except (FileNotFoundError, NotADirectoryError):
-            return  # removed meanwhile, or the prefix names a file
-        found.sort(key=lambda f: f[0])
-        key_prefix = folder[root_len:] + "/" if len(folder) > root_len else ""
-        for name, size, mtime_ns in found:
-            if size is None:
-                yield from self._local_folder(os.path.join(folder, name[:-1]), root_len, recursive, links)
-            else:
-                yield ObjectInfo(key=key_prefix + name, size=size, mtime_ns=mtime_ns)
+            return []  # removed meanwhile, or the prefix names a file
+        except OSError:  # no permission, a path longer than the kernel takes
+            skipped["unreadable_folder"] += 1
+            return []
+        return sorted(found, key=lambda f: f[0])
 
     def list_folders(self, prefix: str = "") -> list[str]:
         """Names of the immediate sub-folders of ``prefix`` (one delimiter-listing on S3; local
@@ -714,15 +904,20 @@ class StoreSnapshot:
         return [o for o in self._under(prefix)
                 if (recursive or o.key.count("/") == depth) and (not wanted or o.key.lower().endswith(wanted)) and o.key > after]
 
-    def listing(self, prefix: str = "", *, recursive: bool = True) -> Listing:
+    def listing(self, prefix: str = "", *, recursive: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> Listing:
         if not self._covers(prefix):
-            return self.store.listing(prefix, recursive=recursive)
-        return Listing(self.list(prefix, recursive=recursive), [])
+            return self.store.listing(prefix, recursive=recursive, max_depth=max_depth)
+        return Listing(self._within(prefix, max_depth, self.list(prefix, recursive=recursive)), [])
 
-    def walk(self, prefix: str = "", *, recursive: bool = True) -> Walk:
+    def walk(self, prefix: str = "", *, recursive: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> Walk:
         if not self._covers(prefix):
-            return self.store.walk(prefix, recursive=recursive)
-        return Walk(iter(self.list(prefix, recursive=recursive)), [])
+            return self.store.walk(prefix, recursive=recursive, max_depth=max_depth)
+        return Walk(iter(self._within(prefix, max_depth, self.list(prefix, recursive=recursive))), [])
+
+    @staticmethod
+    def _within(prefix: str, max_depth: int, objects: list[ObjectInfo]) -> list[ObjectInfo]:
+        start = len(prefix.strip("/")) + 1 if prefix.strip("/") else 0
+        return [o for o in objects if o.key.count("/", start) < max_depth]
 
     def list_folders(self, prefix: str = "") -> list[str]:
         if not self._covers(prefix):
