@@ -136,8 +136,19 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
 
     with LocalRGW(tmp_path / "rgw") as rgw:
         rgw.create_bucket("stack")
+        # The keys reach radosgw-admin on its stdin, never its arguments (world-readable in /proc).
+        started: list[list[str]] = []
+        real_run = subprocess.run
+
+        def recording_run(cmd, *args, **kwargs):
+            started.append(list(cmd))
+            return real_run(cmd, *args, **kwargs)
+
+        monkeypatch.setattr(subprocess, "run", recording_run)
         for user in ("airflow", "spark", "trainer"):
             rgw.add_user(user, keys[f"S3_{user.upper()}_ACCESS_KEY"], keys[f"S3_{user.upper()}_SECRET_KEY"])
+        monkeypatch.setattr(subprocess, "run", real_run)
+        assert started and not any(k in " ".join(cmd) for cmd in started for n, k in keys.items() if "SECRET" in n)
         policy = string.Template((ROOT / "docker" / "s3" / "bucket-policy.json").read_text()).substitute(bucket="stack")
         rgw.client().put_bucket_policy(Bucket="stack", Policy=policy)
         assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "30"]) == 0
@@ -182,6 +193,15 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
                 client.put_object(Bucket="stack", Key=key, Body=b"{}", IfNoneMatch="*")
         with pytest.raises(ClientError, match="AccessDenied"):
             trainer.delete_object(Bucket="stack", Key="models/m/aliases/production/_log/00000000000000000001.json")
+        # Issue 33: commit records outlive their writers: no component deletes a log entry or a
+        # manifest under its own prefix either (only gc, with the owner's keys, retires them).
+        for client, key in [(spark, "datasets/p/date=2026-11-20/v=x/_MANIFEST.json"), (trainer, "models/m/versions/v=x/_MANIFEST.json"),
+                            (airflow, "models/m/aliases/production/_log/00000000000000000001.json"),
+                            (airflow, "models/m/gate/_log/00000000000000000001.json")]:
+            with pytest.raises(ClientError, match="AccessDenied"):
+                client.delete_object(Bucket="stack", Key=key)
+            assert airflow.head_object(Bucket="stack", Key=key)  # still there
+        spark.delete_object(Bucket="stack", Key="datasets/p/date=2026-11-20/_staging/v=x/a/part-0")  # staging still goes
         as_trainer = ObjectStore("s3://stack", S3Settings(endpoint_url=rgw.endpoint_url, region="us-east-1",
                                                             access_key=keys["S3_TRAINER_ACCESS_KEY"], secret_key=keys["S3_TRAINER_SECRET_KEY"]))
         alias_log = CommitLog(as_trainer, layout.model_alias_prefix("m", "production"))
@@ -191,6 +211,36 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
         # Without the policy, s3-init refuses to let the stack start.
         rgw.client().delete_bucket_policy(Bucket="stack")
         assert s3_check.main(["--endpoint", rgw.endpoint_url, "--bucket", "stack", "--timeout", "5"]) == 1
+
+
+@pytest.mark.slow
+def test_the_s3_image_prints_where_its_keys_are_never_the_keys(tmp_path):
+    """The compose ``s3`` service printed ``export AWS_SECRET_ACCESS_KEY=<admin secret>`` to its
+    log. Its entry point (the same launcher) now writes the keys to a mode-600 file and prints
+    where it is."""
+    import os
+    import signal
+    import sys
+
+    keys = {f"S3_{u}_{k}_KEY": f"{u.lower()}-{k.lower()}-canary-7f1e" for u in ("ADMIN", "SPARK") for k in ("ACCESS", "SECRET")}
+    folder = tmp_path / "s3"
+    proc = subprocess.Popen([sys.executable, "-m", "twocluster.devtools.local_s3", "--dir", str(folder), "--bucket", "canary", "--user", "spark"],
+                            env={**os.environ, **keys}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if "mode 600" in line:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    printed = "".join(output)
+    assert "mode 600" in printed, printed
+    assert not any(v in printed for k, v in keys.items() if "SECRET" in k), printed
+    keys_file = folder / "s3.env"
+    assert str(keys_file.resolve()) in printed and keys_file.stat().st_mode & 0o777 == 0o600
+    assert f"AWS_SECRET_ACCESS_KEY={keys['S3_ADMIN_SECRET_KEY']}" in keys_file.read_text()
 
 
 def test_each_airflow_container_holds_only_the_store_identities_it_uses(compose):

@@ -287,3 +287,23 @@ def test_a_hostile_day_costs_the_job_no_more_memory_than_the_same_day_without_it
     ratio = hostile["peak_rss_mb"] / clean["peak_rss_mb"]
     print(f"peak RSS: clean day {clean['peak_rss_mb']:.0f} MiB, hostile day {hostile['peak_rss_mb']:.0f} MiB ({ratio:.2f}x)")
     assert ratio <= 1.2, (clean, hostile)
+
+
+@pytest.mark.s3
+def test_s3_keys_with_separators_and_twin_spellings_are_rejected_not_read(s3_store, speech_spec, tmp_path):
+    """S3 keys are UTF-8, so a Latin-1 name cannot arrive there, but a C1 line break, U+2028, a
+    right-to-left override and NFC/NFD twins can (uploaded by any S3 client): on RGW, the same
+    outcomes as on a local folder, and the listing never reads them."""
+    clip = _clip(ObjectStore((tmp_path / "scratch").as_uri()), speech_spec)
+    prefix = s3_store._s3_key(layout.raw_date_prefix(speech_spec.name, DATE))
+    client = s3_store._s3_client
+    for name in NAMES:
+        if b"\xe9_latin1" not in name:
+            client.put_object(Bucket=s3_store.bucket, Key=f"{prefix}/{name.decode()}", Body=clip)
+    inputs, _, _ = list_inputs(s3_store, speech_spec, DATE)
+    outcomes = sorted((row["path"], row["reject"] or "accepted") for row in inputs.to_pylist())
+    assert outcomes == sorted([("no/caf\u00e9.wav", "accepted"), ("no/caf\u00e9.wav", "duplicate_name"),
+                               ("yes/evil\\u202egnp.wav", "bad_name"), ("yes/line\\u2028separator.wav", "bad_name"),
+                               ("yes/next\\x85line.wav", "bad_name"), ("yes/plain.wav", "accepted")])
+    rows = _featurize(speech_spec, s3_store, inputs)
+    assert sorted(rows["reason"].fillna("accepted")) == ["accepted", "accepted", "bad_name", "bad_name", "bad_name", "duplicate_name"]

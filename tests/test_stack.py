@@ -259,6 +259,73 @@ def test_a_run_triggered_through_the_rest_api_runs_on_the_cluster_and_survives_a
     assert set(aliases) == {"airflow"} and aliases["airflow"] >= 1, "the gate did not publish"
 
 
+# Files that hold a secret by design, each readable by its owner only: the endpoints and login
+# (mode 600), the simple auth manager's password file, the Airflow config the processes share.
+_SECRET_HOLDERS = ("endpoints.json", "simple_auth_manager_passwords.json", "processes.json")
+
+
+def _stack_secrets(stack: LocalStack) -> dict[str, str]:
+    found = {f"S3 {user} secret key": keys[1] for user, keys in stack.keys.items()}
+    found.update({name: stack.variables[name] for name in ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY")})
+    found["Airflow admin password"] = stack.admin_password
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.stack
+def test_no_secret_of_the_stack_is_in_an_argument_a_log_a_manifest_an_xcom_or_the_ops_page(running):
+    """The canary sweep, after the run above: every secret the stack generated (each S3 user's
+    key, the database password, the JWT secret, the Fernet key, the admin password) is looked
+    for in every process's arguments, every log and event log the stack's processes wrote, every
+    commit record and job spec in the store, every XCom of the run, and the ops page and its API.
+    (Pickled closures: tests/dags/test_secrets.py; the S3 image's output: test_compose.py.)"""
+    stack, spec, store, api = running
+    secrets_by_name = _stack_secrets(stack)
+
+    def leaks(text: str) -> list[str]:
+        return [name for name, value in secrets_by_name.items() if value in text]
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        assert not leaks(args), (cmdline, leaks(args), args[:300])
+    scanned = 0
+    for path in stack.root.rglob("*"):
+        if not path.is_file() or path.name in _SECRET_HOLDERS or "postgres" in path.parts or path.suffix in (".cfg", ".db"):
+            continue
+        text = path.read_bytes().decode(errors="replace")
+        scanned += 1
+        assert not leaks(text), (path, leaks(text))
+    assert scanned > 20, "no logs to scan"
+    records = [o.key for o in store.list("") if o.key.endswith(".json")]
+    assert any(k.endswith("_MANIFEST.json") for k in records) and any(k.startswith("jobs/") for k in records)
+    for key in records:
+        assert not leaks(store.read_bytes(key).decode()), key
+    runs = api.ok("GET", f"/dags/{spec.name}/dagRuns?limit=50")["dag_runs"]
+    xcoms = 0
+    for run in runs:
+        for task_id in api.task_instances(spec.name, run["dag_run_id"]):
+            status, entries = api.call("GET", f"/dags/{spec.name}/dagRuns/{run['dag_run_id']}/taskInstances/{task_id}/xcomEntries")
+            for entry in (entries.get("xcom_entries", []) if status == 200 else []):
+                value = api.ok("GET", f"/dags/{spec.name}/dagRuns/{run['dag_run_id']}/taskInstances/{task_id}/xcomEntries/"
+                                      f"{entry['key']}")
+                xcoms += 1
+                assert not leaks(json.dumps(value)), (task_id, entry["key"])
+    assert xcoms >= 5, "the run left no XComs to check"
+    for path in (f"/twocluster/api/pipelines/{spec.name}", "/twocluster/openapi.json", f"/twocluster/pipelines/{spec.name}"):
+        request = urllib.request.Request(api.url + path, headers={"Authorization": f"Bearer {api.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                page = response.read().decode()
+        except urllib.error.HTTPError as e:
+            server_log = (stack.root / "logs" / "api-server.log").read_text(errors="replace")[-6000:]
+            raise AssertionError(f"{path}: {e.code} {e.read()[:1000]!r}\n{server_log}") from None
+        assert not leaks(page), (path, leaks(page))
+
+
 @pytest.mark.slow
 @pytest.mark.s3
 @pytest.mark.stack

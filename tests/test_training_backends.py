@@ -6,6 +6,7 @@ test_training.py-style data below."""
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -231,3 +232,28 @@ class _Recorder:
 
     def on_kill(self):
         _Recorder.killed = True
+
+
+def test_the_local_trainer_gets_an_allow_listed_environment_not_the_workers(tmp_path, monkeypatch):
+    """The local backend handed the trainer the worker's whole environment: on the compose
+    stack's scheduler, every identity's connection (the Spark side's keys, Airflow's database,
+    the Fernet key). The trainer process (an interpreter that records what it was started with)
+    now gets the basics, the store client's settings, the backend's ``env`` and its own keys."""
+    canary = "canary-" + "9f3a" * 6
+    monkeypatch.setenv("AIRFLOW_CONN_TWOCLUSTER_STORE_SPARK", json.dumps({"conn_type": "aws", "login": "SPARK", "password": canary}))
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", canary)
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"postgresql://airflow:{canary}@db/airflow")
+    monkeypatch.setenv("TWOCLUSTER_APPROVAL_NOTIFIER", f"https://hooks.example/{canary}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:7480")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "WORKER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!/bin/sh\nenv > {tmp_path / 'env.txt'}\necho '{{\"version\": \"v\"}}'\n")
+    recorder.chmod(0o755)
+    op = LocalTrainingOperator(task_id="train", job_spec_uri=JOB, python=str(recorder), env={"TWOCLUSTER_WORK_DIR": str(tmp_path)})
+    assert op.execute(context={}) == {"version": "v"}
+    started_with = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
+    assert canary not in (tmp_path / "env.txt").read_text()
+    assert not any(k.startswith("AIRFLOW") for k in started_with), sorted(started_with)
+    assert started_with["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:7480" and started_with["AWS_ACCESS_KEY_ID"] == "WORKER"
+    assert started_with["TWOCLUSTER_WORK_DIR"] == str(tmp_path) and started_with["PATH"] == os.environ["PATH"]

@@ -10,8 +10,9 @@ so no credential is ever written into the repository.
         rgw.s3_settings  # endpoint + keys for twocluster.store.storage
         rgw.create_bucket("test-bucket")
 
-Or by hand: ``python -m twocluster.devtools.local_s3 --dir .local/rgw`` prints the environment
-variables to export and serves until interrupted.
+Or by hand: ``python -m twocluster.devtools.local_s3 --dir .local/rgw`` writes the environment
+variables to export to ``.local/rgw/s3.env`` (mode 600; the output names the file, never a key)
+and serves until interrupted.
 """
 
 from __future__ import annotations
@@ -162,9 +163,15 @@ class LocalRGW:
         self._procs.clear()
 
     def add_user(self, uid: str, access_key: str, secret_key: str) -> None:
-        """An S3 user (bucket policies name it as ``arn:aws:iam:::user/<uid>``)."""
-        self._run("radosgw-admin", "-c", str(self.conf), "user", "create", f"--uid={uid}", f"--display-name={uid}",
-                  f"--access-key={access_key}", f"--secret-key={secret_key}")
+        """An S3 user (bucket policies name it as ``arn:aws:iam:::user/<uid>``) with the given
+        keys. The keys never go on a command line (``/proc/<pid>/cmdline`` is world-readable,
+        and process listings and audit logs keep it): the user is created with a key
+        ``radosgw-admin`` generates (its answer, on a pipe, is dropped), then its metadata,
+        with these keys in place of that one, is put back through stdin."""
+        self._run("radosgw-admin", "-c", str(self.conf), "user", "create", f"--uid={uid}", f"--display-name={uid}")
+        metadata = json.loads(self._run("radosgw-admin", "-c", str(self.conf), "metadata", "get", f"user:{uid}"))
+        metadata["data"]["keys"] = [{"user": uid, "access_key": access_key, "secret_key": secret_key}]
+        self._run("radosgw-admin", "-c", str(self.conf), "metadata", "put", f"user:{uid}", stdin=json.dumps(metadata))
 
     def client(self):
         import boto3
@@ -225,8 +232,8 @@ rgw data = {d}/rgw
 """
         )
 
-    def _run(self, *cmd: str, timeout: float = 60) -> str:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    def _run(self, *cmd: str, timeout: float = 60, stdin: str | None = None) -> str:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin)
         if result.returncode != 0:
             raise LocalS3Error(f"{' '.join(cmd[:3])} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
         return result.stdout
@@ -282,10 +289,17 @@ def main(argv: list[str] | None = None) -> int:
             users[name] = (keys[0], keys[1])
         # The policy names the bucket as $bucket, so one file serves any bucket name.
         rgw.configure_bucket(args.bucket, users, Path(args.bucket_policy) if args.bucket_policy else None)
-        print(f"# local RGW up in {time.perf_counter() - started:.1f}s; export these to use it:")
-        for key, value in rgw.s3_settings.as_env().items():
-            print(f"export {key}={value}")
-        print(f"export TWOCLUSTER_STORE_URI=s3://{args.bucket}")
+        # The keys go to a file only its owner reads; the output (a container's log, a
+        # terminal's scrollback) says where it is, never what is in it.
+        keys_file = Path(args.dir) / "s3.env"
+        keys_file.unlink(missing_ok=True)
+        descriptor = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.writelines(f"export {key}={value}\n" for key, value in rgw.s3_settings.as_env().items())
+            f.write(f"export TWOCLUSTER_STORE_URI=s3://{args.bucket}\n")
+        print(f"# local RGW up in {time.perf_counter() - started:.1f}s at {rgw.endpoint_url}, bucket {args.bucket}, "
+              f"users {', '.join(['admin', *users]) }")
+        print(f"# the admin's keys and the store URI (mode 600): . {keys_file.resolve()}")
         sys.stdout.flush()
         try:
             signal.pause()

@@ -17,6 +17,7 @@ Every route depends on the caller-supplied ``auth`` dependency (the plugin passe
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from html import escape
 from pathlib import Path
@@ -32,6 +33,7 @@ from twocluster.store import layout, registry
 from twocluster.store.manifest import ManifestError, verify_files
 from twocluster.store.storage import ObjectStore
 
+log = logging.getLogger(__name__)
 ARTIFACTS = {"training_curves.png": "image/png", "metrics.json": "application/json", "history.csv": "text/csv"}
 
 CSS = """
@@ -230,6 +232,13 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
     # (FastAPI's own are public); ReDoc is off.
     app = FastAPI(title="twocluster ops", dependencies=[Depends(auth)] if auth is not None else [], docs_url=None,
                   redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Exception)
+    def unexpected(request: Request, error: Exception) -> Response:
+        # A mounted sub-app's error reaches no log of the API server otherwise: only a bare 500.
+        log.exception("twocluster ops: %s %s failed", request.method, request.url.path)
+        return Response(f"the ops page failed on {request.url.path}: {type(error).__name__} (the API server's log has the "
+                        "traceback)", status_code=500, media_type="text/plain")
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict:

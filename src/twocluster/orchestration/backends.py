@@ -101,10 +101,14 @@ class LocalTrainingOperator(BaseOperator):
         self._proc: subprocess.Popen | None = None
 
     def trainer_environment(self) -> dict[str, str]:
-        """The worker's environment, with the store credentials replaced by the trainer's own
-        (the ``credentials_conn_id`` connection) where one is configured: the trainer never runs
-        with the Airflow worker's or the Spark side's identity."""
-        env = {**os.environ, **self.env}
+        """What the trainer runs with: of the worker's environment only what a Python process,
+        TensorFlow and the store client need (:data:`TRAINER_ENVIRONMENT`; never the worker's
+        Airflow connections, secrets backend or other identities), the backend's ``env``, and
+        the store credentials: the trainer's own (the ``credentials_conn_id`` connection) where
+        one is configured, so it never runs with the Airflow worker's or the Spark side's
+        identity; else the worker's ``AWS_*`` (the one identity a local set-up has)."""
+        env = {k: v for k, v in os.environ.items() if k in TRAINER_ENVIRONMENT or k.startswith(TRAINER_ENVIRONMENT_PREFIXES)}
+        env.update(self.env)
         if self.credentials_conn_id:
             from airflow.sdk import BaseHook
 
@@ -147,6 +151,14 @@ class LocalTrainingOperator(BaseOperator):
 
 
 STORE_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# The worker's environment the local trainer inherits: the process's basics, the Python and
+# accelerator settings, the store client's (``AWS_*``: endpoint, region, CA bundle, and the
+# worker's keys unless the trainer has its own) and the trainer's own settings. Everything else
+# (``AIRFLOW_CONN_*``, ``AIRFLOW__*``, other services' keys, a notifier's webhook) stays behind.
+TRAINER_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH",
+                       "PYTHONHASHSEED", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "JAVA_HOME", "OMP_NUM_THREADS", "KERAS_BACKEND",
+                       "XLA_FLAGS", "TWOCLUSTER_WORK_DIR", "TWOCLUSTER_CODE_VERSION", "TWOCLUSTER_STORE_URI")
+TRAINER_ENVIRONMENT_PREFIXES = ("LC_", "AWS_", "TF_", "CUDA_", "NVIDIA_", "NCCL_")
 
 
 def _docker_training_operator_class():
