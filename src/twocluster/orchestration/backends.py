@@ -34,6 +34,7 @@ from airflow.sdk import BaseOperator
 from pydantic import BaseModel, ConfigDict, Field
 
 from twocluster.deployment import ROOT as REPO_ROOT
+from twocluster.deployment import TRAINING_JOBS_DIR
 
 TRAINER_COMMAND = ["python", "training_jobs/train.py"]  # inside the trainer image (WORKDIR /app)
 BACKEND_VARIABLE = "twocluster_training_backend"
@@ -120,7 +121,7 @@ class LocalTrainingOperator(BaseOperator):
         return env
 
     def execute(self, context: Any) -> dict:
-        cmd = [self.python, str(REPO_ROOT / "training_jobs" / "train.py"), "--job-spec", self.job_spec_uri]
+        cmd = [self.python, str(TRAINING_JOBS_DIR / "train.py"), "--job-spec", self.job_spec_uri]
         self.log.info("starting the trainer: %s", " ".join(cmd))
         self._proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env={**self.trainer_environment(), "TWOCLUSTER_DIE_WITH_PARENT": str(os.getpid())},

@@ -42,6 +42,7 @@ from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, PokeReturnValue, TriggerRule, get_current_context, task
 
 from twocluster.deployment import ROOT as REPO_ROOT
+from twocluster.deployment import SPARK_JOBS_DIR
 from twocluster.orchestration import runs
 from twocluster.orchestration.approval import ModelApprovalOperator
 from twocluster.orchestration.backends import TrainingJobOperator
@@ -281,7 +282,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         def spark_job(job: str, doc_md: str) -> PipelineSparkOperator:
             return PipelineSparkOperator(
                 task_id=job,
-                application=str(REPO_ROOT / "spark_jobs" / f"{job}.py"),
+                application=str(SPARK_JOBS_DIR / f"{job}.py"),
                 application_args=arrivals if job == "preprocess" else run[f"{job}_args"],
                 name=f"{job}-{spec.name}",
                 conn_id="spark_default",

@@ -55,7 +55,6 @@ from twocluster.version import code_hashes, code_version
 log = logging.getLogger(__name__)
 
 DATASET_CODE = ("featurizer", "preprocess")  # the code components a dataset's fingerprint covers
-WRITTEN_SCHEMA = "kind string, split string, path string, staged string, bytes long, checksum string, rows long"
 # What one partition's pass reports to the driver: its files (kind tfrecord | parquet), each
 # (split, label)'s accepted rows (kind "accepted") and each rejected input (kind "reject"). Small:
 # the features stay in the shards.

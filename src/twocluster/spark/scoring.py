@@ -253,8 +253,8 @@ class TopK:
         return self.probabilities[:, 0]
 
     def arrow_columns(self) -> dict[str, pa.Array]:
-        """The prediction columns of :func:`prediction_fields` (without ``load_id``), each list
-        column over one contiguous buffer."""
+        """The prediction columns (``load_id`` aside), each list column over one contiguous
+        buffer."""
         n, k = self.labels.shape
         offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
         return {
@@ -281,8 +281,8 @@ def predict_batch(model, features: np.ndarray, vocabulary: list[str], top_k: int
 
 def predicting_function(store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
                         top_k: int, inference_batch_size: int, runtime: str = "auto"):
-    """The function :func:`score` maps over Arrow batches of rows with features: the batch with
-    ``features`` replaced by the prediction columns (:func:`prediction_fields`)."""
+    """A function over Arrow batches of rows with features (the scoring writer's): the batch with
+    ``features`` replaced by the prediction columns (:meth:`TopK.arrow_columns`) and ``load_id``."""
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def predict_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -298,28 +298,6 @@ def predicting_function(store: ObjectStore, model: str, version: str, vocabulary
             yield pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
     return predict_batches
-
-
-def score(featurized, store: ObjectStore, model: str, version: str, vocabulary: list[str], feature_shape: list[int],
-          top_k: int, inference_batch_size: int, runtime: str = "auto"):
-    """Replace the ``features`` column of a featurized DataFrame (rows with features) by the
-    model's predictions: ``mapInArrow``, the features read as one float32 buffer per batch."""
-    from pyspark.sql.types import StructType
-
-    schema = StructType([f for f in featurized.schema.fields if f.name != "features"] + list(prediction_fields().fields))
-    return featurized.mapInArrow(predicting_function(store, model, version, vocabulary, feature_shape, top_k, inference_batch_size,
-                                                     runtime), schema)
-
-
-def prediction_fields():
-    """The columns :func:`score` adds (a StructType)."""
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
-
-    return StructType([
-        StructField("predicted_label", StringType()), StructField("confidence", FloatType()),
-        StructField("top_labels", ArrayType(StringType())), StructField("top_probabilities", ArrayType(FloatType())),
-        StructField("load_id", StringType()),
-    ])
 
 
 # -- writing -------------------------------------------------------------------------------------

@@ -87,9 +87,6 @@ class TrainingJobSpec(BaseModel):
         canonical = json.dumps({**inputs, "trainer_code": code_hashes()["trainer"]}, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
-    def dataset_folders(self) -> list[str]:
-        return [split_uri(uri)[0] for uri in self.datasets]
-
 
 def parse_job_spec(text: str | bytes, source: str) -> TrainingJobSpec:
     try:

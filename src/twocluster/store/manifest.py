@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 1: the pre-log layout (no format_version field), see `twocluster migrate`
 
-ManifestKind = Literal["dataset", "model", "predictions"]
 FileKind = Literal["tfrecord", "parquet", "rejects", "predictions", "model"]
 
 

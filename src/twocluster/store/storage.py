@@ -334,9 +334,6 @@ class ObjectStore:
     def _open_input(self, key: str):
         return self.fs.open_input_stream(self._path(key), compression=None)
 
-    def _open_output(self, path: str):
-        return self.fs.open_output_stream(path, compression=None)
-
     def uri(self, key: str = "") -> str:
         return f"{self.scheme}://{self._path(key)}" if key else self.root_uri
 
