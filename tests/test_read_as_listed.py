@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -120,23 +121,27 @@ def test_a_clip_swapped_after_the_listing_is_refused_by_its_read_not_followed(fi
 
 @pytest.mark.s3
 def test_an_object_replaced_by_a_larger_one_after_the_listing_is_not_read_whole(s3_store, speech_spec):
-    """On the RGW S3 server: listed at 32 KB, overwritten with 3 MB (under the limit: its ETag
-    and size no longer match, ``changed_since_listing``) or with 12 MB (over it: ``too_large``,
-    at most ``max_bytes + 1`` bytes transferred by the ranged GET)."""
+    """On the RGW S3 server: listed at 32 KB, overwritten with 3 MB (under the limit: its size
+    and time no longer match, ``changed_since_listing``) or with 12 MB (over it: ``too_large``,
+    or refused by ``If-Unmodified-Since``; at most ``max_bytes + 1`` bytes transferred by the
+    ranged GET either way), or rewritten with the same size (its time no longer matches)."""
     spec = speech_spec.model_copy(update={"inputs": speech_spec.inputs.model_copy(update={"max_bytes": 8 << 20})})
     sample_data.generate_day(s3_store, spec, DATE, clips=6, seed=3, bad_files=0)
     inputs, _, _ = list_inputs(s3_store, spec, DATE)
     keys = dict(zip(inputs.column("path").to_pylist(), inputs.column("key").to_pylist(), strict=True))
-    assert all(inputs.column("etag").to_pylist()), "the S3 listing carries each object's ETag"
-    grown, huge = sorted(keys)[:2]
+    grown, huge, same_size = sorted(keys)[:3]
+    time.sleep(1.1)  # a rewrite in a later second than the listed one (HTTP dates hold whole seconds)
     s3_store.write_bytes(keys[grown], os.urandom(3 << 20))
     s3_store.write_bytes(keys[huge], os.urandom(12 << 20))
+    s3_store.write_bytes(keys[same_size], os.urandom(s3_store.size(keys[same_size])))
     rows = _featurize(spec, s3_store, inputs).set_index("path")
-    assert rows.at[grown, "reason"] == "changed_since_listing" and "ETag" in rows.at[grown, "detail"]
+    assert rows.at[grown, "reason"] == "changed_since_listing" and "modified" in rows.at[grown, "detail"]
     assert rows.at[huge, "reason"] in ("too_large", "changed_since_listing")
-    assert rows.drop(index=[grown, huge])["reason"].isna().all()
+    assert rows.at[same_size, "reason"] == "changed_since_listing"
+    assert rows.drop(index=[grown, huge, same_size])["reason"].isna().all()
     listed = s3_store.list(layout.raw_date_prefix(spec.name, DATE))
     info = next(o for o in listed if o.key == keys[huge])
+    assert s3_store.read_listed(info, 16 << 20) == s3_store.read_bytes(info.key)  # listed again: read as listed
     with pytest.raises(ReadRefused) as refused:
         s3_store.read_listed(info, 8 << 20)
     assert refused.value.reason == "too_large" and str(12 << 20) in str(refused.value)

@@ -255,7 +255,7 @@ def _boto3_client(settings: S3Settings):
         aws_access_key_id=settings.access_key,
         aws_secret_access_key=settings.secret_key,
         aws_session_token=settings.session_token,
-        config=Config(max_pool_connections=16),
+        config=Config(max_pool_connections=64),
     )
 
 
@@ -394,7 +394,8 @@ class ObjectStore:
         (no link on its path either), ``O_NONBLOCK`` (a FIFO answers at once), and its
         ``fstat`` must show a regular file of the listed size and modification time. An S3
         object is read with one ranged GET of at most ``max_bytes + 1`` bytes, ``If-Match`` the
-        listed ETag (servers that ignore it are caught by the answer's ETag and total size)."""
+        listed ETag where the listing has one, else ``If-Unmodified-Since`` its time (servers that
+        ignore either are caught by the answer's size, ETag and ``Last-Modified``)."""
         if listed.size > max_bytes:
             raise ReadRefused(self.uri(listed.key), TOO_LARGE, f"{listed.size} bytes in the listing; the limit is {max_bytes}")
         if self.scheme == "file":
@@ -457,12 +458,19 @@ class ObjectStore:
             os.close(directory)
 
     def _read_s3_listed(self, listed: ObjectInfo, max_bytes: int) -> bytes:
+        import datetime as dt
+
         from botocore.exceptions import BotoCoreError, ClientError
 
         uri = self.uri(listed.key)
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": self._s3_key(listed.key)}
+        listed_at = None  # whole seconds: what an HTTP date (Last-Modified, If-Unmodified-Since) holds
+        if listed.mtime_ns is not None:
+            listed_at = dt.datetime.fromtimestamp(listed.mtime_ns // 1_000_000_000, dt.UTC)
         if listed.etag:
             request["IfMatch"] = listed.etag
+        elif listed_at is not None:
+            request["IfUnmodifiedSince"] = listed_at
         try:
             try:
                 response = self._s3_client.get_object(**request, Range=f"bytes=0-{max_bytes}")
@@ -480,7 +488,8 @@ class ObjectStore:
             if code in ("NoSuchKey", "404"):
                 raise ObjectNotFound(f"{uri}: no such object") from e
             if code in ("PreconditionFailed", "412"):
-                raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"its ETag is no longer the listed {listed.etag}") from e
+                was = f"its ETag is no longer the listed {listed.etag}" if listed.etag else f"modified since the listed {listed_at}"
+                raise ReadRefused(uri, CHANGED_SINCE_LISTING, was) from e
             raise StorageError(f"{uri}: read failed: {code or e}") from e
         except BotoCoreError as e:
             raise StorageError(f"{uri}: read failed: {e}") from e
@@ -488,10 +497,11 @@ class ObjectStore:
         total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else response.get("ContentLength", len(data))
         if total > max_bytes:
             raise ReadRefused(uri, TOO_LARGE, f"{total} bytes at read time; the limit is {max_bytes}")
-        etag = response.get("ETag")
-        if total != listed.size or len(data) != listed.size or (listed.etag and etag and etag != listed.etag):
-            raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{total} bytes, ETag {etag} at read time; listed as "
-                              f"{listed.size} bytes, ETag {listed.etag}")
+        etag, modified = response.get("ETag"), response.get("LastModified")
+        if (total != listed.size or len(data) != listed.size or (listed.etag and etag and etag != listed.etag)
+                or (listed_at is not None and modified is not None and modified.replace(microsecond=0) != listed_at)):
+            raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{total} bytes modified at {modified} at read time; listed as "
+                              f"{listed.size} bytes modified at {listed_at}")
         return data
 
     def exists(self, key: str) -> bool:
@@ -557,7 +567,20 @@ class ObjectStore:
         if self.scheme == "file":
             links: list[str] = []
             return Walk(self._local_walk(prefix, recursive, links, max_depth, skipped), links, skipped)
-        return Walk(self._s3_objects(prefix, recursive, max_depth=max_depth, skipped=skipped), [], skipped)
+        # pyarrow's listing, not boto3's: the same pages, parsed in C++ (a 6,000-object prefix on
+        # RGW: 102 ms against 534 ms; a 120,000-clip day would spend ~9 s more on the driver).
+        # It carries no ETags: a read checks the size and the modification time instead.
+        root_len = len(self._base.rstrip("/")) + 1
+        start = len(self._path(prefix).rstrip("/")) + 1 if prefix.strip("/") else root_len
+        found = []
+        for info in self._file_infos(prefix, recursive):
+            if info.type != pafs.FileType.File:
+                continue
+            if info.path.count("/", start) >= max_depth:
+                skipped["too_deep"] += 1
+                continue
+            found.append(ObjectInfo(key=info.path[root_len:], size=info.size, mtime_ns=info.mtime_ns))
+        return Walk(iter(sorted(found, key=lambda o: o.key)), [], skipped)
 
     def _local_walk(self, prefix: str, recursive: bool, links: list[str], max_depth: int, skipped: Counter) -> Iterator[ObjectInfo]:
         """A local folder's objects in key order, depth first, with a stack of its own (a tree
