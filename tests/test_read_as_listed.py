@@ -119,6 +119,26 @@ def test_a_clip_swapped_after_the_listing_is_refused_by_its_read_not_followed(fi
     assert untouched and rows.loc[untouched, "reason"].isna().all()
 
 
+def test_a_folder_swapped_for_a_link_between_two_reads_in_it_is_still_never_followed(file_store, tmp_path):
+    """The reader keeps the last folder it opened (a day's clips share a few folders): a swap of
+    that folder for a link after its first read leaves the reader in the folder that was listed,
+    never in the link's target; a reader that had not opened it yet refuses it."""
+    for name in ("one.wav", "two.wav"):
+        file_store.write_bytes(f"raw/yes/{name}", b"listed " + name.encode())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "two.wav").write_bytes(b"not the store's")
+    listed = {o.key: o for o in file_store.list("raw")}
+    assert file_store.read_listed(listed["raw/yes/one.wav"], 100) == b"listed one.wav"
+    folder = file_store.local_path("raw/yes")
+    folder.rename(folder.with_name("yes_moved"))
+    folder.symlink_to(elsewhere)
+    assert file_store.read_listed(listed["raw/yes/two.wav"], 100) == b"listed two.wav"
+    with pytest.raises(ReadRefused) as refused:
+        ObjectStore(file_store.root_uri).read_listed(listed["raw/yes/two.wav"], 100)
+    assert refused.value.reason == "not_a_file"
+
+
 @pytest.mark.s3
 def test_an_object_replaced_by_a_larger_one_after_the_listing_is_not_read_whole(s3_store, speech_spec):
     """On the RGW S3 server: listed at 32 KB, overwritten with 3 MB (under the limit: its size
