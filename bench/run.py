@@ -1063,6 +1063,29 @@ def commit_log_figures(ctx: BenchContext) -> list[Figure]:
     return figures
 
 
+def read_as_listed_figures(ctx: BenchContext) -> list[Figure]:
+    """What reading raw inputs as listed costs a featurizing task, and the S3 listing the store
+    uses against boto3's (bench/read_as_listed.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import read_as_listed
+
+    result = read_as_listed.run(ctx.workdir / "read-as-listed", clips=600 if ctx.quick else 2400, with_s3=not ctx.quick)
+    f = result["featurize"]
+    ratio = _median(f["as_listed"]) / _median(f["plain"])
+    figures = [Figure(
+        "read_as_listed", "a featurizing task's clips read as listed (re-checked against the listing, O_NOFOLLOW, bounded) "
+        "vs the plain read, file://, one process", "clips/s", _median(f["as_listed"]), _median(f["plain"]), ratio, ">= 0.9",
+        ratio >= 0.9, f["as_listed"], f["plain"], _spread(f["as_listed"]), f"{f['clips']} clips, runs alternated")]
+    if result["listing"]:
+        s = result["listing"]
+        speedup = _median(s["boto3"]) / _median(s["pyarrow"])
+        figures.append(Figure(
+            "s3_listing", f"listing a raw day's {s['objects']} objects on RGW: pyarrow's listing (the store's) vs boto3's "
+            "paginator", "s", _median(s["pyarrow"]), _median(s["boto3"]), speedup, "report", True, s["pyarrow"], s["boto3"],
+            _spread(s["pyarrow"]), "why raw listings carry no ETag: reads check size and Last-Modified instead"))
+    return figures
+
+
 FIGURES = {
     "featurize": featurize_figures,
     "write": write_figure,
@@ -1073,6 +1096,7 @@ FIGURES = {
     "dag_run": dag_run_figures,
     "monitoring": monitoring_figures,
     "commit_log": commit_log_figures,
+    "read_as_listed": read_as_listed_figures,
 }
 
 
