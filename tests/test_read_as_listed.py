@@ -332,3 +332,17 @@ def test_s3_keys_with_separators_and_twin_spellings_are_rejected_not_read(s3_sto
                                ("yes/next\\x85line.wav", "bad_name"), ("yes/plain.wav", "accepted")])
     rows = _featurize(speech_spec, s3_store, inputs)
     assert sorted(rows["reason"].fillna("accepted")) == ["accepted", "accepted", "bad_name", "bad_name", "bad_name", "duplicate_name"]
+
+
+def test_the_arrivals_sensor_and_the_ops_page_read_a_hostile_day(named_day, speech_spec):
+    """The same day (Latin-1, C1 and U+2028 names, twins, a 1,200-level tree) stopped the
+    arrivals sensor and the ops page too (``RecursionError`` in the walk)."""
+    from twocluster.ops.monitoring import pipeline_overview
+    from twocluster.orchestration.arrivals import arrived, decide
+
+    named_day.write_bytes(f"{layout.raw_date_prefix(speech_spec.name, DATE)}/{layout.ARRIVED_MARKER}", b"{}")
+    listed = arrived(named_day, speech_spec.name, DATE)
+    assert listed.files == len(NAMES) and listed.marker
+    assert decide(named_day, speech_spec, DATE).proceed
+    overview = pipeline_overview(named_day, speech_spec, today=DATE, window_days=1)
+    assert overview.dates[0].raw.files == len(NAMES) and overview.dates[0].raw.complete

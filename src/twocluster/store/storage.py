@@ -546,36 +546,27 @@ class ObjectStore:
         log's tail costs one request, not one per thousand entries)."""
         wanted = tuple(s.lower() for s in suffixes)
         if start_after and self.scheme == "s3":
-            objects = list(self._s3_objects(prefix, recursive, start_after.strip("/")))
+            objects = self._s3_list_after(prefix, recursive, start_after.strip("/"))
         else:
             objects = [o for o in self.listing(prefix, recursive=recursive).objects if o.key > start_after.strip("/")]
         return [o for o in objects if not wanted or o.key.lower().endswith(wanted)]
 
-    def _s3_objects(self, prefix: str, recursive: bool, start_after: str = "", max_depth: int = DEFAULT_MAX_DEPTH,
-                    skipped: Counter | None = None) -> Iterator[ObjectInfo]:
-        """An S3 prefix's objects in key order (S3 lists in UTF-8 binary order, which is code point
-        order: Python's string order), with their ETags, a page of 1,000 at a time. Objects more
-        than ``max_depth`` levels below the prefix are counted in ``skipped``."""
+    def _s3_list_after(self, prefix: str, recursive: bool, start_after: str) -> list[ObjectInfo]:
+        """An S3 prefix's objects after ``start_after``, in key order (S3 lists in UTF-8 binary
+        order: Python's string order); boto3's paginator, which takes ``StartAfter``."""
         root = self._s3_key(prefix).rstrip("/") + "/" if prefix.strip("/") else (self._prefix + "/" if self._prefix else "")
         strip = len(self._prefix) + 1 if self._prefix else 0
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root}
-        if start_after:
-            kwargs["StartAfter"] = self._s3_key(start_after)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root, "StartAfter": self._s3_key(start_after)}
         if not recursive:
             kwargs["Delimiter"] = "/"
         try:
-            for page in self._s3_client.get_paginator("list_objects_v2").paginate(**kwargs):
-                for obj in page.get("Contents", []):
-                    if obj["Key"].endswith("/"):
-                        continue  # a folder marker some tools write
-                    if obj["Key"].count("/", len(root)) >= max_depth:
-                        if skipped is not None:
-                            skipped["too_deep"] += 1
-                        continue
-                    yield ObjectInfo(key=obj["Key"][strip:], size=obj["Size"], mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
-                                     etag=obj.get("ETag"))
+            found = [ObjectInfo(key=obj["Key"][strip:], size=obj["Size"], mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
+                                etag=obj.get("ETag"))
+                     for page in self._s3_client.get_paginator("list_objects_v2").paginate(**kwargs)
+                     for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
         except Exception as e:  # botocore's ClientError and connection errors alike
             raise StorageError(f"{self.uri(prefix)}: listing failed: {e}") from e
+        return sorted(found, key=lambda o: o.key)
 
     def listing(self, prefix: str = "", *, recursive: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> Listing:
         """The objects under ``prefix``, sorted by key, and (on a local store) the symbolic links
