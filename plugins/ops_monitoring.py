@@ -3,11 +3,10 @@ API server at ``/twocluster``, linked from the navigation ("Browse" -> "Pipeline
 every DAG run (a "Store lineage" tab: what that run committed).
 
 Every route requires an authenticated Airflow user (``requires_authenticated()``; a plugin's
-sub-app is public otherwise). The store is the one the DAGs use, found the same way
-(:mod:`twocluster.orchestration.store_access`): the ``twocluster_store_uri`` Airflow variable,
-else ``TWOCLUSTER_STORE_URI``, else the spec's ``store_uri``, with the ``twocluster_store``
-connection's identity; pipelines are the specs in ``TWOCLUSTER_PIPELINES_DIR`` (default: the
-repository's ``pipelines/``).
+sub-app is public otherwise). The store is the one the DAGs use, by the same lookup
+(:func:`twocluster.store_access.store_for`; a 500 on the compose stack when the page
+read ``TWOCLUSTER_STORE_URI`` only); pipelines are the specs in ``TWOCLUSTER_PIPELINES_DIR``
+(default: the repository's ``pipelines/``).
 """
 
 from __future__ import annotations
@@ -52,26 +51,11 @@ def _app():
     from airflow.configuration import conf
     from fastapi import Depends
 
+    from twocluster import store_access
     from twocluster.ops.opsview import create_app, load_specs
-    from twocluster.store.storage import ObjectStore
 
     def store_for(spec):
-        # As the DAGs find it (the task SDK's Variable and BaseHook need a task's supervisor;
-        # the API server reads its variables and connections through the models). Reading
-        # TWOCLUSTER_STORE_URI only, the page answered 500 on the compose stack, which sets the
-        # variable (found by the stack's canary test).
-        from airflow.exceptions import AirflowNotFoundException
-        from airflow.models import Variable
-        from airflow.models.connection import Connection
-
-        from twocluster.orchestration.store_access import STORE_CONNECTION, STORE_URI_VARIABLE
-        from twocluster.store.storage import S3Settings
-
-        try:
-            settings = S3Settings.from_airflow_connection(Connection.get_connection_from_secrets(STORE_CONNECTION))
-        except AirflowNotFoundException:
-            settings = None  # the API server's own AWS_* environment
-        return ObjectStore(spec.resolve_store_uri(Variable.get(STORE_URI_VARIABLE, default_var=None)), settings)
+        return store_access.store_for(spec, via="server")  # the DAGs' lookup, read where the API server reads
 
     def signed_in(user=Depends(get_user)) -> str:  # noqa: B008 - FastAPI's idiom; no annotation: they are strings here
         return user.get_name()

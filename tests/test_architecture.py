@@ -24,6 +24,7 @@ BACKENDS = {"tensorflow", "jax", "torch"}
 # Which extras each part of the package may use (the core dependencies always).
 COMPONENT_EXTRAS = {
     "store": [], "spec.py": [], "version.py": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
+    "store_access.py": ["airflow"],  # Airflow inside its functions, where a configuration asks Airflow
     "features": ["spark"],
     "spark": ["spark"],
     "training": ["trainer"],
@@ -33,7 +34,8 @@ COMPONENT_EXTRAS = {
     "devtools": ["airflow"],
 }
 # Code of the package a component may import besides its own folder.
-SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving"}
+SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving",
+          "twocluster.store_access"}
 MAY_IMPORT = {
     "features": SHARED,
     "spark": SHARED | {"twocluster.features"},
@@ -41,7 +43,7 @@ MAY_IMPORT = {
     # The orchestration launches jobs by their entry points; the gate runs in the Airflow worker,
     # and the --py-files zip is built there.
     "orchestration": SHARED | {"twocluster.training.gate", "twocluster.spark.packaging"},
-    "ops": SHARED | {"twocluster.orchestration.arrivals", "twocluster.orchestration.notifiers", "twocluster.orchestration.store_access"},
+    "ops": SHARED | {"twocluster.orchestration.arrivals", "twocluster.orchestration.notifiers"},
 }
 
 

@@ -41,7 +41,7 @@ from airflow.sdk import DAG, task
 
 from twocluster.orchestration.approval import ModelApprovalOperator
 from twocluster.orchestration.notifiers import task_defaults
-from twocluster.orchestration.store_access import store_for
+from twocluster.store_access import store_for
 from twocluster.spec import default_spec_path, load_pipeline_spec
 
 SPEC = load_pipeline_spec(default_spec_path("speech_commands"))

@@ -10,8 +10,11 @@
     twocluster gc      [--apply]                        what garbage collection would delete
     twocluster migrate [--apply]                        pre-log stores to the commit-log layout
 
-The store is ``--store``, else ``$TWOCLUSTER_STORE_URI``; S3 credentials come from the standard
-``AWS_*`` environment variables. Exit codes: 0 ok, 1 a problem was found or refused, 2 bad usage.
+The store is found as the DAGs and the ops page find it (:mod:`twocluster.store_access`),
+from this process's environment: ``--store``, the ``twocluster_store_uri`` Airflow variable
+(``AIRFLOW_VAR_TWOCLUSTER_STORE_URI``), ``$TWOCLUSTER_STORE_URI``, the ``--pipeline``'s spec; S3
+credentials from the ``twocluster_store`` connection (``AIRFLOW_CONN_TWOCLUSTER_STORE``), else
+the standard ``AWS_*`` variables. Exit codes: 0 ok, 1 a problem was found or refused, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -45,11 +48,23 @@ class CliError(Exception):
     pass
 
 
-def _store(uri: str | None) -> ObjectStore:
-    uri = uri or os.environ.get(STORE_URI_ENV)
-    if not uri:
-        raise CliError(f"no store: pass --store URI or set {STORE_URI_ENV}")
-    return ObjectStore(uri)
+def _store(uri: str | None, pipeline: str | None = None) -> ObjectStore:
+    """The store by the DAGs' and the ops page's lookup (:mod:`twocluster.store_access`),
+    read from this process's environment: ``--store``, ``AIRFLOW_VAR_TWOCLUSTER_STORE_URI``,
+    ``$TWOCLUSTER_STORE_URI``, the ``--pipeline``'s spec; the ``twocluster_store`` connection's
+    keys (``AIRFLOW_CONN_TWOCLUSTER_STORE``), else ``AWS_*``."""
+    from twocluster.spec import SpecError, default_spec_path, load_pipeline_spec
+    from twocluster.store_access import store_for
+
+    try:
+        return store_for(None, uri, via="environment")
+    except SpecError as e:
+        if not pipeline:
+            raise CliError(str(e)) from None
+    try:  # the spec is read only when nothing else names the store
+        return store_for(load_pipeline_spec(default_spec_path(pipeline)), uri, via="environment")
+    except SpecError as e:
+        raise CliError(str(e)) from None
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -280,7 +295,7 @@ def approve(store: ObjectStore, model: str, version: str, alias: str, option: st
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help=f"store URI (default: ${STORE_URI_ENV})")
+    common.add_argument("--store", help=f"store URI (default: $AIRFLOW_VAR_TWOCLUSTER_STORE_URI, ${STORE_URI_ENV}, the spec's)")
     common.add_argument("--json", action="store_true", help="print JSON")
     parser = argparse.ArgumentParser(prog="twocluster", description="Operate the two-cluster ML store.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -348,7 +363,7 @@ def _run(args) -> int:
         _emit(args, result, f"{result['uri']}: " + ("ok, " + f"{result.get('files')} files verified" if result["ok"] else
                                                      "PROBLEMS\n  " + "\n  ".join(result["problems"])))
         return 0 if result["ok"] else 1
-    store = _store(args.store)
+    store = _store(args.store, getattr(args, "pipeline", None))
     if args.command == "status":
         status = store_status(store, args.pipeline)
         if args.json:

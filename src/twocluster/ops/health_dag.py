@@ -44,7 +44,7 @@ def build_health_dag(pipelines_dir: str | os.PathLike[str] = PIPELINES_DIR, dag_
                 from airflow.sdk.exceptions import AirflowFailException
 
                 from twocluster.ops.monitoring import health_problems, pipeline_overview
-                from twocluster.orchestration.store_access import store_for
+                from twocluster.store_access import store_for
 
                 checked = load_pipeline_spec(spec_path)
                 overview = pipeline_overview(store_for(checked), checked)

@@ -48,9 +48,9 @@ from twocluster.orchestration.approval import ModelApprovalOperator
 from twocluster.orchestration.backends import TrainingJobOperator
 from twocluster.orchestration.notifiers import task_defaults
 from twocluster.orchestration.retrain import decide_retrain as decide_retrain_policy
-from twocluster.orchestration.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_for, store_settings
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout
+from twocluster.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_for, store_settings
 
 SPARK_POOL = "spark_cluster"
 GPU_POOL = "gpu_training"
