@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -21,16 +20,23 @@ def test_a_cli_write_waits_for_a_writer_holding_the_database_instead_of_failing(
     holder = sqlite3.connect(tmp_path / "airflow" / "airflow.db", isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     holder.execute("UPDATE slot_pool SET description = description")
-    released = threading.Timer(8, lambda: holder.execute("COMMIT"))
+    committed = threading.Event()
+
+    def commit() -> None:
+        holder.execute("COMMIT")
+        committed.set()
+
+    released = threading.Timer(8, commit)
     released.start()
-    started = time.monotonic()
     try:
         result = airflow(env, "pools", "set", "spark_cluster", "2", "resized while the database was busy",
                          capture_output=True, text=True, timeout=120)
+        # The write finished only once the holder let go: it waited, it did not fail or skip.
+        finished_after_the_commit = committed.is_set()
     finally:
         released.join()
         holder.close()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert time.monotonic() - started >= 8
+    assert finished_after_the_commit
     listed = airflow(env, "pools", "get", "spark_cluster", "-o", "plain", capture_output=True, text=True, timeout=120)
     assert "resized while the database was busy" in listed.stdout
