@@ -43,11 +43,11 @@ T = TypeVar("T")
 _FETCH_THREADS = 8  # remote object-store reads are IO-bound; overlap them within a task
 
 # ``reject``: a reason decided on the driver from the listing alone ("" for none): the object is
-# never read. ``size``, ``mtime_ns`` and ``etag`` are what the read must find (the object as
+# never read. ``size`` and ``mtime_ns`` are what the read must find (the object as
 # listed: :meth:`ObjectStore.read_listed`).
 LISTING_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                            ("etag", pa.string()), ("folder", pa.string()), ("label", pa.string()), ("label_id", pa.int32()),
-                            ("source_id", pa.string()), ("split", pa.string()),
+                            ("folder", pa.string()), ("label", pa.string()), ("label_id", pa.int32()), ("source_id", pa.string()),
+                            ("split", pa.string()),
                             ("reject", pa.string())])  # label: null for an unknown folder
 # Why the listing alone condemned an input, as the rejects table says it.
 LISTING_VERDICTS = {
@@ -151,7 +151,6 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
             "path": rel,
             "size": obj.size,
             "mtime_ns": obj.mtime_ns,
-            "etag": obj.etag,
             "folder": folder,
             "label": label,
             "label_id": vocabulary[label] if label is not None else -1,
@@ -161,7 +160,7 @@ def list_inputs(store: ObjectStore, spec: PipelineSpec, date: str | dt.date) -> 
         }
         for column, value in row.items():
             columns[column].append(value)
-        fingerprint.update(f"{obj.key}\0{obj.size}\0{obj.mtime_ns}\0{obj.etag}\n".encode("utf-8", "surrogateescape"))
+        fingerprint.update(f"{obj.key}\0{obj.size}\0{obj.mtime_ns}\n".encode("utf-8", "surrogateescape"))
         if len(columns["key"]) == _LISTING_CHUNK_ROWS:
             chunks.append(_listing_chunk(columns))
     chunks.append(_listing_chunk(columns))
@@ -344,8 +343,8 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
             listed_ok = np.array([r == "" for r in prechecked], dtype=bool)
             wanted = np.flatnonzero(known & listed_ok)
             keys, sizes = batch.column("key").to_pylist(), batch.column("size").to_pylist()
-            mtimes, etags = batch.column("mtime_ns").to_pylist(), batch.column("etag").to_pylist()
-            listed = [ObjectInfo(keys[i], sizes[i], mtimes[i], etags[i]) for i in wanted]
+            mtimes = batch.column("mtime_ns").to_pylist()
+            listed = [ObjectInfo(keys[i], sizes[i], mtimes[i]) for i in wanted]
             return _ReadPlan(keys, prechecked, known, listed_ok, wanted, listed)
 
         # A remote store's reads, 8 at a time; a local store's in turn (measured: 0.05 ms of CPU

@@ -52,7 +52,7 @@ UNSAFE_NAME_CHARACTERS = re.compile(
 DEFAULT_MAX_DEPTH = 64
 
 # Why a listed object was not read (reject reasons: :meth:`ObjectStore.read_listed`).
-CHANGED_SINCE_LISTING = "changed_since_listing"  # another size, time, ETag, or gone
+CHANGED_SINCE_LISTING = "changed_since_listing"  # another size or modification time
 NOT_A_FILE = "not_a_file"  # a symbolic link, FIFO, device or folder at read time
 TOO_LARGE = "too_large"  # over the caller's byte limit
 
@@ -147,7 +147,6 @@ class ObjectInfo:
     key: str  # relative to the store root
     size: int
     mtime_ns: int | None = None  # last modification (S3: LastModified)
-    etag: str | None = None  # S3 only: what a read may require the object still to be (If-Match)
 
 
 @dataclass(frozen=True)
@@ -397,9 +396,9 @@ class ObjectStore:
         A local file is opened folder by folder below the store's root with ``O_NOFOLLOW``
         (no link on its path either), ``O_NONBLOCK`` (a FIFO answers at once), and its
         ``fstat`` must show a regular file of the listed size and modification time. An S3
-        object is read with one ranged GET of at most ``max_bytes + 1`` bytes, ``If-Match`` the
-        listed ETag where the listing has one, else ``If-Unmodified-Since`` its time (servers that
-        ignore either are caught by the answer's size, ETag and ``Last-Modified``)."""
+        object is read with one ranged GET of at most ``max_bytes + 1`` bytes, ``If-Unmodified-Since``
+        its listed time (a server that ignores it is caught by the answer's size and
+        ``Last-Modified``). Not ``If-Match``: the store's S3 listing (pyarrow's) has no ETags."""
         if listed.size > max_bytes:
             raise ReadRefused(self.uri(listed.key), TOO_LARGE, f"{listed.size} bytes in the listing; the limit is {max_bytes}")
         if self.scheme == "file":
@@ -493,9 +492,6 @@ class ObjectStore:
         listed_at = None  # whole seconds: what an HTTP date (Last-Modified, If-Unmodified-Since) holds
         if listed.mtime_ns is not None:
             listed_at = dt.datetime.fromtimestamp(listed.mtime_ns // 1_000_000_000, dt.UTC)
-        if listed.etag:
-            request["IfMatch"] = listed.etag
-        elif listed_at is not None:
             request["IfUnmodifiedSince"] = listed_at
         try:
             try:
@@ -514,8 +510,7 @@ class ObjectStore:
             if code in ("NoSuchKey", "404"):
                 raise ObjectNotFound(f"{uri}: no such object") from e
             if code in ("PreconditionFailed", "412"):
-                was = f"its ETag is no longer the listed {listed.etag}" if listed.etag else f"modified since the listed {listed_at}"
-                raise ReadRefused(uri, CHANGED_SINCE_LISTING, was) from e
+                raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"modified since the listed {listed_at}") from e
             raise StorageError(f"{uri}: read failed: {code or e}") from e
         except BotoCoreError as e:
             raise StorageError(f"{uri}: read failed: {e}") from e
@@ -523,8 +518,8 @@ class ObjectStore:
         total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else response.get("ContentLength", len(data))
         if total > max_bytes:
             raise ReadRefused(uri, TOO_LARGE, f"{total} bytes at read time; the limit is {max_bytes}")
-        etag, modified = response.get("ETag"), response.get("LastModified")
-        if (total != listed.size or len(data) != listed.size or (listed.etag and etag and etag != listed.etag)
+        modified = response.get("LastModified")
+        if (total != listed.size or len(data) != listed.size
                 or (listed_at is not None and modified is not None and modified.replace(microsecond=0) != listed_at)):
             raise ReadRefused(uri, CHANGED_SINCE_LISTING, f"{total} bytes modified at {modified} at read time; listed as "
                               f"{listed.size} bytes modified at {listed_at}")
@@ -560,8 +555,7 @@ class ObjectStore:
         if not recursive:
             kwargs["Delimiter"] = "/"
         try:
-            found = [ObjectInfo(key=obj["Key"][strip:], size=obj["Size"], mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
-                                etag=obj.get("ETag"))
+            found = [ObjectInfo(key=obj["Key"][strip:], size=obj["Size"], mtime_ns=int(obj["LastModified"].timestamp() * 1e9))
                      for page in self._s3_client.get_paginator("list_objects_v2").paginate(**kwargs)
                      for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
         except Exception as e:  # botocore's ClientError and connection errors alike
