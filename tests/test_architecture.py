@@ -42,7 +42,7 @@ MAY_IMPORT = {
     "training": SHARED,
     # The orchestration launches jobs by their entry points; the gate runs in the Airflow worker,
     # and the --py-files zip is built there.
-    "orchestration": SHARED | {"twocluster.training.gate", "twocluster.spark.packaging"},
+    "orchestration": SHARED | {"twocluster.training.gate", "twocluster.training.decision", "twocluster.spark.packaging"},
     "ops": SHARED | {"twocluster.orchestration.arrivals", "twocluster.orchestration.notifiers"},
 }
 
@@ -183,3 +183,19 @@ def test_the_environment_carries_compiled_bytecode():
     for module in (airflow, pyspark, pydantic):
         cached = importlib.util.cache_from_source(module.__file__)
         assert Path(cached).exists(), f"{module.__name__}: no bytecode at {cached}; run `make venv`"
+
+
+# Dicts the orchestration reads by key that are not ours: Airflow's task context, its
+# human-in-the-loop answer, pydantic's error records.
+FOREIGN_DICTS = {"context", "get_current_context()", "answer", "err"}
+
+
+@pytest.mark.parametrize("name", ["dag_factory.py", "runs.py", "approval.py", "operators.py"])
+def test_task_results_are_typed_not_dicts_read_by_key(name):
+    """Issue 34: every task result crosses XCom as a pydantic model (orchestration/results.py); a
+    string-key read (``run["date"]``) would fail only at run time, a renamed field at parse time."""
+    tree = ast.parse((PACKAGE / "orchestration" / name).read_text())
+    reads = [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+             if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)
+             and ast.unparse(node.value) not in FOREIGN_DICTS]
+    assert not reads, f"orchestration/{name} reads by string key: {reads}"

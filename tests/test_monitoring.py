@@ -245,12 +245,13 @@ def test_the_approval_request_carries_the_evidence(filled, spec):
     set, the confusion matrix, what each was trained on, and how the newest scored date's
     predictions differ from the test split's labels."""
     from twocluster.orchestration.approval import approval_body
+    from twocluster.training.decision import GateDecision
 
     store, v1, v2 = filled
-    decision = {"model": spec.model.name, "version": v2, "alias": "production", "reason": "worse than the champion on no",
+    decision = GateDecision(outcome="needs_approval", **{"model": spec.model.name, "version": v2, "alias": "production", "reason": "worse than the champion on no",
                 "test_accuracy": 0.95, "test_examples": 40, "champion_version": v1, "champion_test_accuracy": 0.97,
                 "per_class_accuracy": {"no": 0.9, "yes": 1.0}, "champion_per_class_accuracy": {"no": 0.95, "yes": 0.99},
-                "confusion_matrix": [[18, 2], [0, 20]]}
+                "confusion_matrix": [[18, 2], [0, 20]]})
     subject, body = approval_body(store, spec, decision, "http://airflow.example")
     assert subject == f"Publish {spec.model.name} {v2} as production?"
     assert "| no ⚠ | 0.900 | 0.950 |" in body and "| yes | 1.000 | 0.990 |" in body and "| no | 18 | 2 |" in body

@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 from test_manifest import FEATURES
 
-from twocluster.orchestration.retrain import committed_datasets, decide_retrain
+from twocluster.orchestration.retrain import RetrainDecision, committed_datasets, decide_retrain
 from twocluster.orchestration.runs import CheckFailed, RunParamsError, check_dataset, resolve_run, training_run_id, write_training_job
 from twocluster.store import layout, registry
 from twocluster.store.manifest import Counts, DatasetManifest, Lineage, ModelManifest, ModelMetrics, commit_version
@@ -135,19 +135,19 @@ def test_bad_run_params_are_refused_with_the_reason(file_store, speech_spec, par
 
 def test_run_params_resolve_to_the_run_settings(file_store, speech_spec):
     run = resolve_run(speech_spec, file_store, {"date": None, "model_alias": None, "max_reject_rate": None}, INTERVAL)
-    assert run["date"] == "2026-11-20" and run["model_alias"] == "production" and run["retrain"] == "auto"
-    assert run["max_reject_rate"] == speech_spec.thresholds.max_reject_rate
+    assert run.date == "2026-11-20" and run.model_alias == "production" and run.retrain == "auto"
+    assert run.max_reject_rate == speech_spec.thresholds.max_reject_rate
     manual = resolve_run(speech_spec, file_store, {"date": "2026-11-18", "model_alias": "staging", "max_reject_rate": 0.2}, None)
-    assert (manual["date"], manual["model_alias"], manual["max_reject_rate"]) == ("2026-11-18", "staging", 0.2)
+    assert (manual.date, manual.model_alias, manual.max_reject_rate) == ("2026-11-18", "staging", 0.2)
     with pytest.raises(RunParamsError, match="no data interval"):
         resolve_run(speech_spec, file_store, {}, None)
     # A backfill's runs all get the same params: a date among them would process one date N times.
     with pytest.raises(RunParamsError, match=r"this backfill sets the 'date' parameter \(2026-11-18\) for every one of its runs"):
         resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="backfill")
-    assert resolve_run(speech_spec, file_store, {"date": None}, INTERVAL, run_type="backfill")["date"] == "2026-11-20"
-    assert resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="manual")["date"] == "2026-11-18"
+    assert resolve_run(speech_spec, file_store, {"date": None}, INTERVAL, run_type="backfill").date == "2026-11-20"
+    assert resolve_run(speech_spec, file_store, {"date": "2026-11-18"}, INTERVAL, run_type="manual").date == "2026-11-18"
     # Up to arrivals.days_ahead past today (UTC), not a day more.
-    assert resolve_run(speech_spec, file_store, {"date": "2026-11-21"}, None, today=dt.date(2026, 11, 20))["date"] == "2026-11-21"
+    assert resolve_run(speech_spec, file_store, {"date": "2026-11-21"}, None, today=dt.date(2026, 11, 20)).date == "2026-11-21"
     with pytest.raises(RunParamsError, match=r"to 2026-11-21 \(today, UTC, plus arrivals.days_ahead = 1\)"):
         resolve_run(speech_spec, file_store, {"date": "2026-11-22"}, None, today=dt.date(2026, 11, 20))
     assert training_run_id("p", "2026-11-20", "manual__2026-11-22T10:46:53.78+00:00") == "p.2026-11-20.manual__2026-11-22T10:46:53.78+00:00"
@@ -160,7 +160,7 @@ def test_check_dataset_enforces_presence_examples_and_reject_rate(file_store, sp
     _dataset(file_store, speech_spec, D, 90, rejected=10)
     with pytest.raises(CheckFailed, match=r"rejects 10.0% of its inputs, above the threshold 5.0%"):
         check_dataset(speech_spec, file_store, D.isoformat(), 0.05)
-    assert check_dataset(speech_spec, file_store, D.isoformat(), 0.2)["reject_rate"] == 0.1
+    assert check_dataset(speech_spec, file_store, D.isoformat(), 0.2).reject_rate == 0.1
     file_store.delete(f"{layout.dataset_date_prefix(speech_spec.name, D)}/v={committed_datasets(file_store, speech_spec.name, D, D)[D.isoformat()].version}/parquet/part-0.parquet")
     with pytest.raises(Exception, match="not there"):
         check_dataset(speech_spec, file_store, D.isoformat(), 0.2)
@@ -174,11 +174,11 @@ def test_a_training_runs_identity_is_its_inputs(store, speech_spec):
 
     old = _dataset(store, speech_spec, D, 900)
     training_run = training_run_id(speech_spec.name, str(D), "manual__1")
-    decision = {"date": str(D), "training_datasets": [old]}
+    decision = RetrainDecision(retrain=True, reason="test", date=str(D), training_datasets=[old])
     first = load_job_spec(write_training_job(speech_spec, store, decision, training_run, 0), store)
     assert load_job_spec(write_training_job(speech_spec, store, decision, training_run, 0), store).run_id == first.run_id  # a retry: same run
     reprocessed = _dataset(store, speech_spec, D, 900)  # the date again: a new dataset version
-    second = load_job_spec(write_training_job(speech_spec, store, {**decision, "training_datasets": [reprocessed]}, training_run, 0), store)
+    second = load_job_spec(write_training_job(speech_spec, store, decision.model_copy(update={"training_datasets": [reprocessed]}), training_run, 0), store)
     assert second.run_id != first.run_id and second.run_id.startswith(training_run) and second.fingerprint() != first.fingerprint()
 
     # The version the first inputs trained is not the second run's result, even under one run id.

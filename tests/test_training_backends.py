@@ -205,11 +205,12 @@ def test_the_backend_is_chosen_when_the_task_runs_not_when_the_dag_is_parsed(tmp
     from airflow.exceptions import AirflowException
 
     from twocluster.orchestration import backends
+    from twocluster.orchestration.operators import TrainingJobOperator
 
     bad = tmp_path / "job.json"
     bad.write_text('{"run_id": "x"}')
     monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "docker", "image": "trainer:1"}))
-    op = backends.TrainingJobOperator(task_id="train", job_spec_uri=str(bad))
+    op = TrainingJobOperator(task_id="train", job_spec_uri=str(bad))
     built = []
     monkeypatch.setattr(backends, "training_operator", lambda config, **kw: built.append(config.kind) or _Recorder())
     assert op.execute(context={}) == "ran" and built == ["docker"]
@@ -221,7 +222,7 @@ def test_the_backend_is_chosen_when_the_task_runs_not_when_the_dag_is_parsed(tmp
 
     # Unset: the local process, for real.
     with pytest.raises(AirflowException, match="the trainer exited with 1"):
-        backends.TrainingJobOperator(task_id="train", job_spec_uri=str(bad)).execute(context={})
+        TrainingJobOperator(task_id="train", job_spec_uri=str(bad)).execute(context={})
 
 
 class _Recorder:

@@ -124,12 +124,12 @@ def test_pipeline_dag_shape_pools_and_operators():
         task = dag.get_task(task_id)
         assert isinstance(task, SparkSubmitOperator) and task.pool == "spark_cluster"
         assert task.application.endswith(f"spark_jobs/{task_id}.py")
-    from twocluster.orchestration.backends import TrainingJobOperator
+    from twocluster.orchestration.operators import TrainingJobOperator
 
     assert isinstance(dag.get_task("train"), TrainingJobOperator)  # the backend is picked when it runs
     assert dag.get_task("train").pool == "gpu_training"
     # Complete days only: preprocessing starts when the arrivals policy says so, freeing its slot between pokes.
-    assert dag.get_task("preprocess").upstream_task_ids == {"wait_for_arrivals"}
+    assert dag.get_task("preprocess").upstream_task_ids == {"check_params", "wait_for_arrivals"}  # the run settings, the arrivals
     assert dag.get_task("wait_for_arrivals").upstream_task_ids == {"check_params"}
     assert dag.get_task("wait_for_arrivals").mode == "reschedule"
     assert dag.get_task("model_ready").upstream_task_ids == {"publish", "approve", "training_skipped"}

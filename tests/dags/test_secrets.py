@@ -30,7 +30,7 @@ def airflow_env(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("master", ["yarn", "k8s://https://kubernetes.default.svc:443", "spark://127.0.0.1:7077", "local[2]"])
 def test_the_store_secret_is_never_on_the_spark_submit_command_line(airflow_env, monkeypatch, master):
-    from twocluster.orchestration.dag_factory import PipelineSparkOperator
+    from twocluster.orchestration.operators import PipelineSparkOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": master}))
     op = PipelineSparkOperator(task_id="preprocess", application="spark_jobs/preprocess.py", conn_id="spark_default",

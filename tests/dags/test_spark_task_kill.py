@@ -31,7 +31,7 @@ def _job_processes(marker: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("spark_at", ["spark-submit", "spark-connect"])
 def test_killing_the_task_stops_the_spark_job_before_it_commits(spark_at, speech_spec, file_store, monkeypatch, request):
-    from twocluster.orchestration.dag_factory import PipelineSparkOperator
+    from twocluster.orchestration.operators import PipelineSparkOperator
 
     connection = (request.getfixturevalue("spark_connect_server").connection if spark_at == "spark-connect"
                   else json.dumps({"conn_type": "spark", "host": "local[2]"}))

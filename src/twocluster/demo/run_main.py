@@ -22,7 +22,7 @@ from pathlib import Path
 
 from twocluster.demo import sample_data, sample_images
 from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
-from twocluster.orchestration import runs
+from twocluster.orchestration.results import SUMMARY_MARKER
 from twocluster.spec import default_spec_path, load_pipeline_spec
 from twocluster.store.storage import ObjectStore
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             result = airflow(env, "dags", "test", spec.name, "-c", json.dumps({"date": date}), stdout=log, stderr=log)
         text = log_path.read_text(errors="replace")
         # Success needs the run's own summary too: a run whose tasks never started also ends "success".
-        ok = result.returncode == 0 and "state=success" in _run_line(text) and runs.SUMMARY_MARKER in text
+        ok = result.returncode == 0 and "state=success" in _run_line(text) and SUMMARY_MARKER in text
         print(f"\n  {date}: DAG run {'succeeded' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s")
         if not ok:
             print(f"  see {log_path}", file=sys.stderr)
@@ -87,7 +87,7 @@ def _run_line(log_text: str) -> str:
 def _summary(log_text: str) -> str:
     """The summary the DAG's ``summarize`` task printed (after its marker line)."""
     lines = log_text.splitlines()
-    marks = [i for i, line in enumerate(lines) if line.strip() == runs.SUMMARY_MARKER]
+    marks = [i for i, line in enumerate(lines) if line.strip() == SUMMARY_MARKER]
     if not marks:
         return "(no summary in the log)"
     block = []

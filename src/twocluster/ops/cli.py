@@ -29,19 +29,17 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from twocluster.ops.monitoring import StoreStatus, store_status
 from twocluster.spec import STORE_URI_ENV
 from twocluster.store import layout, registry
 from twocluster.store.manifest import (
-    DatasetManifest,
     ManifestError,
-    PredictionsManifest,
     read_manifest,
     resolve_version,
-    scan_location,
     unlisted_files,
     verify_files,
 )
-from twocluster.store.storage import ObjectStore, StorageError, StoreSnapshot, split_uri
+from twocluster.store.storage import ObjectStore, StorageError, split_uri
 
 
 class CliError(Exception):
@@ -70,99 +68,33 @@ def _store(uri: str | None, pipeline: str | None = None) -> ObjectStore:
 # -- status --------------------------------------------------------------------------------------
 
 
-def store_status(store: ObjectStore, pipeline: str | None = None) -> dict[str, Any]:
-    """What the store holds, as read through the commit logs (the same reads the pipeline makes).
-    Read like the ops page: one recursive listing per area, every log entry in parallel (a
-    commit's entry carries its manifest), then no round trip per location."""
-    out: dict[str, Any] = {"store": store.root_uri, "pipelines": {}, "models": {}, "skipped": []}
-    store = StoreSnapshot(store, ["datasets", "predictions", "models"], immutable_cache={}, is_immutable=layout.is_commit_record)
-    store.prefetch(key for key in store.objects if layout.is_log_entry_key(key))
-
-    def skipped(state_skipped) -> None:
-        out["skipped"] += [asdict(s) for s in state_skipped]
-
-    pipelines = sorted(set(store.list_folders("datasets")) | set(store.list_folders("predictions")))
-    for name in pipelines:
-        if pipeline and name != pipeline:
-            continue
-        dates: dict[str, dict] = {}
-        for kind, manifest_kind in (("datasets", DatasetManifest), ("predictions", PredictionsManifest)):
-            parent = layout.datasets_prefix(name) if kind == "datasets" else layout.predictions_prefix(name)
-            for folder in store.list_folders(parent):
-                day = layout.date_from_folder(folder)
-                if day is None:
-                    continue
-                state = scan_location(store, f"{parent}/{folder}", manifest_kind)
-                skipped(state.skipped)
-                row = dates.setdefault(day.isoformat(), {"dataset": None, "predictions": None})
-                latest = state.latest
-                if latest is None:
-                    continue
-                m = latest.manifest
-                summary = {"version": latest.version, "log_entry": latest.seq, "committed_versions": len(state.versions),
-                           "input": m.counts.input, "accepted": m.counts.accepted, "rejected": m.counts.rejected,
-                           "rejected_by_reason": m.counts.rejected_by_reason, "manifest_uri": latest.manifest_uri}
-                if kind == "predictions":
-                    summary.update(model=m.model, model_version=m.model_version)
-                row[kind.rstrip("s") if kind == "datasets" else kind] = summary
-        out["pipelines"][name] = {"dates": [{"date": d, **dates[d]} for d in sorted(dates)]}
-
-    for model in registry.model_names(store):
-        versions = registry.model_versions(store, model)
-        skipped(versions.skipped)
-        aliases: dict[str, dict] = {}
-        pointed: dict[str, list[str]] = {}
-        for alias in store.list_folders(layout.model_aliases_prefix(model)):
-            try:
-                state = registry.read_alias(store, model, alias, versions)
-            except layout.LayoutError:
-                continue
-            skipped(state.skipped)
-            if state.current is not None:
-                aliases[alias] = {"version": state.version, "log_entry": state.current.seq,
-                                  "previous_version": state.previous_version(), "reason": state.current.reason,
-                                  "moves": len(state.history), "broken": state.broken,
-                                  "authority": registry.authority_of(state.current).kind}
-                pointed.setdefault(state.version, []).append(alias)
-        out["models"][model] = {
-            "aliases": aliases,
-            "versions": [
-                {"version": v.version, "log_entry": v.seq, "test_accuracy": v.manifest.metrics.test_accuracy,
-                 "trained_on": sorted({dv[0] for u in v.manifest.lineage.inputs if (dv := layout.dated_version(u))}),
-                 "run_id": v.manifest.lineage.run_id, "aliases": pointed.get(v.version, [])}
-                for v in versions.versions
-            ],
-        }
-    return out
-
-
-def _print_status(status: dict) -> None:
-    print(f"store {status['store']}")
-    for name, p in status["pipelines"].items():
+def _print_status(status: StoreStatus) -> None:
+    print(f"store {status.store}")
+    for name, p in status.pipelines.items():
         print(f"\npipeline {name}")
         print(f"  {'date':<10}  {'dataset':<26} {'in':>5} {'ok':>5} {'rej':>4}  {'predictions':<26} {'rows':>5}  scored by")
-        for row in p["dates"]:
-            d, pr = row["dataset"], row["predictions"]
-            ds = f"{d['version']:<26} {d['input']:>5} {d['accepted']:>5} {d['rejected']:>4}" if d else f"{'-':<26} {'':>5} {'':>5} {'':>4}"
-            ps = f"{pr['version']:<26} {pr['accepted']:>5}  {pr['model']} v={pr['model_version']}" if pr else "-"
-            print(f"  {row['date']:<10}  {ds}  {ps}")
-            if d and d["rejected_by_reason"]:
-                print(f"  {'':<10}  rejects: {', '.join(f'{k} {v}' for k, v in d['rejected_by_reason'].items())}")
-    for model, m in status["models"].items():
+        for row in p.dates:
+            d, pr = row.dataset, row.predictions
+            ds = f"{d.version:<26} {d.input:>5} {d.accepted:>5} {d.rejected:>4}" if d else f"{'-':<26} {'':>5} {'':>5} {'':>4}"
+            ps = f"{pr.version:<26} {pr.rows:>5}  {pr.model} v={pr.model_version}" if pr else "-"
+            print(f"  {row.date.isoformat():<10}  {ds}  {ps}")
+            if d and d.rejected_by_reason:
+                print(f"  {'':<10}  rejects: {', '.join(f'{k} {v}' for k, v in d.rejected_by_reason.items())}")
+    for model, m in status.models.items():
         print(f"\nmodel {model}")
-        for alias, a in sorted(m["aliases"].items()):
-            prev = f" (before: {a['previous_version']})" if a["previous_version"] else ""
-            broken = f"  BROKEN: {a['broken']}" if a["broken"] else ""
-            override = "  [set by a gate override]" if a["authority"] == "override" else ""
-            print(f"  {alias} -> {a['version']}{prev}{override}{broken}")
-        for v in m["versions"]:
-            tags = f"  [{', '.join(v['aliases'])}]" if v["aliases"] else ""
-            span = f"{v['trained_on'][0]}..{v['trained_on'][-1]}" if v["trained_on"] else "-"
-            print(f"  {v['version']}  test accuracy {v['test_accuracy']:.3f}  trained on {span}{tags}")
-    if status["skipped"]:
-        print(f"\nskipped as invalid ({len(status['skipped'])}):")
-        for s in status["skipped"]:
-            print(f"  {s['uri']}: {s['problem']}")
+        for alias, a in sorted(m.aliases.items()):
+            prev = f" (before: {a.previous_version})" if a.previous_version else ""
+            broken = f"  BROKEN: {a.broken}" if a.broken else ""
+            override = "  [set by a gate override]" if a.authority == "override" else ""
+            print(f"  {alias} -> {a.version}{prev}{override}{broken}")
+        for v in m.versions:
+            tags = f"  [{', '.join(v.aliases)}]" if v.aliases else ""
+            span = f"{v.trained_on[0]}..{v.trained_on[-1]}" if v.trained_on else "-"
+            print(f"  {v.version}  test accuracy {v.test_accuracy:.3f}  trained on {span}{tags}")
+    if status.skipped:
+        print(f"\nskipped as invalid ({len(status.skipped)}):")
+        for s in status.skipped:
+            print(f"  {s.uri}: {s.problem}")
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -367,7 +299,7 @@ def _run(args) -> int:
     if args.command == "status":
         status = store_status(store, args.pipeline)
         if args.json:
-            _emit(args, status)
+            _emit(args, status.model_dump(mode="json"))
         else:
             _print_status(status)
         return 0

@@ -1,6 +1,7 @@
-"""What an operator looks at, read from the store: the one module behind the ops page, its JSON
-endpoints, and the health check, so every number agrees with `twocluster status` (both read
-through the commit logs).
+"""What an operator looks at, read from the store: the one typed reader behind the ops page, its
+JSON endpoints, the health check and ``twocluster status`` (:func:`pipeline_overview` for a
+pipeline's window, :func:`store_status` for everything a store holds; both build the same rows
+with the same functions, through the commit logs).
 
 Nothing is duplicated into a second database: manifests, commit logs and alias logs are the
 source of truth. Reads are parallel (object-store latency, not CPU, is the cost) and cached per
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from twocluster.orchestration.arrivals import arrived
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import CommitLog, GateDecided
@@ -202,8 +203,88 @@ def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
 
 
 def _raw(store: ObjectStore, pipeline: str, date: dt.date) -> Raw:
+    # Imported here: the orchestration package loads Airflow, which `twocluster status` never needs.
+    from twocluster.orchestration.arrivals import arrived
+
     listed = arrived(store, pipeline, date)
     return Raw(files=listed.files, bytes=listed.bytes, complete=listed.marker)
+
+
+def dataset_row(committed: CommittedVersion) -> DatasetRow:
+    d: DatasetManifest = committed.manifest
+    return DatasetRow(
+        version=committed.version, log_entry=committed.seq, run_id=d.lineage.run_id, input=d.counts.input, accepted=d.counts.accepted,
+        rejected=d.counts.rejected, rejected_by_reason=d.counts.rejected_by_reason,
+        reject_rate=round(d.counts.rejected / d.counts.input, 4) if d.counts.input else 0.0,
+        per_label=d.counts.per_label, seconds=d.seconds, manifest_uri=committed.manifest_uri)
+
+
+def predictions_row(committed: CommittedVersion) -> PredictionsRow:
+    p: PredictionsManifest = committed.manifest
+    summary = p.summary
+    return PredictionsRow(
+        version=committed.version, log_entry=committed.seq, run_id=p.lineage.run_id, rows=p.counts.accepted, rejected=p.counts.rejected,
+        model=p.model, model_version=p.model_version,
+        predicted_labels=summary.predicted_labels if summary else {},
+        mean_confidence=summary.mean_confidence if summary else None,
+        below_confidence_floor_share=(round(summary.below_confidence_floor / p.counts.accepted, 4)
+                                      if summary and p.counts.accepted else None),
+        drift=None, seconds=p.seconds, manifest_uri=committed.manifest_uri)
+
+
+class ModelsRead(BaseModel):
+    """A model's versions, aliases and gate decisions as read once for the page or the CLI."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    versions: Any  # registry.ModelVersions
+    alias_states: dict[str, Any]  # alias -> registry.AliasState
+    rows: list[ModelRow]
+    skipped: list[Skipped]
+
+
+def read_models(store: ObjectStore, model: str, known_aliases: Iterable[str] = ()) -> ModelsRead:
+    """Every committed version of ``model`` with its gate decisions and the aliases on it; the
+    aliases are ``known_aliases`` and every folder under ``aliases/`` that an alias could be named
+    (any other folder, ``Production`` or a hand upload's, is listed as skipped, never read)."""
+    versions = registry.model_versions(store, model)
+    skipped = [Skipped(uri=s.uri, problem=s.problem) for s in versions.skipped]
+    alias_names = set(known_aliases)
+    for folder in store.list_folders(layout.model_aliases_prefix(model)):
+        if layout.is_valid_name(folder):
+            alias_names.add(folder)
+        else:
+            skipped.append(Skipped(uri=printable_name(store.uri(layout.model_aliases_prefix(model)) + "/" + folder),
+                                   problem="not an alias: alias names are 1-64 lowercase letters, digits, '_' or '-'"))
+    alias_states = {a: registry.read_alias(store, model, a, versions) for a in sorted(alias_names)}
+    for state in alias_states.values():
+        skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]
+    gate_log = CommitLog(store, layout.model_gate_prefix(model)).read()
+    skipped += [Skipped(uri=s.uri, problem=s.problem) for s in gate_log.skipped]
+    gate_by_version: dict[str, list[GateRecord]] = {}
+    # A pass is written before its alias move; it reads "published" once a move names it (a pass
+    # whose move lost a race to another gate stays "passed").
+    moved_on = {(a, auth.gate_entry) for a, st in alias_states.items() for e in st.history
+                if (auth := registry.authority_of(e)).gate_entry is not None}
+    for entry in gate_log.entries:
+        if isinstance(entry, GateDecided):
+            outcome = "published" if entry.outcome == "passed" and (entry.alias, entry.seq) in moved_on else entry.outcome
+            gate_by_version.setdefault(entry.version, []).append(GateRecord(
+                alias=entry.alias, outcome=outcome, reason=entry.reason, seq=entry.seq, run_id=entry.run_id,
+                test_accuracy=entry.numbers.get("test_accuracy"), champion_version=entry.numbers.get("champion_version"),
+                champion_test_accuracy=entry.numbers.get("champion_test_accuracy")))
+    current = {a: s.version for a, s in alias_states.items()}
+    rows = []
+    for v in versions.versions:
+        m: ModelManifest = v.manifest
+        rows.append(ModelRow(
+            version=v.version, log_entry=v.seq, run_id=m.lineage.run_id, trained_at=m.created_at,
+            trained_on=sorted({dv[0] for u in m.lineage.inputs if (dv := layout.dated_version(u))}),
+            dataset_versions=m.lineage.dataset_versions, test_accuracy=m.metrics.test_accuracy,
+            validation_accuracy=m.metrics.validation_accuracy, training_seconds=m.seconds.get("fit", m.metrics.training_seconds),
+            aliases=sorted(a for a, cur in current.items() if cur == v.version), gate=gate_by_version.get(v.version, []),
+            files=[f.path for f in m.files if f.path in ("training_curves.png", "metrics.json", "history.csv")]))
+    return ModelsRead(versions=versions, alias_states=alias_states, rows=rows, skipped=skipped)
 
 
 def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | None = None,
@@ -226,47 +307,11 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
 
     # Models first: predictions are compared with the labels their model was trained on.
     model = spec.model.name
-    versions = registry.model_versions(store, model)
-    skipped += [Skipped(uri=s.uri, problem=s.problem) for s in versions.skipped]
-    # A folder under aliases/ that no alias could be named (``Production``, a hand upload's) is
-    # listed as skipped, as any unreadable entry, never read as an alias.
-    alias_names = set(spec.scoring.allowed_aliases)
-    for folder in store.list_folders(layout.model_aliases_prefix(model)):
-        if layout.is_valid_name(folder):
-            alias_names.add(folder)
-        else:
-            skipped.append(Skipped(uri=printable_name(store.uri(layout.model_aliases_prefix(model)) + "/" + folder),
-                                   problem="not an alias: alias names are 1-64 lowercase letters, digits, '_' or '-'"))
-    alias_names = sorted(alias_names)
-    alias_states = {a: registry.read_alias(store, model, a, versions) for a in alias_names}
-    for state in alias_states.values():
-        skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]
-    gate_log = CommitLog(store, layout.model_gate_prefix(model)).read()
-    skipped += [Skipped(uri=s.uri, problem=s.problem) for s in gate_log.skipped]
-    gate_by_version: dict[str, list[GateRecord]] = {}
-    # A pass is written before its alias move; it reads "published" once a move names it (a pass
-    # whose move lost a race to another gate stays "passed").
-    moved_on = {(a, auth.gate_entry) for a, st in alias_states.items() for e in st.history
-                if (auth := registry.authority_of(e)).gate_entry is not None}
-    for entry in gate_log.entries:
-        if isinstance(entry, GateDecided):
-            outcome = "published" if entry.outcome == "passed" and (entry.alias, entry.seq) in moved_on else entry.outcome
-            gate_by_version.setdefault(entry.version, []).append(GateRecord(
-                alias=entry.alias, outcome=outcome, reason=entry.reason, seq=entry.seq, run_id=entry.run_id,
-                test_accuracy=entry.numbers.get("test_accuracy"), champion_version=entry.numbers.get("champion_version"),
-                champion_test_accuracy=entry.numbers.get("champion_test_accuracy")))
+    models_read = read_models(store, model, spec.scoring.allowed_aliases)
+    versions, alias_states, models = models_read.versions, models_read.alias_states, models_read.rows
+    skipped += models_read.skipped
     current = {a: s.version for a, s in alias_states.items()}
     training_labels: dict[str, dict[str, int]] = {}
-    models = []
-    for v in versions.versions:
-        m: ModelManifest = v.manifest
-        models.append(ModelRow(
-            version=v.version, log_entry=v.seq, run_id=m.lineage.run_id, trained_at=m.created_at,
-            trained_on=sorted({dv[0] for u in m.lineage.inputs if (dv := layout.dated_version(u))}),
-            dataset_versions=m.lineage.dataset_versions, test_accuracy=m.metrics.test_accuracy,
-            validation_accuracy=m.metrics.validation_accuracy, training_seconds=m.seconds.get("fit", m.metrics.training_seconds),
-            aliases=sorted(a for a, cur in current.items() if cur == v.version), gate=gate_by_version.get(v.version, []),
-            files=[f.path for f in m.files if f.path in ("training_curves.png", "metrics.json", "history.csv")]))
     moves = sorted((AliasMove(alias=a, seq=e.seq, version=e.version, previous_version=e.previous_version, reason=e.reason,
                               written_at=e.written_at, authority=(auth := registry.authority_of(e)).kind, who=auth.who or e.run_id)
                     for a, s in alias_states.items() for e in s.history),
@@ -285,28 +330,10 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         return training_labels[model_version]
 
     def read_date(day: dt.date) -> tuple[DateRow, list[Skipped]]:
-        raw = raw_by_day[day]
         dataset, skipped_d = CACHE.latest(store, layout.dataset_date_prefix(spec.name, day), DatasetManifest)
         predictions, skipped_p = CACHE.latest(store, layout.predictions_date_prefix(spec.name, day), PredictionsManifest)
-        row = DateRow(date=day, raw=raw, dataset=None, predictions=None)
-        if dataset is not None:
-            d: DatasetManifest = dataset.manifest
-            row.dataset = DatasetRow(
-                version=dataset.version, log_entry=dataset.seq, run_id=d.lineage.run_id, input=d.counts.input, accepted=d.counts.accepted,
-                rejected=d.counts.rejected, rejected_by_reason=d.counts.rejected_by_reason,
-                reject_rate=round(d.counts.rejected / d.counts.input, 4) if d.counts.input else 0.0,
-                per_label=d.counts.per_label, seconds=d.seconds, manifest_uri=dataset.manifest_uri)
-        if predictions is not None:
-            p: PredictionsManifest = predictions.manifest
-            summary = p.summary
-            row.predictions = PredictionsRow(
-                version=predictions.version, log_entry=predictions.seq, run_id=p.lineage.run_id, rows=p.counts.accepted, rejected=p.counts.rejected,
-                model=p.model, model_version=p.model_version,
-                predicted_labels=summary.predicted_labels if summary else {},
-                mean_confidence=summary.mean_confidence if summary else None,
-                below_confidence_floor_share=(round(summary.below_confidence_floor / p.counts.accepted, 4)
-                                              if summary and p.counts.accepted else None),
-                drift=None, seconds=p.seconds, manifest_uri=predictions.manifest_uri)
+        row = DateRow(date=day, raw=raw_by_day[day], dataset=dataset_row(dataset) if dataset else None,
+                      predictions=predictions_row(predictions) if predictions else None)
         return row, skipped_d + skipped_p
 
     rows = []
@@ -387,3 +414,80 @@ def health_problems(overview: PipelineOverview) -> list[str]:
     if drifting:
         problems.append(f"{overview.pipeline}: prediction drift above {overview.max_drift:.2f} on {', '.join(drifting)}")
     return problems
+
+
+class AliasRow(BaseModel):
+    version: str | None
+    log_entry: int
+    previous_version: str | None
+    reason: str
+    moves: int
+    broken: str | None = Field(None, description="why the alias's newest target does not validate (then nothing serves)")
+    authority: str
+
+
+class StatusDate(BaseModel):
+    date: dt.date
+    dataset: DatasetRow | None = None
+    predictions: PredictionsRow | None = None
+    dataset_versions: int = Field(0, description="committed dataset versions of the date")
+
+
+class PipelineStatus(BaseModel):
+    dates: list[StatusDate]
+
+
+class ModelStatus(BaseModel):
+    aliases: dict[str, AliasRow]
+    versions: list[ModelRow]
+
+
+class StoreStatus(BaseModel):
+    """Everything a store holds (``twocluster status``): every pipeline's dates, every model's
+    versions and aliases, what was skipped as invalid. The rows are the ops page's."""
+
+    store: str
+    pipelines: dict[str, PipelineStatus] = Field(default_factory=dict)
+    models: dict[str, ModelStatus] = Field(default_factory=dict)
+    skipped: list[Skipped] = Field(default_factory=list)
+
+
+def store_status(store: ObjectStore, pipeline: str | None = None) -> StoreStatus:
+    """What the store holds, as read through the commit logs (the same reads the pipeline makes).
+    Read like the ops page: one recursive listing per area, every log entry in parallel (a
+    commit's entry carries its manifest), then no round trip per location."""
+    out = StoreStatus(store=store.root_uri)
+    store = StoreSnapshot(store, ["datasets", "predictions", "models"], immutable_cache=_COMMIT_RECORDS,
+                          is_immutable=layout.is_commit_record, readers=_READERS)
+    store.prefetch(key for key in store.objects if layout.is_log_entry_key(key))
+    skipped: list[Skipped] = []
+    for name in sorted(set(store.list_folders("datasets")) | set(store.list_folders("predictions"))):
+        if pipeline and name != pipeline:
+            continue
+        dates: dict[dt.date, StatusDate] = {}
+        for parent, kind in ((layout.datasets_prefix(name), DatasetManifest), (layout.predictions_prefix(name), PredictionsManifest)):
+            for folder in store.list_folders(parent):
+                day = layout.date_from_folder(folder)
+                if day is None:
+                    continue
+                state = scan_location(store, f"{parent}/{folder}", kind)
+                skipped += [Skipped(uri=s.uri, problem=s.problem) for s in state.skipped]
+                row = dates.setdefault(day, StatusDate(date=day))
+                if state.latest is None:
+                    continue
+                if kind is DatasetManifest:
+                    row.dataset, row.dataset_versions = dataset_row(state.latest), len(state.versions)
+                else:
+                    row.predictions = predictions_row(state.latest)
+        out.pipelines[name] = PipelineStatus(dates=[dates[d] for d in sorted(dates)])
+    for model in registry.model_names(store):
+        read = read_models(store, model)
+        skipped += read.skipped
+        out.models[model] = ModelStatus(
+            versions=read.rows,
+            aliases={alias: AliasRow(version=state.version, log_entry=state.current.seq, previous_version=state.previous_version(),
+                                     reason=state.current.reason, moves=len(state.history), broken=state.broken,
+                                     authority=registry.authority_of(state.current).kind)
+                     for alias, state in read.alias_states.items() if state.current is not None})
+    out.skipped = _unique(skipped)
+    return out

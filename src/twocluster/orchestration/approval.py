@@ -22,9 +22,11 @@ from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param
 
 from twocluster.orchestration.notifiers import approval_notifier
+from twocluster.orchestration.results import ApprovalAnswer, GateResult
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.storage import ObjectStore
+from twocluster.training.decision import GateDecision
 
 OPTIONS = list(registry.APPROVAL_OPTIONS)  # publish, staging, reject
 TIMEOUT_DEFAULT = "reject"
@@ -45,18 +47,18 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def approval_body(store: ObjectStore, spec: PipelineSpec, decision: dict[str, Any], ops_url: str = "") -> tuple[str, str]:
+def approval_body(store: ObjectStore, spec: PipelineSpec, decision: GateDecision, ops_url: str = "") -> tuple[str, str]:
     """(subject, Markdown body) for a version waiting for approval, from the gate's decision."""
-    model, version, alias = decision["model"], decision["version"], decision["alias"]
-    champion = decision.get("champion_version")
+    model, version, alias = decision.model, decision.version, decision.alias
+    champion = decision.champion_version
     subject = f"Publish {model} {version} as {alias}?"
-    mine, theirs = decision.get("per_class_accuracy") or {}, decision.get("champion_per_class_accuracy") or {}
-    rows = [f"| **overall** | {_pct(decision.get('test_accuracy'))} | {_pct(decision.get('champion_test_accuracy'))} |"]
+    mine, theirs = decision.per_class_accuracy or {}, decision.champion_per_class_accuracy or {}
+    rows = [f"| **overall** | {_pct(decision.test_accuracy)} | {_pct(decision.champion_test_accuracy)} |"]
     for label in sorted(mine):
         worse = theirs.get(label) is not None and mine[label] is not None and mine[label] < theirs[label]
         rows.append(f"| {label}{' ⚠' if worse else ''} | {_pct(mine[label])} | {_pct(theirs.get(label))} |")
     labels = sorted(mine) if mine else []
-    confusion = decision.get("confusion_matrix") or []
+    confusion = decision.confusion_matrix or []
     matrix = ""
     if confusion and len(confusion) == len(labels):
         matrix = ("\n\n**Confusion matrix of the candidate** (rows: true, columns: predicted)\n\n| | " + " | ".join(labels) + " |\n|"
@@ -69,8 +71,8 @@ def approval_body(store: ObjectStore, spec: PipelineSpec, decision: dict[str, An
     base = f"{ops_url.rstrip('/')}/twocluster" if ops_url else "/twocluster"
     links = " · ".join(f"[{name} {v}]({base}/models/{model}/versions/{v}) ([curves]({base}/models/{model}/versions/{v}/files/training_curves.png))"
                        for name, v in (("candidate", version), ("champion", champion)) if v)
-    body = (f"The gate passed **{model} {version}** for `{alias}` but a person must decide: {decision['reason']}\n\n"
-            f"Both measured now on the candidate's test split ({decision.get('test_examples')} examples):\n\n"
+    body = (f"The gate passed **{model} {version}** for `{alias}` but a person must decide: {decision.reason}\n\n"
+            f"Both measured now on the candidate's test split ({decision.test_examples} examples):\n\n"
             f"| class | candidate | champion {champion or '(none)'} |\n|---|---|---|\n" + "\n".join(rows) + matrix
             + f"\n\nTrained on: candidate {_trained_on(store, model, version)}; champion {_trained_on(store, model, champion)}."
             + shift + f"\n\n{links}\n\n**publish** moves `{alias}`; **staging** moves only `{registry.STAGING_ALIAS}`; "
@@ -124,10 +126,9 @@ class ModelApprovalOperator(HITLOperator):
     def execute(self, context):
         from airflow.sdk.exceptions import AirflowSkipException
 
-        decision = self.decision
-        if not isinstance(decision, dict) or decision.get("outcome") != "needs_approval":
-            raise AirflowSkipException(f"the gate's decision is {decision.get('outcome') if isinstance(decision, dict) else decision!r}: "
-                                       "no approval needed")
+        decision = GateResult.from_xcom(self.decision) if self.decision else None
+        if decision is None or decision.outcome != "needs_approval":
+            raise AirflowSkipException(f"the gate's decision is {decision.outcome if decision else None!r}: no approval needed")
         from airflow.providers.common.compat.sdk import conf
 
         self.subject, self.body = approval_body(self.store_for(self.spec), self.spec, decision, conf.get("api", "base_url", fallback=""))
@@ -136,12 +137,12 @@ class ModelApprovalOperator(HITLOperator):
     def execute_complete(self, context, event: dict[str, Any]) -> Any:
         # At the timeout Airflow's scheduler answers with the defaults (reject) and no user.
         answer = super().execute_complete(context, event)
-        decision, who = self.decision, responder(event)
+        decision, who = GateResult.from_xcom(self.decision), responder(event)
         option = answer["chosen_options"][0]
         comment = (answer.get("params_input") or {}).get("comment") or ""
         if who == "airflow:timeout":
             comment = f"no answer within {self.spec.model.gate.approval_timeout_hours:g} h: {TIMEOUT_DEFAULT} by default"
-        result = registry.decide_approval(self.store_for(self.spec), decision["model"], decision["version"], decision["alias"], option,
+        result = registry.decide_approval(self.store_for(self.spec), decision.model, decision.version, decision.alias, option,
                                           who=who, comment=comment, run_id=context["run_id"])
         print(f"approval: {option} by {who}: {comment!r} -> {result}")
-        return {**result, "option": option, "comment": comment, "who": who}
+        return ApprovalAnswer(**result, option=option, comment=comment, who=who).to_xcom()

@@ -11,7 +11,9 @@ deadline is a timeout on the worker's clock: it decides only when to stop waitin
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
 
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
@@ -40,16 +42,16 @@ def arrived(store: ObjectStore, pipeline: str, date: str | dt.date) -> Arrived:
                    max((o.mtime_ns or 0 for o in data), default=None))
 
 
-@dataclass(frozen=True)
-class ArrivalDecision:
+class ArrivalDecision(BaseModel):
+    """Whether a date's raw folder may go in (the wait_for_arrivals sensor's result, through XCom)."""
+
+    model_config = ConfigDict(frozen=True)
+
     proceed: bool
     complete: bool
     files: int
     bytes: int
     reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def deadline_of(spec: PipelineSpec, date: str | dt.date) -> dt.datetime:
@@ -68,10 +70,10 @@ def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.
     listed = arrived(store, spec.name, date)
     files, size = listed.files, listed.bytes
     if policy.completeness == "none":
-        return ArrivalDecision(True, True, files, size, "the spec does not wait for arrivals")
+        return ArrivalDecision(proceed=True, complete=True, files=files, bytes=size, reason="the spec does not wait for arrivals")
     if policy.completeness == "marker":
         if listed.marker:
-            return ArrivalDecision(True, True, files, size, f"{layout.ARRIVED_MARKER} is there")
+            return ArrivalDecision(proceed=True, complete=True, files=files, bytes=size, reason=f"{layout.ARRIVED_MARKER} is there")
         waiting = f"no {layout.ARRIVED_MARKER} in {store.uri(prefix)} ({files} files so far)"
     else:
         if store_now_ns is None:
@@ -81,16 +83,16 @@ def decide(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, now: dt.
         newest = listed.newest_mtime_ns
         quiet_ns = int(policy.quiet_minutes * 60e9)
         if newest is not None and store_now_ns - newest >= quiet_ns:
-            return ArrivalDecision(True, True, files, size, f"no change for {policy.quiet_minutes:g} minutes")
+            return ArrivalDecision(proceed=True, complete=True, files=files, bytes=size, reason=f"no change for {policy.quiet_minutes:g} minutes")
         waiting = (f"{store.uri(prefix)} is empty" if newest is None else
                    f"{store.uri(prefix)} changed {(store_now_ns - newest) / 60e9:.1f} minutes ago ({files} files); "
                    f"waiting for {policy.quiet_minutes:g} quiet minutes")
     now = now or dt.datetime.now(dt.UTC)
     deadline = deadline_of(spec, date)
     if now < deadline:
-        return ArrivalDecision(False, False, files, size, f"{waiting}; deadline {deadline:%Y-%m-%d %H:%M} UTC")
+        return ArrivalDecision(proceed=False, complete=False, files=files, bytes=size, reason=f"{waiting}; deadline {deadline:%Y-%m-%d %H:%M} UTC")
     if policy.on_deadline == "commit_incomplete" and files:
-        return ArrivalDecision(True, False, files, size, f"deadline {deadline:%Y-%m-%d %H:%M} UTC passed: {waiting}; "
+        return ArrivalDecision(proceed=True, complete=False, files=files, bytes=size, reason=f"deadline {deadline:%Y-%m-%d %H:%M} UTC passed: {waiting}; "
                                                          "committing what arrived, marked incomplete")
     raise ArrivalsIncomplete(f"{spec.name} {layout.check_date(date)}: arrivals incomplete at the deadline "
                              f"({deadline:%Y-%m-%d %H:%M} UTC): {waiting}")

@@ -1,5 +1,5 @@
 """Launching the training job on the GPU cluster from Airflow: one operator,
-:class:`TrainingJobOperator`, and one backend per cluster manager behind it, chosen when the task
+:class:`twocluster.orchestration.operators.TrainingJobOperator`, and one backend per cluster manager behind it, chosen when the task
 runs (as the Spark provider picks its cluster from the connection at execute time) from the
 ``twocluster_training_backend`` Airflow variable (JSON, :class:`TrainingBackendConfig`; the UI, the
 secrets backend or ``AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND``; the local process when unset). The
@@ -219,40 +219,9 @@ def _docker_training_operator_class():
     return DockerTrainingOperator
 
 
-class TrainingJobOperator(BaseOperator):
-    """Run one training job (its spec's URI) on the backend the ``twocluster_training_backend``
-    variable names when the task runs: it builds that backend's operator
-    (:func:`training_operator`) and runs it in this task; ``on_kill`` reaches it. Returns the
-    trainer's JSON result (the Docker and Kubernetes backends: what their operator returns)."""
-
-    template_fields = ("job_spec_uri",)
-    ui_color = "#f3e6ff"
-
-    def __init__(self, *, job_spec_uri: str, **kwargs):
-        super().__init__(**kwargs)
-        self.job_spec_uri = job_spec_uri
-        self._backend_operator: BaseOperator | None = None
-
-    @staticmethod
-    def backend_config() -> TrainingBackendConfig:
-        from airflow.sdk import Variable
-
-        return TrainingBackendConfig.from_json(Variable.get(BACKEND_VARIABLE, default=None))
-
-    def execute(self, context: Any):
-        config = self.backend_config()
-        self.log.info("training backend: %s (variable %s)", config.kind, BACKEND_VARIABLE)
-        self._backend_operator = training_operator(config, task_id=self.task_id, job_spec_uri=self.job_spec_uri)
-        return self._backend_operator.execute(context)
-
-    def on_kill(self) -> None:
-        if self._backend_operator is not None:
-            self._backend_operator.on_kill()
-
-
 def training_operator(config: TrainingBackendConfig, *, task_id: str, job_spec_uri: str, **kwargs) -> BaseOperator:
     """The operator that runs one training job on the backend ``config`` describes (built by
-    :class:`TrainingJobOperator` when its task runs)."""
+    :class:`~twocluster.orchestration.operators.TrainingJobOperator` when its task runs)."""
     args = ["--job-spec", job_spec_uri]
     if config.kind == "local":
         return LocalTrainingOperator(task_id=task_id, job_spec_uri=job_spec_uri, env=config.env,

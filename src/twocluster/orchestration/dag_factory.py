@@ -7,9 +7,11 @@
       +-> no_model_yet (nothing to score with)    summarize <- validate_predictions <- score (Spark) <----------+
 
 Parsing this file imports no Spark and no TensorFlow: the Spark jobs run through the provider's
-``SparkSubmitOperator`` or on a Spark Connect server (:class:`PipelineSparkOperator`), training through the configured backend (:mod:`twocluster.orchestration.backends`), and
-the remaining tasks call :mod:`twocluster.orchestration.runs`, which imports the heavy libraries
-only inside the task that needs them.
+``SparkSubmitOperator`` or on a Spark Connect server, training through the configured backend
+(both in :mod:`twocluster.orchestration.operators`), and the remaining tasks call
+:mod:`twocluster.orchestration.runs`, which imports the heavy libraries only inside the task that
+needs them. Tasks hand each other typed results (:mod:`twocluster.orchestration.results`)
+through XCom.
 
 Deployment configuration, never in code:
 
@@ -33,28 +35,35 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Asset, AssetAlias, CronDataIntervalTimetable, Param, PokeReturnValue, TriggerRule, get_current_context, task
 
 from twocluster.deployment import ROOT as REPO_ROOT
-from twocluster.deployment import SPARK_JOBS_DIR
 from twocluster.orchestration import runs
 from twocluster.orchestration.approval import ModelApprovalOperator
-from twocluster.orchestration.backends import TrainingJobOperator
 from twocluster.orchestration.notifiers import task_defaults
+from twocluster.orchestration.operators import PipelineSparkOperator, TrainingJobOperator
+from twocluster.orchestration.results import (
+    SUMMARY_MARKER,
+    ApprovalAnswer,
+    DatasetCheck,
+    GateResult,
+    PredictionsCheck,
+    RunSettings,
+    RunSummary,
+    SparkJob,
+)
+from twocluster.orchestration.retrain import RetrainDecision
 from twocluster.orchestration.retrain import decide_retrain as decide_retrain_policy
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout
-from twocluster.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_for, store_settings
+from twocluster.store_access import store_for
 
 SPARK_POOL = "spark_cluster"
 GPU_POOL = "gpu_training"
-
 
 
 # -- run-time helpers (called inside tasks, never at parse time) ----------------------------------
@@ -94,106 +103,6 @@ def _record_metrics(prefix: str, values: dict[str, Any]) -> None:
         stats.incr(f"{prefix}.rejected.{reason}", count)
     for stage, seconds in (values.get("seconds") or {}).items():
         stats.timing(f"{prefix}.seconds.{stage}", dt.timedelta(seconds=seconds))
-
-
-class PipelineSparkOperator(SparkSubmitOperator):
-    """A Spark job of the pipeline (``spark_jobs/<job>.py``), run where the ``spark_default``
-    connection says:
-
-    * a Spark master (type ``spark``: ``local[2]``, ``spark://...``, YARN, Kubernetes): the
-      provider's spark-submit, a Spark application of its own per job, with the shared package
-      zipped for ``--py-files`` (built once per code version);
-    * a Spark Connect server (type ``spark_connect``, the provider's): the job's script runs as
-      a Spark Connect client in a child process of the task (its URL, token included, in the
-      child's ``SPARK_REMOTE``, never on a command line), on the server's warm JVM and Python
-      workers: the jobs of one code version share a session (``connect_session``), whose
-      artifact is the shared package. What a daily run pays for a Spark application of its
-      own, ~8-10 s per job on two cores, and for cold Python workers is gone (bench: dag_run).
-
-    Either way the job's driver gets the store's credentials in its process environment (never
-    in the rendered, logged command line), and killing the task kills the job's driver (the
-    provider's ``on_kill``, or the child here) before it reaches the commit, so a killed task
-    leaves no job that could commit later (tests/dags/test_spark_task_kill.py). A Spark Connect
-    client that is terminated interrupts its operation on the server, whose tasks stop; what
-    they wrote stays in staging, which garbage collection removes."""
-
-    _connect_job: subprocess.Popen | None = None
-
-    def execute(self, context):
-        url = self.spark_connect_url
-        if url is not None:
-            return self._run_on_spark_connect(url)
-        from twocluster.spark.packaging import default_cache_dir, package_zip
-
-        self.py_files = str(package_zip(default_cache_dir()))
-        self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
-        return super().execute(context)
-
-    @functools.cached_property
-    def spark_connect_url(self) -> str | None:
-        """The Spark Connect URL when the connection is a Spark Connect server, else None
-        (looked up once: both the dispatch and the driver's environment need it)."""
-        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
-        from airflow.sdk import BaseHook
-
-        if BaseHook.get_connection(self._conn_id).conn_type != SparkConnectHook.conn_type:
-            return None
-        return SparkConnectHook(self._conn_id).get_connection_url()
-
-    def driver_environment(self) -> dict[str, str]:
-        """What the Spark driver is told about the store. The driver writes datasets and
-        predictions with the Spark side's credentials (its connection, where the deployment
-        separates identities) only where they reach it as a process environment: a local or
-        standalone client-mode driver, or the Spark Connect client this operator starts. On YARN
-        and Kubernetes the provider would turn them into ``--conf spark.yarn.appMasterEnv.*`` /
-        ``spark.kubernetes.driverEnv.*`` on the command line (visible in ``ps``, logs and the
-        Spark UI): there the driver and executors use their own identity (instance profile, IRSA,
-        a Kubernetes secret) and get only the endpoint and region. Executors never get
-        credentials from here (storage.ObjectStore pickles without them)."""
-        settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
-        if settings is None:
-            return {}
-        if self.spark_connect_url is None:
-            hook = self._get_hook()
-            if hook._is_yarn or hook._is_kubernetes:
-                return settings.without_credentials().as_env()
-        return settings.as_env()
-
-    def _run_on_spark_connect(self, url: str) -> None:
-        import sys
-
-        from airflow.sdk.exceptions import AirflowException
-
-        command = [sys.executable, self.application, *(str(a) for a in self.application_args or [])]
-        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), "SPARK_REMOTE": url}  # PySpark's own
-        self.log.info("Spark Connect job (server %s): %s", url.split("/;")[0], " ".join(command))
-        self._connect_job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self._connect_job.stdout:
-            self.log.info("%s", line.rstrip())
-        returncode = self._connect_job.wait()
-        if returncode:
-            raise AirflowException(f"Cannot execute: {' '.join(command)}. Error code is: {returncode}.")
-
-    def on_kill(self) -> None:
-        job = self._connect_job
-        if job is None:
-            return super().on_kill()
-        job.terminate()
-        try:
-            job.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            job.kill()
-
-
-def _spark_args(spec_path: Path, run: dict, job: str) -> list[str]:
-    args = ["--spec", str(spec_path), "--date", run["date"], "--store", run["store_uri"], "--run-id", run["run_id"]]
-    if job == "preprocess":
-        args += ["--max-reject-rate", str(run["max_reject_rate"])]
-    elif run["model_version"]:
-        args += ["--model-version", run["model_version"]]
-    else:
-        args += ["--alias", run["model_alias"]]
-    return args
 
 
 # -- the DAG --------------------------------------------------------------------------------------
@@ -242,18 +151,15 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         doc_md=__doc__.split("Deployment configuration")[0] + f"\n\nSpec: `{spec_path.relative_to(REPO_ROOT) if spec_path.is_relative_to(REPO_ROOT) else spec_path}`.",
     ) as dag:
 
-        @task(multiple_outputs=True, doc_md="Validate the run's parameters against the spec and the store before any job starts.")
+        @task(doc_md="Validate the run's parameters against the spec and the store before any job starts.")
         @_no_retry
         def check_params() -> dict:
             context = get_current_context()
             store = store_for(spec)
             run = runs.resolve_run(spec, store, dict(context["params"]), context.get("data_interval_start"),
                                    run_type=_value(getattr(context["dag_run"], "run_type", None)))
-            run["run_id"] = context["run_id"]
-            run["training_run"] = runs.training_run_id(spec.name, run["date"], context["run_id"])
-            run["preprocess_args"] = _spark_args(spec_path, run, "preprocess")
-            run["score_args"] = _spark_args(spec_path, run, "score")
-            return run
+            run_id = context["run_id"]
+            return run.model_copy(update={"run_id": run_id, "training_run": runs.training_run_id(spec.name, run.date, run_id)}).to_xcom()
 
         run = check_params()
 
@@ -269,21 +175,22 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
             from twocluster.orchestration.arrivals import ArrivalsIncomplete, decide
 
             try:
-                decision = decide(store_for(spec), spec, run["date"])
+                decision = decide(store_for(spec), spec, RunSettings.from_xcom(run).date)
             except ArrivalsIncomplete as e:
                 raise AirflowFailException(str(e)) from None  # no retry: only new arrivals and a rerun help
             print(f"arrivals: {decision.reason} ({decision.files} files, {decision.bytes} bytes)")
-            # The value: the preprocessing job's arguments, marked when the date goes in incomplete.
-            args = run["preprocess_args"] + ([] if decision.complete else ["--incomplete"])
-            return PokeReturnValue(is_done=decision.proceed, xcom_value=args)
+            # The value (an ArrivalDecision) tells preprocessing whether the date goes in incomplete.
+            return PokeReturnValue(is_done=decision.proceed, xcom_value=decision.model_dump(mode="json"))
 
         arrivals = wait_for_arrivals(run)
 
-        def spark_job(job: str, doc_md: str) -> PipelineSparkOperator:
+        def spark_job(job: SparkJob, doc_md: str) -> PipelineSparkOperator:
             return PipelineSparkOperator(
                 task_id=job,
-                application=str(SPARK_JOBS_DIR / f"{job}.py"),
-                application_args=arrivals if job == "preprocess" else run[f"{job}_args"],
+                job=job,
+                spec_path=str(spec_path),
+                run_settings=run,
+                arrivals=arrivals if job == "preprocess" else None,
                 name=f"{job}-{spec.name}",
                 conn_id="spark_default",
                 pool=SPARK_POOL,
@@ -297,8 +204,9 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[dataset_asset], doc_md="Check the committed dataset (files, counts, reject rate) and announce it.")
         @_no_retry
         def validate_dataset(run: dict) -> dict:
-            summary = runs.check_dataset(spec, store_for(spec), run["date"], run["max_reject_rate"])
-            get_current_context()["outlet_events"][dataset_asset].extra = {"date": run["date"], **summary}
+            settings = RunSettings.from_xcom(run)
+            summary = runs.check_dataset(spec, store_for(spec), settings.date, settings.max_reject_rate).to_xcom()
+            get_current_context()["outlet_events"][dataset_asset].extra = {"date": settings.date, **summary}
             _record_metrics(f"twocluster.{spec.name}.dataset", summary)
             return summary
 
@@ -309,7 +217,7 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                             "their model decisions go in date order.")
         def wait_for_earlier_dates(run: dict) -> PokeReturnValue:
             ti = get_current_context()["ti"]
-            day = dt.date.fromisoformat(run["date"])
+            day = dt.date.fromisoformat(RunSettings.from_xcom(run).date)
             earlier = [dt.datetime.combine(day - dt.timedelta(days=d), dt.time(), tzinfo=dt.UTC)
                        for d in range(1, spec.retrain.window_days + 1)]
             active = ti.get_dr_count(dag_id=ti.dag_id, logical_dates=earlier, states=["queued", "running"])
@@ -319,20 +227,22 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
 
         @task.branch(doc_md="Apply the retrain policy (twocluster.orchestration.retrain): train a new model or score with the champion.")
         def decide_retrain(run: dict) -> str:
-            decision = decide_retrain_policy(store_for(spec), spec, run["date"], run["retrain"], run["model_alias"]).as_dict()
-            get_current_context()["ti"].xcom_push(key="decision", value=decision)
-            print(f"retrain: {decision['retrain']}: {decision['reason']}")
-            if decision["retrain"]:
+            settings = RunSettings.from_xcom(run)
+            decision = decide_retrain_policy(store_for(spec), spec, settings.date, settings.retrain, settings.model_alias)
+            get_current_context()["ti"].xcom_push(key="decision", value=decision.model_dump(mode="json"))
+            print(f"retrain: {decision.retrain}: {decision.reason}")
+            if decision.retrain:
                 return "write_training_job"
             # A pinned version can score even before anything is published.
-            return "training_skipped" if decision["can_score"] or run["model_version"] else "no_model_yet"
+            return "training_skipped" if decision.can_score or settings.model_version else "no_model_yet"
 
         @task(doc_md="Write the training job spec (datasets, hyper-parameters, resources) to the store.")
         @_no_retry
         def write_training_job(run: dict) -> str:
-            decision = get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision")
+            decision = RetrainDecision.model_validate(get_current_context()["ti"].xcom_pull(task_ids="decide_retrain", key="decision"))
             backend = TrainingJobOperator.backend_config()
-            return runs.write_training_job(spec, store_for(spec), decision, run["training_run"], backend.gpus if backend.kind != "local" else 0)
+            return runs.write_training_job(spec, store_for(spec), decision, RunSettings.from_xcom(run).training_run,
+                                           backend.gpus if backend.kind != "local" else 0)
 
         job_spec_uri = write_training_job(run)
         train = TrainingJobOperator(
@@ -352,13 +262,14 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
                      "champion) and move the alias only if it passes, as a compare-and-set on the alias's commit log.")
         @_no_retry
         def publish(run: dict, job_spec_uri: str) -> dict:
-            decision = runs.publish(spec, store_for(spec), job_spec_uri, run["model_alias"], run["run_id"])
-            if decision["published"]:
+            settings = RunSettings.from_xcom(run)
+            decision = runs.publish(spec, store_for(spec), job_spec_uri, settings.model_alias, settings.run_id)
+            if decision.published:
                 get_current_context()["outlet_events"][model_alias].add(
-                    model_asset(run["model_alias"]), extra={"version": decision["version"], "test_accuracy": decision["test_accuracy"]})
-            print(f"gate: {decision['outcome']}: {decision['reason']}")
-            _record_metrics(f"twocluster.{spec.model.name}", {"test_accuracy": decision["test_accuracy"]})
-            return decision
+                    model_asset(settings.model_alias), extra={"version": decision.version, "test_accuracy": decision.test_accuracy})
+            print(f"gate: {decision.outcome}: {decision.reason}")
+            _record_metrics(f"twocluster.{spec.model.name}", {"test_accuracy": decision.test_accuracy})
+            return decision.to_xcom()
 
         published = publish(run, job_spec_uri)
         approve = ModelApprovalOperator(
@@ -377,22 +288,29 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         @task(outlets=[predictions_asset], doc_md="Check the committed predictions and announce them.")
         @_no_retry
         def validate_predictions(run: dict) -> dict:
-            summary = runs.check_predictions(spec, store_for(spec), run["date"])
-            get_current_context()["outlet_events"][predictions_asset].extra = {"date": run["date"], **summary}
+            date = RunSettings.from_xcom(run).date
+            summary = runs.check_predictions(spec, store_for(spec), date).to_xcom()
+            get_current_context()["outlet_events"][predictions_asset].extra = {"date": date, **summary}
             _record_metrics(f"twocluster.{spec.name}.predictions", summary)
             return summary
 
         @task(trigger_rule=TriggerRule.NONE_FAILED, doc_md="One summary of the run in the log and in XCom.")
         def summarize(run: dict, dataset: dict) -> dict:
             ti = get_current_context()["ti"]
-            decision = ti.xcom_pull(task_ids="decide_retrain", key="decision")
-            gate = ti.xcom_pull(task_ids="publish") if decision["retrain"] else None
-            approval = ti.xcom_pull(task_ids="approve") if gate else None  # None unless a person was asked
-            predictions = ti.xcom_pull(task_ids="validate_predictions")  # None when scoring was skipped
-            print(runs.SUMMARY_MARKER)
-            print(runs.format_summary(run, dataset, decision, gate, predictions, approval))
-            return {"date": run["date"], "dataset": dataset, "retrain": decision, "gate": gate, "approval": approval,
-                    "predictions": predictions}
+
+            def pulled(task_id: str, key: str = "return_value"):  # None when the task was skipped
+                return ti.xcom_pull(task_ids=task_id, key=key)
+
+            retrain = RetrainDecision.model_validate(pulled("decide_retrain", "decision"))
+            gate = GateResult.from_xcom(pulled("publish")) if retrain.retrain and pulled("publish") else None
+            answer = pulled("approve") if gate else None  # None unless a person was asked
+            predictions = pulled("validate_predictions")
+            summary = RunSummary(run=RunSettings.from_xcom(run), dataset=DatasetCheck.from_xcom(dataset), retrain=retrain, gate=gate,
+                                 approval=ApprovalAnswer.from_xcom(answer) if answer else None,
+                                 predictions=PredictionsCheck.from_xcom(predictions) if predictions else None)
+            print(SUMMARY_MARKER)
+            print(summary.format())
+            return summary.to_xcom()
 
         dataset = validate_dataset(run)
         predictions = validate_predictions(run)

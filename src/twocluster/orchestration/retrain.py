@@ -23,8 +23,9 @@ The training set for date D is the newest committed dataset version of every dat
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field
 from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
@@ -33,8 +34,9 @@ from twocluster.store.storage import ObjectStore
 
 RetrainMode = Literal["auto", "force", "never"]
 
-@dataclass
-class RetrainDecision:
+class RetrainDecision(BaseModel):
+    """The retrain policy's answer for one date (the decide_retrain task's result, through XCom)."""
+
     retrain: bool
     reason: str
     date: str
@@ -43,10 +45,7 @@ class RetrainDecision:
     new_examples: int = 0
     # False while nothing is published and nothing is trained: there is no model to score with.
     can_score: bool = True
-    training_datasets: list[str] = field(default_factory=list)  # dataset manifest URIs
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    training_datasets: list[str] = Field(default_factory=list)  # dataset manifest URIs
 
 
 def committed_datasets(store: ObjectStore, pipeline: str, first: dt.date, last: dt.date) -> dict[str, DatasetManifest]:
@@ -81,7 +80,7 @@ def decide_retrain(store: ObjectStore, spec: PipelineSpec, date: str | dt.date, 
     training = [dataset_manifest_uri(store, spec.name, d, m.version) for d, m in window.items()]
 
     def decide(retrain: bool, reason: str, **kw) -> RetrainDecision:
-        return RetrainDecision(retrain, reason, day.isoformat(), training_datasets=training if retrain else [], **kw)
+        return RetrainDecision(retrain=retrain, reason=reason, date=day.isoformat(), training_datasets=training if retrain else [], **kw)
 
     if mode == "never":
         return decide(False, "retraining is disabled for this run (retrain=never)")

@@ -15,14 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from twocluster.orchestration.retrain import RetrainMode
+from twocluster.orchestration.results import DatasetCheck, GateResult, PredictionsCheck, RunSettings
+from twocluster.orchestration.retrain import RetrainDecision, RetrainMode
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout, registry
 from twocluster.store.jobspec import Hyperparameters, Resources, TrainingJobSpec
 from twocluster.store.manifest import DatasetManifest, ManifestError, PredictionsManifest, scan_location
 from twocluster.store.storage import ObjectStore
-
-SUMMARY_MARKER = "== run summary =="
 
 
 class RunParamsError(ValueError):
@@ -65,7 +64,7 @@ class RunParams(BaseModel):
 
 
 def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], interval_start: dt.datetime | None,
-                run_type: str | None = None, today: dt.date | None = None) -> dict:
+                run_type: str | None = None, today: dt.date | None = None) -> RunSettings:
     """Validate a run's parameters against the spec and the store and return the run's settings
     (date, alias, pinned model version, retrain mode, reject threshold). ``run_type``: the DAG
     run's (``backfill`` runs must take their date from their data interval); ``today``: UTC's,
@@ -99,15 +98,9 @@ def resolve_run(spec: PipelineSpec, store: ObjectStore, params: dict[str, Any], 
             registry.read_model_manifest(store, spec.model.name, p.model_version)
         except ManifestError as e:
             raise RunParamsError(f"model_version {p.model_version!r} is not a committed {spec.model.name} version: {e}") from None
-    return {
-        "pipeline": spec.name,
-        "date": date,
-        "store_uri": store.root_uri,
-        "model_alias": alias,
-        "model_version": p.model_version,
-        "retrain": p.retrain,
-        "max_reject_rate": spec.thresholds.max_reject_rate if p.max_reject_rate is None else p.max_reject_rate,
-    }
+    return RunSettings(pipeline=spec.name, date=date, store_uri=store.root_uri, model_alias=alias, model_version=p.model_version,
+                       retrain=p.retrain,
+                       max_reject_rate=spec.thresholds.max_reject_rate if p.max_reject_rate is None else p.max_reject_rate)
 
 
 def _committed(store: ObjectStore, location: str, kind, what: str):
@@ -119,37 +112,27 @@ def _committed(store: ObjectStore, location: str, kind, what: str):
     return state.latest
 
 
-def _summary(latest) -> dict:
+def _committed_fields(latest) -> dict:
     manifest = latest.manifest
     counts = manifest.counts
-    return {
-        "version": manifest.version,
-        "manifest_uri": latest.manifest_uri,
-        "log_entry": latest.seq,
-        "input": counts.input,
-        "accepted": counts.accepted,
-        "rejected": counts.rejected,
-        "rejected_by_reason": counts.rejected_by_reason,
-        "per_split": counts.per_split,
-        "bytes": sum(f.bytes for f in manifest.files),
-        "created_at": manifest.created_at.isoformat(),
-        "seconds": manifest.seconds,
-    }
+    return dict(version=manifest.version, manifest_uri=latest.manifest_uri, log_entry=latest.seq, input=counts.input,
+                accepted=counts.accepted, rejected=counts.rejected, rejected_by_reason=counts.rejected_by_reason,
+                per_split=counts.per_split, bytes=sum(f.bytes for f in manifest.files),
+                created_at=manifest.created_at.isoformat(), seconds=manifest.seconds)
 
 
-def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_rate: float) -> dict:
+def check_dataset(spec: PipelineSpec, store: ObjectStore, date: str, max_reject_rate: float) -> DatasetCheck:
     """The date's committed dataset: its files are all there with their recorded sizes, its counts
     reconcile (the manifest model checks ``input = accepted + rejected``), it has examples, and
     its reject rate is within the threshold."""
     latest = _committed(store, layout.dataset_date_prefix(spec.name, date), DatasetManifest, f"dataset for {date}")
-    summary = _summary(latest)
-    if summary["accepted"] == 0:
-        raise CheckFailed(f"the dataset for {date} ({latest.version}) has no accepted examples (input {summary['input']})")
-    rate = summary["rejected"] / summary["input"]
+    counts = latest.manifest.counts
+    if counts.accepted == 0:
+        raise CheckFailed(f"the dataset for {date} ({latest.version}) has no accepted examples (input {counts.input})")
+    rate = counts.rejected / counts.input
     if rate > max_reject_rate:
         raise CheckFailed(f"the dataset for {date} rejects {rate:.1%} of its inputs, above the threshold {max_reject_rate:.1%}")
-    summary["reject_rate"] = round(rate, 4)
-    return summary
+    return DatasetCheck(**_committed_fields(latest), reject_rate=round(rate, 4))
 
 
 def training_run_id(pipeline: str, date: str, airflow_run_id: str) -> str:
@@ -168,15 +151,15 @@ def training_job(spec: PipelineSpec, training_run: str, datasets: list[str], sto
     )
 
 
-def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, training_run: str, gpus: int) -> str:
+def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: RetrainDecision, training_run: str, gpus: int) -> str:
     """Write the training job spec (the only thing besides the store that the GPU side gets) and
     return its URI. A training run's identity is the DAG run *and its inputs*: the run id ends
     with the job's fingerprint (datasets, code, hyper-parameters), so a train task cleared after
     its dates were reprocessed trains a new version (and does not resume the old inputs'
     checkpoints), while a retry with the same inputs resumes or returns the same run."""
-    if not decision["training_datasets"]:
-        raise CheckFailed(f"no committed datasets to train on for {decision['date']}")
-    draft = training_job(spec, "draft", decision["training_datasets"], store.root_uri, gpus)
+    if not decision.training_datasets:
+        raise CheckFailed(f"no committed datasets to train on for {decision.date}")
+    draft = training_job(spec, "draft", decision.training_datasets, store.root_uri, gpus)
     run_id = layout.safe_id(f"{training_run}.{draft.fingerprint().removeprefix('sha256:')[:12]}")
     job = draft.model_copy(update={"run_id": run_id})
     key = f"{layout.jobs_prefix(spec.model.name)}/{layout.run_key(run_id)}.json"
@@ -184,7 +167,7 @@ def write_training_job(spec: PipelineSpec, store: ObjectStore, decision: dict, t
     return store.uri(key)
 
 
-def publish(spec: PipelineSpec, store: ObjectStore, job_spec_uri: str, alias: str, run_id: str = "") -> dict:
+def publish(spec: PipelineSpec, store: ObjectStore, job_spec_uri: str, alias: str, run_id: str = "") -> GateResult:
     """Gate the model version the training job (its spec at ``job_spec_uri``) produced and publish
     it under ``alias`` if it passes, or mark it for a person's approval (``gate.approval``). A
     refusal is an outcome, not a failure: the champion stays and scoring uses it. The decision and
@@ -200,47 +183,16 @@ def publish(spec: PipelineSpec, store: ObjectStore, job_spec_uri: str, alias: st
     gate = spec.model.gate
     decision = gate_and_publish(store, spec.model.name, committed.version, alias, gate.min_test_accuracy, gate.max_regression,
                                 run_id=run_id or job.run_id, approval=gate.approval)
-    return {**decision.as_dict(), "metrics": committed.manifest.metrics.model_dump()}
+    return GateResult(**decision.model_dump(exclude={"published"}), metrics=committed.manifest.metrics.model_dump(mode="json"))
 
 
-def check_predictions(spec: PipelineSpec, store: ObjectStore, date: str) -> dict:
+def check_predictions(spec: PipelineSpec, store: ObjectStore, date: str) -> PredictionsCheck:
     """The date's committed predictions: files present, counts reconcile, the model version
     recorded, and one prediction row per accepted input."""
     latest = _committed(store, layout.predictions_date_prefix(spec.name, date), PredictionsManifest, f"predictions for {date}")
     manifest = latest.manifest
-    summary = _summary(latest)
     rows = sum(f.rows or 0 for f in manifest.files if f.kind == "predictions")
-    if rows != summary["accepted"]:
-        raise CheckFailed(f"predictions {manifest.version} hold {rows} rows for {summary['accepted']} scored inputs")
-    summary.update(model=manifest.model, model_version=manifest.model_version, rows=rows,
-                   model_loads=manifest.model_loads, python_workers=manifest.python_workers)
-    return summary
-
-
-def format_summary(run: dict, dataset: dict, decision: dict, published: dict | None, predictions: dict | None,
-                   approval: dict | None = None) -> str:
-    lines = [
-        f"{run['pipeline']} {run['date']}",
-        f"  inputs {dataset['input']}: accepted {dataset['accepted']}, rejected {dataset['rejected']} "
-        f"{dataset['rejected_by_reason'] or ''}".rstrip(),
-        f"  dataset   v={dataset['version']}  {dataset['manifest_uri']}",
-        f"  retrain   {'yes' if decision['retrain'] else 'no'}: {decision['reason']}",
-    ]
-    if published:
-        acc = published.get("test_accuracy")
-        verdict = {"published": "published", "already_published": "already published",
-                   "needs_approval": "NOT published yet, waiting for a person's approval"}.get(published.get("outcome"), "NOT published")
-        lines.append(f"  model     {published['model']} v={published['version']} test accuracy "
-                     f"{'n/a' if acc is None else f'{acc:.3f}'}: {verdict} as {published['alias']} ({published['reason']})")
-    if approval:
-        lines.append(f"  approval  {approval['option']} by {approval['who']}: {approval['comment']}"
-                     + (f" ({approval['alias_moved']} moved)" if approval.get("alias_moved") else ""))
-    if predictions is None:
-        lines.append("  scoring   skipped: no model is published yet")
-    else:
-        lines += [
-            f"  scored by {predictions['model']} v={predictions['model_version']} ({predictions['model_loads']} model load(s), "
-            f"{predictions['python_workers']} Python worker(s))",
-            f"  predictions {predictions['rows']} rows, v={predictions['version']}  {predictions['manifest_uri']}",
-        ]
-    return "\n".join(lines)
+    if rows != manifest.counts.accepted:
+        raise CheckFailed(f"predictions {manifest.version} hold {rows} rows for {manifest.counts.accepted} scored inputs")
+    return PredictionsCheck(**_committed_fields(latest), model=manifest.model, model_version=manifest.model_version, rows=rows,
+                            model_loads=manifest.model_loads, python_workers=manifest.python_workers)

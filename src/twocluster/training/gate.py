@@ -8,17 +8,21 @@ moves the alias, as a compare-and-set on the alias's commit log: if another gate
 to a manual run, the DAG next to ``training_jobs/publish.py``) moved it in between, the decision
 is made again against the new champion. The result is read back: ``published`` is true only if
 the alias now points at this version because of this call.
+
+Where it runs: wherever a model is published, which is not the GPU cluster. The pipeline DAG's
+``publish`` task calls it on an Airflow worker (through :func:`twocluster.orchestration.runs.publish`;
+Keras on the CPU, a few hundred test examples), and ``training_jobs/publish.py`` is the same gate
+as a command for a person or another scheduler. It lives beside the trainer because it loads and
+evaluates models with the trainer's own code (:mod:`twocluster.training.data`, ``serving``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -27,48 +31,15 @@ from twocluster.store import registry
 from twocluster.store.manifest import ManifestError
 from twocluster.store.storage import ObjectStore
 from twocluster.training import data, report
+from twocluster.training.decision import ApprovalPolicy, GateDecision, Outcome
 
 log = logging.getLogger(__name__)
 
 MAX_DECISIONS = 10  # re-decisions after lost compare-and-sets before giving up
 
-Outcome = Literal["published", "already_published", "refused", "needs_approval"]
-ApprovalPolicy = Literal["never", "first_model", "when_worse_on_any_class", "always"]
-
 
 class GateError(RuntimeError):
     pass
-
-
-@dataclass
-class GateDecision:
-    outcome: Outcome
-    model: str
-    version: str
-    alias: str
-    reason: str
-    test_accuracy: float | None = None  # measured now, on the candidate's test split
-    recorded_test_accuracy: float | None = None  # what the trainer recorded
-    test_examples: int | None = None
-    champion_version: str | None = None
-    champion_test_accuracy: float | None = None  # measured now, on the same data
-    champion_recorded_test_accuracy: float | None = None
-    alias_entry: int | None = None  # the alias log entry this gate wrote or found
-    gate_entry: int | None = None  # the gate log entry of this decision
-    decisions: int = 0  # how many times it decided (more than 1: it lost a race and re-decided)
-    per_class_accuracy: dict[str, float | None] | None = None  # the candidate's, on the test split (the evidence for a person)
-    champion_per_class_accuracy: dict[str, float | None] | None = None
-    confusion_matrix: list[list[int]] | None = None
-
-    @property
-    def published(self) -> bool:
-        return self.outcome == "published"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "published": self.published}
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict())
 
 
 @dataclass
@@ -153,9 +124,8 @@ def gate_and_publish(
 
     def decision(outcome: Outcome, reason: str, logged: str | None = None, **kw) -> GateDecision:
         (log.info if outcome != "refused" else log.warning)("%s %s version %s as %r: %s", outcome, model, version, alias, reason)
-        made = GateDecision(outcome, model, version, alias, reason, **kw)
-        numbers = {k: v for k, v in made.as_dict().items()
-                   if k not in ("outcome", "model", "version", "alias", "reason", "published", "gate_entry")}
+        made = GateDecision(outcome=outcome, model=model, version=version, alias=alias, reason=reason, **kw)
+        numbers = made.model_dump(exclude={"outcome", "model", "version", "alias", "reason", "published", "gate_entry"})
         entry = registry.record_gate_decision(store, model, version, alias, logged or outcome, reason, numbers=numbers, run_id=run_id)
         made.gate_entry = entry.seq
         return made

@@ -1,0 +1,164 @@
+"""The pipeline's two operators, each with the surface of the provider it builds on.
+
+* :class:`PipelineSparkOperator`: a Spark job (``spark_jobs/<job>.py``) through the Spark
+  provider: ``spark-submit`` to whatever master the ``spark_default`` connection names, or a
+  Spark Connect server when that connection is one.
+* :class:`TrainingJobOperator`: a training job on the GPU cluster, on the backend the
+  ``twocluster_training_backend`` variable names when the task runs
+  (:mod:`twocluster.orchestration.backends`: local process, Docker, Kubernetes).
+
+The DAG factory (:mod:`twocluster.orchestration.dag_factory`) only wires them with the tasks of
+:mod:`twocluster.orchestration.runs`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from typing import Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import BaseOperator
+
+from twocluster.deployment import SPARK_JOBS_DIR
+from twocluster.orchestration import backends
+from twocluster.orchestration.arrivals import ArrivalDecision
+from twocluster.orchestration.backends import BACKEND_VARIABLE, TrainingBackendConfig
+from twocluster.orchestration.results import RunSettings, SparkJob
+from twocluster.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_settings
+
+
+class PipelineSparkOperator(SparkSubmitOperator):
+    """A Spark job of the pipeline (``spark_jobs/<job>.py``), run where the ``spark_default``
+    connection says:
+
+    * a Spark master (type ``spark``: ``local[2]``, ``spark://...``, YARN, Kubernetes): the
+      provider's spark-submit, a Spark application of its own per job, with the shared package
+      zipped for ``--py-files`` (built once per code version);
+    * a Spark Connect server (type ``spark_connect``, the provider's): the job's script runs as
+      a Spark Connect client in a child process of the task (its URL, token included, in the
+      child's ``SPARK_REMOTE``, never on a command line), on the server's warm JVM and Python
+      workers: the jobs of one code version share a session (``connect_session``), whose
+      artifact is the shared package. What a daily run pays for a Spark application of its
+      own, ~8-10 s per job on two cores, and for cold Python workers is gone (bench: dag_run).
+
+    Either way the job's driver gets the store's credentials in its process environment (never
+    in the rendered, logged command line), and killing the task kills the job's driver (the
+    provider's ``on_kill``, or the child here) before it reaches the commit, so a killed task
+    leaves no job that could commit later (tests/dags/test_spark_task_kill.py). A Spark Connect
+    client that is terminated interrupts its operation on the server, whose tasks stop; what
+    they wrote stays in staging, which garbage collection removes."""
+
+    template_fields = (*SparkSubmitOperator.template_fields, "run_settings", "arrivals")
+    _connect_job: subprocess.Popen | None = None
+
+    def __init__(self, *, job: SparkJob | None = None, spec_path: str | None = None, run_settings: Any = None,
+                 arrivals: Any = None, **kwargs):
+        """``job``, ``spec_path``, ``run_settings`` (check_params' result) and, for preprocessing,
+        ``arrivals`` (the arrivals sensor's): the pipeline's job for this run, its arguments made
+        when the task runs. Without them, a plain ``SparkSubmitOperator`` with the routing below."""
+        if job is not None:
+            kwargs.setdefault("application", str(SPARK_JOBS_DIR / f"{job}.py"))
+        super().__init__(**kwargs)
+        self.job, self.spec_path, self.run_settings, self.arrivals = job, spec_path, run_settings, arrivals
+
+    def execute(self, context):
+        if self.run_settings is not None:
+            run = RunSettings.from_xcom(self.run_settings)
+            incomplete = self.arrivals is not None and not ArrivalDecision.model_validate(self.arrivals).complete
+            self.application_args = run.spark_args(self.job, self.spec_path, incomplete=incomplete)
+        url = self.spark_connect_url
+        if url is not None:
+            return self._run_on_spark_connect(url)
+        from twocluster.spark.packaging import default_cache_dir, package_zip
+
+        self.py_files = str(package_zip(default_cache_dir()))
+        self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
+        return super().execute(context)
+
+    @functools.cached_property
+    def spark_connect_url(self) -> str | None:
+        """The Spark Connect URL when the connection is a Spark Connect server, else None
+        (looked up once: both the dispatch and the driver's environment need it)."""
+        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+        from airflow.sdk import BaseHook
+
+        if BaseHook.get_connection(self._conn_id).conn_type != SparkConnectHook.conn_type:
+            return None
+        return SparkConnectHook(self._conn_id).get_connection_url()
+
+    def driver_environment(self) -> dict[str, str]:
+        """What the Spark driver is told about the store. The driver writes datasets and
+        predictions with the Spark side's credentials (its connection, where the deployment
+        separates identities) only where they reach it as a process environment: a local or
+        standalone client-mode driver, or the Spark Connect client this operator starts. On YARN
+        and Kubernetes the provider would turn them into ``--conf spark.yarn.appMasterEnv.*`` /
+        ``spark.kubernetes.driverEnv.*`` on the command line (visible in ``ps``, logs and the
+        Spark UI): there the driver and executors use their own identity (instance profile, IRSA,
+        a Kubernetes secret) and get only the endpoint and region. Executors never get
+        credentials from here (storage.ObjectStore pickles without them)."""
+        settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
+        if settings is None:
+            return {}
+        if self.spark_connect_url is None:
+            hook = self._get_hook()
+            if hook._is_yarn or hook._is_kubernetes:
+                return settings.without_credentials().as_env()
+        return settings.as_env()
+
+    def _run_on_spark_connect(self, url: str) -> None:
+        import sys
+
+        from airflow.sdk.exceptions import AirflowException
+
+        command = [sys.executable, self.application, *(str(a) for a in self.application_args or [])]
+        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), "SPARK_REMOTE": url}  # PySpark's own
+        self.log.info("Spark Connect job (server %s): %s", url.split("/;")[0], " ".join(command))
+        self._connect_job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in self._connect_job.stdout:
+            self.log.info("%s", line.rstrip())
+        returncode = self._connect_job.wait()
+        if returncode:
+            raise AirflowException(f"Cannot execute: {' '.join(command)}. Error code is: {returncode}.")
+
+    def on_kill(self) -> None:
+        job = self._connect_job
+        if job is None:
+            return super().on_kill()
+        job.terminate()
+        try:
+            job.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            job.kill()
+
+
+class TrainingJobOperator(BaseOperator):
+    """Run one training job (its spec's URI) on the backend the ``twocluster_training_backend``
+    variable names when the task runs: it builds that backend's operator
+    (:func:`training_operator`) and runs it in this task; ``on_kill`` reaches it. Returns the
+    trainer's JSON result (the Docker and Kubernetes backends: what their operator returns)."""
+
+    template_fields = ("job_spec_uri",)
+    ui_color = "#f3e6ff"
+
+    def __init__(self, *, job_spec_uri: str, **kwargs):
+        super().__init__(**kwargs)
+        self.job_spec_uri = job_spec_uri
+        self._backend_operator: BaseOperator | None = None
+
+    @staticmethod
+    def backend_config() -> TrainingBackendConfig:
+        from airflow.sdk import Variable
+
+        return TrainingBackendConfig.from_json(Variable.get(BACKEND_VARIABLE, default=None))
+
+    def execute(self, context: Any):
+        config = self.backend_config()
+        self.log.info("training backend: %s (variable %s)", config.kind, BACKEND_VARIABLE)
+        self._backend_operator = backends.training_operator(config, task_id=self.task_id, job_spec_uri=self.job_spec_uri)
+        return self._backend_operator.execute(context)
+
+    def on_kill(self) -> None:
+        if self._backend_operator is not None:
+            self._backend_operator.on_kill()
