@@ -22,11 +22,11 @@ PYTEST_ARGS ?=
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster.demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+	$(VENV_PY) -m twocluster_demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
 
 # An extra: the second pipeline (handwritten digit images) through the same DAG factory.
 run-images: venv check-java
-	$(VENV_PY) -m twocluster.demo.run_main --spec pipelines/digits.yaml --days 4 --clips-per-day 450
+	$(VENV_PY) -m twocluster_demo.run_main --spec pipelines/digits.yaml --days 4 --clips-per-day 450
 
 test: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw pg_ctlcluster=postgresql aplay=alsa-utils docker-compose=docker-compose chromium=chromium
@@ -42,7 +42,7 @@ bench-quick: venv check-java
 
 # An extra: the Airflow UI with the ops page over .local/store (after `make run`), until Ctrl-C.
 ui: venv
-	$(VENV_PY) -m twocluster.devtools.ui
+	$(VENV_PY) -m twocluster_devtools.ui
 
 # An extra: the compose topology as processes on 127.0.0.1 (no Docker): PostgreSQL, Ceph RGW with
 # per-component users, a Spark standalone master + 2 workers, Airflow's api-server, scheduler,
@@ -50,14 +50,14 @@ ui: venv
 STACK_PACKAGES := ceph-mon=ceph-mon ceph-osd=ceph-osd radosgw=radosgw pg_ctlcluster=postgresql
 stack-up: venv check-java
 	@tools/ensure_system_packages.sh $(STACK_PACKAGES) espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster.devtools.stack up
+	$(VENV_PY) -m twocluster_devtools.stack up
 
 stack-down:
-	@test -x $(VENV_PY) && $(VENV_PY) -m twocluster.devtools.stack down || true
+	@test -x $(VENV_PY) && $(VENV_PY) -m twocluster_devtools.stack down || true
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster.demo.sample_data --store $(TWOCLUSTER_STORE_URI) --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+	$(VENV_PY) -m twocluster_demo.sample_data --store $(TWOCLUSTER_STORE_URI) --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
 
 venv: $(INSTALLED)
 

@@ -194,7 +194,7 @@ with DAG(dag_id="floor", schedule=None, start_date=dt.datetime(2026, 1, 1), catc
 def floor_airflow(workdir: Path, root_uri: str) -> dict[str, str]:
     """The environment of an embedded Airflow (the pipeline's installation) whose only DAG has
     11 tasks that do nothing (the pipeline DAG's count on a daily run), prepared."""
-    from twocluster.devtools.airflow_local import airflow_env, prepare
+    from twocluster_devtools.airflow_local import airflow_env, prepare
 
     dags = workdir / "floor-dags"
     dags.mkdir(exist_ok=True)
@@ -209,7 +209,7 @@ def airflow_floor_walls(env: dict[str, str], runs: int = 3) -> list[float]:
     what any daily run pays Airflow before its work."""
     import subprocess
 
-    from twocluster.devtools.airflow_local import airflow
+    from twocluster_devtools.airflow_local import airflow
 
     walls = []
     for _ in range(runs):
@@ -222,7 +222,7 @@ def airflow_floor_walls(env: dict[str, str], runs: int = 3) -> list[float]:
 def airflow_floor(ctx) -> None:
     import subprocess
 
-    from twocluster.devtools.airflow_local import airflow
+    from twocluster_devtools.airflow_local import airflow
 
     env = floor_airflow(ctx.workdir, ctx.store.root_uri)
     walls = airflow_floor_walls(env)

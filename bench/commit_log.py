@@ -120,7 +120,7 @@ def run(workdir: Path, with_s3: bool = True, entries: int = ENTRIES) -> list[dic
     store = ObjectStore((workdir / "store").as_uri())
     rows = measure(store, "file://", fill(store, entries)["version"])
     if with_s3 and shutil.which("radosgw"):
-        from twocluster.devtools.local_s3 import LocalRGW
+        from twocluster_devtools.local_s3 import LocalRGW
 
         with LocalRGW(workdir / "rgw") as rgw:
             rgw.create_bucket("bench")

@@ -135,7 +135,7 @@ def run(workdir: Path, with_s3: bool = True) -> list[dict]:
     fill(store, spec)
     results.append(measure(store, spec, "file://"))
     if with_s3 and shutil.which("radosgw"):
-        from twocluster.devtools.local_s3 import LocalRGW
+        from twocluster_devtools.local_s3 import LocalRGW
 
         with LocalRGW(workdir / "rgw") as rgw:
             rgw.create_bucket("bench")

@@ -29,10 +29,10 @@ REPEATS = 5
 
 
 def featurize_rates(workdir: Path, clips: int) -> dict:
-    from twocluster.demo import sample_data
     from twocluster.spark.io import featurizing_function, list_inputs
     from twocluster.spec import default_spec_path, load_pipeline_spec
     from twocluster.store.storage import ObjectStore
+    from twocluster_demo import sample_data
 
     spec = load_pipeline_spec(default_spec_path("speech_commands"))
     store = ObjectStore((workdir / "store").as_uri())
@@ -67,8 +67,8 @@ def listing_seconds(workdir: Path, objects: int) -> dict | None:
     if not shutil.which("radosgw"):
         return None
 
-    from twocluster.devtools.local_s3 import LocalRGW
     from twocluster.store.storage import ObjectStore
+    from twocluster_devtools.local_s3 import LocalRGW
 
     with LocalRGW(workdir / "rgw") as rgw:
         rgw.create_bucket("bench")

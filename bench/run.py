@@ -150,10 +150,10 @@ class BenchContext:
     arrivals, its featurized rows (cached), the committed dataset and a trained, committed model."""
 
     def __init__(self, workdir: Path, clips: int, repeats: int, quick: bool, copies: int = 4):
-        from twocluster.demo import sample_data
         from twocluster.features import featurizer_for
         from twocluster.spec import default_spec_path, load_pipeline_spec
         from twocluster.store.storage import ObjectStore
+        from twocluster_demo import sample_data
 
         self.workdir, self.repeats, self.quick = workdir, repeats, quick
         # Three runs per size: single samples of a whole job varied ~30% in an evening's runs, and
@@ -899,11 +899,11 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
     job, the embedded default's `make run`). Baseline: the same two jobs' own work, called in
     this warm process on the same date: what is left is the per-run fixed cost (Airflow's start,
     the tasks' processes, Spark sessions or applications, Python workers, imports)."""
-    from twocluster.demo import sample_data
-    from twocluster.devtools.spark_connect import LocalSparkConnect
     from twocluster.spark.preprocess import run_preprocess
     from twocluster.spark.scoring import run_scoring
     from twocluster.spark.session import release_shared_session
+    from twocluster_demo import sample_data
+    from twocluster_devtools.spark_connect import LocalSparkConnect
 
     day = ctx.base_date + dt.timedelta(days=4)
     sample_data.generate_day(ctx.store, ctx.spec, day, clips=DAILY_CLIPS, seed=13, bad_files=0)
@@ -955,7 +955,7 @@ def _dag_run(ctx: BenchContext, day: dt.date, name: str, spark_connection: str |
     and each task's seconds (from the run's log)."""
     import re
 
-    from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
+    from twocluster_devtools.airflow_local import airflow, airflow_env, prepare
 
     stamp = re.compile(r"^(\S+Z) .*\[DAG TEST\] (starting|end task) task_id=(\w+)")
     store = ctx.fresh_store_with(day)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from twocluster.devtools.local_s3 import LocalRGW
 from twocluster.spec import PipelineSpec, default_spec_path, load_pipeline_spec
 from twocluster.store.storage import ObjectStore
+from twocluster_devtools.local_s3 import LocalRGW
 
 TEST_BUCKET = "twocluster-tests"
 # The test RGW's keys, chosen before anything starts: Spark executors never receive credentials
@@ -69,7 +69,7 @@ def spark():
 def spark_connect_server(tmp_path_factory: pytest.TempPathFactory):
     """One Spark Connect server (local[2]) for the tests that run jobs on a long-lived Spark
     application, started the first time one asks for it and stopped at the end."""
-    from twocluster.devtools.spark_connect import LocalSparkConnect
+    from twocluster_devtools.spark_connect import LocalSparkConnect
 
     with LocalSparkConnect(tmp_path_factory.mktemp("spark-connect"), cores=2) as server:
         yield server

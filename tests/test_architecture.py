@@ -30,8 +30,9 @@ COMPONENT_EXTRAS = {
     "training": ["trainer"],
     "orchestration": ["airflow"],
     "ops": ["airflow"],
-    "demo": ["spark", "trainer", "airflow", "demo"],
-    "devtools": ["airflow"],
+    # Beside the product package: the demo's data and the local infrastructure's launchers.
+    "twocluster_demo": ["spark", "trainer", "airflow", "demo"],
+    "twocluster_devtools": ["airflow"],
 }
 # Code of the package a component may import besides its own folder.
 SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving",
@@ -78,14 +79,15 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 
 
 def _component(path: Path) -> str:
-    rel = path.relative_to(PACKAGE)
-    return rel.parts[0]
+    if not path.is_relative_to(PACKAGE):
+        return path.relative_to(PACKAGE.parent).parts[0]
+    return path.relative_to(PACKAGE).parts[0]
 
 
-SOURCES = sorted(PACKAGE.rglob("*.py"))
+SOURCES = sorted(p for package in ("twocluster", "twocluster_demo", "twocluster_devtools") for p in (PACKAGE.parent / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_each_component_imports_only_its_own_dependency_set(path):
     project = _project()
     allowed = _requirement_names(project["dependencies"])
@@ -94,7 +96,7 @@ def test_each_component_imports_only_its_own_dependency_set(path):
     stdlib = sys.stdlib_module_names
     for module, top in _imports(path):
         name = module.split(".")[0]
-        if name in stdlib or name == "twocluster" or name == "__future__":
+        if name in stdlib or name.startswith("twocluster") or name == "__future__":
             continue
         if name in BACKENDS and not top:
             continue
@@ -103,7 +105,7 @@ def test_each_component_imports_only_its_own_dependency_set(path):
             f"component's dependency set {COMPONENT_EXTRAS[_component(path)]}")
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_no_component_reaches_into_another(path):
     component = _component(path)
     if component not in MAY_IMPORT:
@@ -199,3 +201,11 @@ def test_task_results_are_typed_not_dicts_read_by_key(name):
              if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)
              and ast.unparse(node.value) not in FOREIGN_DICTS]
     assert not reads, f"orchestration/{name} reads by string key: {reads}"
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if p.is_relative_to(PACKAGE)], ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_the_product_never_imports_the_demo_or_the_local_launchers(path):
+    """Issue 34: ``src/twocluster`` is the product (store / spark / training / orchestration / ops);
+    the demo's data and the local infrastructure live beside it, and nothing in it leans on them."""
+    leaning = [m for m, _ in _imports(path) if m.split(".")[0] in ("twocluster_demo", "twocluster_devtools")]
+    assert not leaning, f"{path.relative_to(ROOT)} imports {leaning}"

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from twocluster.demo import sample_data
 from twocluster.orchestration.arrivals import ArrivalsIncomplete, deadline_of, decide
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.store import layout
 from twocluster.store.manifest import DatasetManifest, resolve_latest
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_data
 
 DATE = dt.date(2026, 11, 4)
 BEFORE = dt.datetime(2026, 11, 5, 3, tzinfo=dt.UTC)  # 3 h after the date's end: within the 6 h deadline

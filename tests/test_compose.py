@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twocluster.devtools import s3_check
-from twocluster.devtools.local_s3 import LocalRGW
+from twocluster_devtools import s3_check
+from twocluster_devtools.local_s3 import LocalRGW
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_SHOT = {"airflow-init", "s3-init"}
@@ -224,7 +224,7 @@ def test_the_s3_image_prints_where_its_keys_are_never_the_keys(tmp_path):
 
     keys = {f"S3_{u}_{k}_KEY": f"{u.lower()}-{k.lower()}-canary-7f1e" for u in ("ADMIN", "SPARK") for k in ("ACCESS", "SECRET")}
     folder = tmp_path / "s3"
-    proc = subprocess.Popen([sys.executable, "-m", "twocluster.devtools.local_s3", "--dir", str(folder), "--bucket", "canary", "--user", "spark"],
+    proc = subprocess.Popen([sys.executable, "-m", "twocluster_devtools.local_s3", "--dir", str(folder), "--bucket", "canary", "--user", "spark"],
                             env={**os.environ, **keys}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
     try:

@@ -85,8 +85,8 @@ def test_batched_spectrogram_equals_librosa_on_real_speech(audio, speech_spec, t
     """The featurizer's own batched STFT (one FFT call per chunk of clips) and its 16-bit PCM
     read give what ``sf.read`` + ``librosa.stft`` give, on real spoken words (espeak-ng),
     clip for clip, in a batch that spans several FFT chunks."""
-    from twocluster.demo import sample_data
     from twocluster.store.storage import ObjectStore
+    from twocluster_demo import sample_data
 
     store = ObjectStore(tmp_path.as_uri())
     day = dt.date(2026, 11, 2)

@@ -16,8 +16,6 @@ import urllib.request
 import pytest
 import yaml
 
-from twocluster.demo import sample_data
-from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow, airflow_env
 from twocluster.orchestration.runs import training_job
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.spark.scoring import run_scoring
@@ -25,6 +23,8 @@ from twocluster.spec import load_pipeline_spec
 from twocluster.store.storage import ObjectStore
 from twocluster.training.gate import gate_and_publish
 from twocluster.training.trainer import run_training
+from twocluster_demo import sample_data
+from twocluster_devtools.airflow_local import REPO_ROOT, ApiServer, airflow, airflow_env
 
 pytestmark = pytest.mark.slow
 DATES = [dt.date(2026, 10, 20), dt.date(2026, 10, 21)]

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import cached_share, cached_within, evicted_from_page_cache
 
-from twocluster.demo import sample_data
 from twocluster.spark.preprocess import RejectRateExceeded, partitions_for, run_preprocess
 from twocluster.store import layout
 from twocluster.store.manifest import DatasetManifest, read_manifest, scan_location, unlisted_files, verify_files
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 18)

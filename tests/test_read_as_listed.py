@@ -21,12 +21,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from twocluster.demo import sample_data
 from twocluster.spark.io import featurizing_function, list_inputs
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.store import layout
 from twocluster.store.manifest import read_manifest
 from twocluster.store.storage import ObjectStore, ReadRefused, printable_name
+from twocluster_demo import sample_data
 
 DATE = dt.date(2026, 11, 4)
 DEPTH = 1200

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from twocluster.demo import sample_data
 from twocluster.spark import splits
 from twocluster.store import layout
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_data
 
 DATES = [dt.date(2026, 11, 19), dt.date(2026, 11, 20)]
 

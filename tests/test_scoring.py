@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from twocluster.demo import sample_data
 from twocluster.features import featurizer_for
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.spark.scoring import (
@@ -29,6 +28,7 @@ from twocluster.store.manifest import read_manifest, unlisted_files, verify_file
 from twocluster.store.storage import ObjectStore
 from twocluster.training.gate import gate_and_publish
 from twocluster.training.trainer import run_training
+from twocluster_demo import sample_data
 
 TRAIN_DATE, SCORE_DATE = dt.date(2026, 11, 10), dt.date(2026, 11, 11)
 ALSA = sorted(glob.glob("/usr/share/sounds/alsa/*.wav"))

@@ -1,7 +1,7 @@
 """The compose topology as processes (issue 16): PostgreSQL, Ceph RGW with per-component users, a
 Spark standalone master with two workers, and Airflow's api-server, scheduler (LocalExecutor),
 dag-processor and triggerer, started by the code behind `make stack-up`
-(:mod:`twocluster.devtools.stack`). The pipeline is driven as an operator would: runs triggered
+(:mod:`twocluster_devtools.stack`). The pipeline is driven as an operator would: runs triggered
 through the REST API, a backfill created in the Airflow UI (headless Chromium), and faults
 injected while runs are in flight (a Spark worker killed, the S3 gateway stopped, the scheduler
 restarted during training). Faults share runs where they hit different tasks: each DAG run costs
@@ -27,14 +27,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from twocluster.demo import sample_data
 from twocluster.deployment import ROOT as REPO_ROOT
-from twocluster.devtools.stack import STACK_OVERRIDES, LocalStack, compose_environment, compose_pools, loopback
 from twocluster.orchestration.dag_factory import GPU_POOL, SPARK_POOL
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout
 from twocluster.store.manifest import DatasetManifest, PredictionsManifest, resolve_latest
 from twocluster.store.storage import ObjectStore, S3Settings
+from twocluster_demo import sample_data
+from twocluster_devtools.stack import STACK_OVERRIDES, LocalStack, compose_environment, compose_pools, loopback
 
 D1, D2, D3, D4, D5, D6, D7 = (dt.date(2026, 10, d) for d in range(1, 8))
 SCREENSHOT = REPO_ROOT / "docs" / "screenshots" / "backfill-runs.png"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from twocluster.demo import sample_data
 from twocluster.spark.preprocess import run_preprocess
 from twocluster.store import layout, registry
 from twocluster.store.commitlog import AliasMoved, CommitLog
@@ -24,6 +23,7 @@ from twocluster.training.data import DataError, stage_splits
 from twocluster.training.distribute import strategy_kind
 from twocluster.training.gate import gate_and_publish
 from twocluster.training.trainer import TrainingError, checkpoint_prefix, run_training
+from twocluster_demo import sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = dt.date(2026, 11, 17)

@@ -387,5 +387,5 @@ def load_pipeline_spec(path: str | os.PathLike[str]) -> PipelineSpec:
 
 
 def default_spec_path(pipeline: str = "speech_commands") -> Path:
-    """The spec shipped in the repository's ``pipelines/`` folder."""
-    return deployment.ROOT / "pipelines" / f"{layout.check_name(pipeline, 'pipeline')}.yaml"
+    """The spec of ``pipeline`` in the pipelines folder (``deployment.PIPELINES_DIR``; ``$TWOCLUSTER_PIPELINES_DIR`` or the checkout's)."""
+    return deployment.PIPELINES_DIR / f"{layout.check_name(pipeline, 'pipeline')}.yaml"

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
 from twocluster.store import layout, registry
 from twocluster.store.storage import ObjectStore
+from twocluster_devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
 
 pytestmark = pytest.mark.slow
 DAG_ID = "approval_roundtrip"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from twocluster.devtools.airflow_local import airflow, airflow_env, prepare
+from twocluster_devtools.airflow_local import airflow, airflow_env, prepare
 
 
 @pytest.mark.slow

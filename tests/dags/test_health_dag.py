@@ -9,8 +9,8 @@ import pytest
 import yaml
 from test_monitoring import _dataset, _raw
 
-from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 from twocluster.store.storage import ObjectStore
+from twocluster_devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 
 D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(3)]
 

@@ -11,12 +11,12 @@ import json
 import pytest
 import yaml
 
-from twocluster.demo import sample_images
-from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout, registry
 from twocluster.store.manifest import read_manifest, scan_location
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_images
+from twocluster_devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 
 pytestmark = pytest.mark.slow
 DATE = dt.date(2026, 10, 12)

@@ -30,12 +30,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from twocluster.demo import sample_data
-from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout, registry
 from twocluster.store.manifest import read_manifest, scan_location
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_data
+from twocluster_devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 
 pytestmark = pytest.mark.slow
 D0, D1, D2, D3 = (dt.date(2026, 10, 5) + dt.timedelta(days=d) for d in range(4))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from twocluster.demo import sample_data
 from twocluster.store import layout
 from twocluster.store.manifest import scan_location
+from twocluster_demo import sample_data
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = dt.date(2026, 11, 3)

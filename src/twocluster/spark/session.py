@@ -39,7 +39,7 @@ SESSION_SETTINGS = {
 }
 
 # Settings of the application: given to a job's own application, and to a local Spark Connect
-# server when it starts (twocluster.devtools.spark_connect); a deployment's server sets them in
+# server when it starts (twocluster_devtools.spark_connect); a deployment's server sets them in
 # its spark-defaults.conf.
 SPARK_SETTINGS = {
     **SESSION_SETTINGS,

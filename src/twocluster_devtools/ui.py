@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from twocluster.devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
+from twocluster_devtools.airflow_local import REPO_ROOT, ApiServer, airflow_env
 
 
 def main(argv: list[str] | None = None) -> int:

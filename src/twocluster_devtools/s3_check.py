@@ -3,7 +3,7 @@ component's credentials work and that the bucket policy keeps each one to its ow
 (a write outside them must be refused). Exits non-zero, naming the user and the problem, so the
 services that depend on it never start against a misconfigured store.
 
-    python -m twocluster.devtools.s3_check --endpoint http://s3:7480 --bucket twocluster
+    python -m twocluster_devtools.s3_check --endpoint http://s3:7480 --bucket twocluster
 
 Keys come from ``S3_<USER>_ACCESS_KEY`` / ``S3_<USER>_SECRET_KEY``.
 """

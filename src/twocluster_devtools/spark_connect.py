@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from twocluster.devtools.airflow_local import free_port
-from twocluster.devtools.stack import StackError, _spark_home
 from twocluster.spark.session import SPARK_SETTINGS
+from twocluster_devtools.airflow_local import free_port
+from twocluster_devtools.stack import StackError, _spark_home
 
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 

@@ -10,7 +10,7 @@ so no credential is ever written into the repository.
         rgw.s3_settings  # endpoint + keys for twocluster.store.storage
         rgw.create_bucket("test-bucket")
 
-Or by hand: ``python -m twocluster.devtools.local_s3 --dir .local/rgw`` writes the environment
+Or by hand: ``python -m twocluster_devtools.local_s3 --dir .local/rgw`` writes the environment
 variables to export to ``.local/rgw/s3.env`` (mode 600; the output names the file, never a key)
 and serves until interrupted.
 """

@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from twocluster.demo import sample_data, sample_images
-from twocluster.devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 from twocluster.orchestration.results import SUMMARY_MARKER
 from twocluster.spec import default_spec_path, load_pipeline_spec
 from twocluster.store.storage import ObjectStore
+from twocluster_demo import sample_data, sample_images
+from twocluster_devtools.airflow_local import REPO_ROOT, airflow, airflow_env, prepare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ What ``docker-compose.yml`` starts as containers, started here from Debian packa
 
 * **PostgreSQL** (Debian's ``postgresql``): Airflow's metadata database, in a cluster of its own
   under ``.local/stack/postgres`` (``initdb`` + ``pg_ctl``; as the ``postgres`` user when run as root);
-* **Ceph RGW** (:class:`twocluster.devtools.local_s3.LocalRGW`, the same launcher the compose
+* **Ceph RGW** (:class:`twocluster_devtools.local_s3.LocalRGW`, the same launcher the compose
   stack's ``s3`` image runs) with the three per-component users and ``docker/s3/bucket-policy.json``;
 * **Spark standalone**: a master and two workers from the pyspark distribution
   (``spark-class org.apache.spark.deploy.master.Master`` / ``...worker.Worker``), each worker with
@@ -22,8 +22,8 @@ What ``docker-compose.yml`` starts as containers, started here from Debian packa
 every process it started (process groups, from ``.local/stack/processes.json``) and checks that
 none is left.
 
-    python -m twocluster.devtools.stack up [--pipelines DIR]
-    python -m twocluster.devtools.stack down
+    python -m twocluster_devtools.stack up [--pipelines DIR]
+    python -m twocluster_devtools.stack down
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ import yaml
 from pydantic import BaseModel
 
 from twocluster.deployment import ROOT as REPO_ROOT
-from twocluster.devtools.airflow_local import airflow_env, free_port
-from twocluster.devtools.local_s3 import LocalRGW
+from twocluster_devtools.airflow_local import airflow_env, free_port
+from twocluster_devtools.local_s3 import LocalRGW
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 BUCKET_POLICY = REPO_ROOT / "docker" / "s3" / "bucket-policy.json"
@@ -426,7 +426,7 @@ class LocalStack:
         return str(Path(sys.executable).parent / "airflow")
 
     def _start_airflow(self, timeout: float) -> None:
-        from twocluster.devtools.airflow_local import prepare
+        from twocluster_devtools.airflow_local import prepare
 
         passwords = self.airflow_home / "simple_auth_manager_passwords.json"
         passwords.touch(mode=0o600)

@@ -31,10 +31,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from twocluster.demo.sample_data import DayReport, SampleDataError
 from twocluster.spec import PipelineSpec
 from twocluster.store import layout
 from twocluster.store.storage import ObjectStore
+from twocluster_demo.sample_data import DayReport, SampleDataError
 
 BAD_KINDS = ("empty", "truncated", "not_image", "jpeg_named_png", "unknown_label")
 SIZE = 32
