@@ -18,7 +18,7 @@ DAYS ?= 4
 CLIPS_PER_DAY ?= 600
 PYTEST_ARGS ?=
 
-.PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui stack-up stack-down
+.PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui stack-up stack-demo stack-down screenshots
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
@@ -52,8 +52,20 @@ stack-up: venv check-java
 	@tools/ensure_system_packages.sh $(STACK_PACKAGES) espeak-ng=espeak-ng
 	$(VENV_PY) -m twocluster_devtools.stack up
 
+# An extra, after stack-up: sample arrivals for DAYS days dropped with the ingest identity (raw/
+# only), the pipeline unpaused and backfilled, followed to the end, then `twocluster status` with
+# the stack's read-only operator key.
+stack-demo: venv
+	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
+	$(VENV_PY) -m twocluster_devtools.stack_demo --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+
 stack-down:
 	@test -x $(VENV_PY) && $(VENV_PY) -m twocluster_devtools.stack down || true
+
+# An extra, after `make run`: the README's screenshot of the ops page over .local/store.
+screenshots: venv
+	@test -d .local/store/predictions || { echo "run make run first: the screenshot shows its store"; exit 1; }
+	$(VENV_PY) -m pytest tests/test_ops_ui.py -k readme_screenshot -p no:cacheprovider
 
 sample-data: venv
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng

@@ -129,7 +129,8 @@ def test_no_literal_credentials_in_the_stack():
 @pytest.mark.slow
 def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
     """The S3 image's set-up for real: users from the environment, the bucket policy, s3-init."""
-    keys = {f"S3_{u}_{k}_KEY": f"{u}-{k}-{i}".lower() for i, u in enumerate(("AIRFLOW", "SPARK", "TRAINER")) for k in ("ACCESS", "SECRET")}
+    keys = {f"S3_{u}_{k}_KEY": f"{u}-{k}-{i}".lower() for i, u in enumerate(("AIRFLOW", "SPARK", "TRAINER", "INGEST", "OPERATOR"))
+            for k in ("ACCESS", "SECRET")}
     for k, v in keys.items():
         monkeypatch.setenv(k, v)
     import string
@@ -145,7 +146,7 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
             return real_run(cmd, *args, **kwargs)
 
         monkeypatch.setattr(subprocess, "run", recording_run)
-        for user in ("airflow", "spark", "trainer"):
+        for user in ("airflow", "spark", "trainer", "ingest", "operator"):
             rgw.add_user(user, keys[f"S3_{user.upper()}_ACCESS_KEY"], keys[f"S3_{user.upper()}_SECRET_KEY"])
         monkeypatch.setattr(subprocess, "run", real_run)
         assert started and not any(k in " ".join(cmd) for cmd in started for n, k in keys.items() if "SECRET" in n)
@@ -207,6 +208,28 @@ def test_s3_users_policy_and_init_check_on_rgw(tmp_path, monkeypatch):
         alias_log = CommitLog(as_trainer, layout.model_alias_prefix("m", "production"))
         with pytest.raises(StorageError, match="AccessDenied|403"):
             alias_log.append_at(alias_log.head() + 1, AliasMoved(seq=1, model="m", alias="production", version="20261120T000000Z-deadbeef"))
+
+        # Issue 34: what drops arrivals writes raw/ and nothing else, and sees nothing; an
+        # operator's key reads everything and writes nothing.
+        ingest, operator = s3_check._client(rgw.endpoint_url, "ingest"), s3_check._client(rgw.endpoint_url, "operator")
+        ingest.put_object(Bucket="stack", Key="raw/p/date=2026-11-20/clip.wav", Body=b"RIFF")
+        assert operator.get_object(Bucket="stack", Key="raw/p/date=2026-11-20/clip.wav")["Body"].read() == b"RIFF"
+        assert operator.get_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json")["Body"].read() == b"{}"
+        assert operator.list_objects_v2(Bucket="stack", Prefix="datasets/")["KeyCount"] >= 1
+        for client, key in [(ingest, "datasets/p/date=2026-11-20/v=z/_MANIFEST.json"), (ingest, "models/m/aliases/production/_log/x.json"),
+                            (operator, "raw/p/date=2026-11-20/other.wav"), (operator, "models/m/aliases/production/_log/x.json")]:
+            with pytest.raises(ClientError, match="AccessDenied"):
+                client.put_object(Bucket="stack", Key=key, Body=b"{}")
+        # It may list (S3 answers "not found" only to a caller that may list, and an upload that
+        # resumes asks what is there) and read what it dropped, nothing else.
+        assert ingest.list_objects_v2(Bucket="stack", Prefix="raw/p/")["KeyCount"] == 1
+        as_ingest = ObjectStore("s3://stack", S3Settings(endpoint_url=rgw.endpoint_url, region="us-east-1",
+                                                         access_key=keys["S3_INGEST_ACCESS_KEY"], secret_key=keys["S3_INGEST_SECRET_KEY"]))
+        assert as_ingest.exists("raw/p/date=2026-11-20/clip.wav") and not as_ingest.exists("raw/p/date=2026-11-21/_ARRIVED")
+        for call in (lambda: ingest.get_object(Bucket="stack", Key="models/m/versions/v=x/_MANIFEST.json"),
+                     lambda: operator.delete_object(Bucket="stack", Key="raw/p/date=2026-11-20/clip.wav")):
+            with pytest.raises(ClientError, match="AccessDenied"):
+                call()
 
         # Without the policy, s3-init refuses to let the stack start.
         rgw.client().delete_bucket_policy(Bucket="stack")

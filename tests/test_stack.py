@@ -34,6 +34,7 @@ from twocluster.store import layout
 from twocluster.store.manifest import DatasetManifest, PredictionsManifest, resolve_latest
 from twocluster.store.storage import ObjectStore, S3Settings
 from twocluster_demo import sample_data
+from twocluster_devtools.airflow_api import AirflowApi
 from twocluster_devtools.stack import STACK_OVERRIDES, LocalStack, compose_environment, compose_pools, loopback
 
 D1, D2, D3, D4, D5, D6, D7 = (dt.date(2026, 10, d) for d in range(1, 8))
@@ -66,60 +67,6 @@ def test_each_airflow_process_gets_composes_environment_on_loopback():
 
 
 # -- the stack --------------------------------------------------------------------------------------
-
-
-class Api:
-    """Airflow's REST API (v2) as the admin user."""
-
-    def __init__(self, url: str, user: str, password: str):
-        self.url = url
-        request = urllib.request.Request(f"{url}/auth/token", method="POST", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"username": user, "password": password}).encode())
-        with urllib.request.urlopen(request, timeout=30) as response:
-            self.token = json.loads(response.read())["access_token"]
-
-    def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
-        request = urllib.request.Request(f"{self.url}/api/v2{path}", method=method, data=json.dumps(body).encode() if body is not None else None,
-                                         headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                text = response.read().decode()
-                status = response.status
-        except urllib.error.HTTPError as e:
-            text, status = e.read().decode(), e.code
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, text
-
-    def ok(self, method: str, path: str, body: dict | None = None):
-        status, answer = self.call(method, path, body)
-        assert status in (200, 201), (method, path, status, answer)
-        return answer
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                return run
-            time.sleep(3)
-        raise AssertionError(f"run {run_id} still {run['state']} after {timeout:.0f}s; tasks: {self.task_states(dag_id, run_id)}")
-
-    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
-        answer = self.ok("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100")
-        return {ti["task_id"]: ti for ti in answer["task_instances"]}
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        return {t: ti["state"] for t, ti in self.task_instances(dag_id, run_id).items()}
-
-    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        status, answer = self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true")
-        return json.dumps(answer)
-
-    def trigger(self, dag_id: str, conf: dict) -> str:
-        run = self.ok("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-        return run["dag_run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +103,7 @@ def running(tmp_path_factory):
         # trainer's): the tests read the store as Airflow does, with its identity.
         store = ObjectStore(endpoints.store_uri, S3Settings(endpoint_url=endpoints.s3_endpoint, region="us-east-1",
                                                             access_key=stack.keys["airflow"][0], secret_key=stack.keys["airflow"][1]))
-        api = Api(endpoints.airflow_url, endpoints.airflow_user, endpoints.airflow_password)
+        api = AirflowApi(endpoints.airflow_url, endpoints.airflow_user, endpoints.airflow_password)
         _wait(lambda: api.call("GET", f"/dags/{spec.name}")[0] == 200, 180, "the DAG to be parsed")
         api.ok("PATCH", f"/dags/{spec.name}", {"is_paused": False})
         yield stack, spec, store, api
@@ -378,7 +325,7 @@ def test_a_backfill_started_in_the_airflow_ui_runs_three_dates_with_its_param(ru
     assert SCREENSHOT.stat().st_size > 20_000
 
 
-def _backfill_runs(api: Api, dag_id: str, date_range: tuple[dt.date, dt.date] = (D2, D4)) -> list[dict]:
+def _backfill_runs(api: AirflowApi, dag_id: str, date_range: tuple[dt.date, dt.date] = (D2, D4)) -> list[dict]:
     answer = api.ok("GET", f"/dags/{dag_id}/dagRuns?limit=100&run_type=backfill")
     return [r for r in answer["dag_runs"] if str(date_range[0]) <= r["data_interval_start"][:10] <= str(date_range[1])]
 

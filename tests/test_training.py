@@ -386,8 +386,8 @@ def test_staged_shards_are_cached_by_dataset_version(dataset, tmp_path, caplog):
 TASK_PROCESS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from twocluster.orchestration.backends import LocalTrainingOperator
-op = LocalTrainingOperator(task_id="train", job_spec_uri=sys.argv[2])
+from twocluster.orchestration.operators import TrainingJobOperator
+op = TrainingJobOperator(task_id="train", job_spec_uri=sys.argv[2])  # no backend variable: the local process
 print("RESULT " + json.dumps(op.execute(context={})), flush=True)
 """
 

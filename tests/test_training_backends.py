@@ -1,7 +1,8 @@
-"""The training launchers. Docker and Kubernetes cannot run here (no daemon, no cluster): these
-tests build each backend's operator and validate the container / pod specification with the
-providers' and the kubernetes client's own models; the local backend runs for real in
-test_training.py-style data below."""
+"""The training backends behind the one training operator. Docker and Kubernetes cannot run here
+(no daemon, no cluster): their tests stand in a recording client for the daemon's and the API
+server's answers and check the container / pod request with docker's and the kubernetes client's
+own types; the local backend runs for real.
+"""
 
 from __future__ import annotations
 
@@ -11,55 +12,50 @@ from types import SimpleNamespace
 
 import pytest
 
-from twocluster.orchestration.backends import LocalTrainingOperator, TrainingBackendConfig, training_operator
+from twocluster.orchestration import backends
+from twocluster.orchestration.backends import (
+    DockerBackend,
+    JobState,
+    KubernetesBackend,
+    LocalBackend,
+    TrainingBackendConfig,
+    job_name_for,
+)
+from twocluster.orchestration.operators import TrainingJobOperator
 
 JOB = "s3://ml-store/jobs/run-7.json"
-
-
-def test_docker_backend_requests_the_gpu(monkeypatch):
-    from airflow.providers.docker.operators.docker import DockerOperator
-    from docker.types import DeviceRequest
-
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker-env")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-key")
-    config = TrainingBackendConfig(kind="docker", image="registry.local/twocluster-trainer:1.2", gpus=2,
-                                   env={"AWS_ENDPOINT_URL_S3": "http://s3:7480"})
-    op = training_operator(config, task_id="train", job_spec_uri=JOB)
-    assert isinstance(op, DockerOperator)
-    assert op.image == "registry.local/twocluster-trainer:1.2"
-    assert op.command == ["python", "training_jobs/train.py", "--job-spec", JOB]
-    (request,) = op.device_requests
-    assert isinstance(request, DeviceRequest)
-    assert request["Count"] == 2 and request["Capabilities"] == [["gpu"]]  # docker's own wire format
-    assert op.environment["AWS_ENDPOINT_URL_S3"] == "http://s3:7480"
-    assert "AWS_SECRET_ACCESS_KEY" not in op.environment, "secrets are not in the operator's (rendered) fields"
-    # At execute time (on the worker) the credentials become private environment; the Docker
-    # daemon is not reachable here, so stop right after that step.
-    monkeypatch.setattr(DockerOperator, "execute", lambda self, context: dict(self._private_environment))
-    assert op.execute(context={}) == {"AWS_SECRET_ACCESS_KEY": "from-the-worker-env", "AWS_ACCESS_KEY_ID": "worker-key"}
-    # One container name per DAG run and task, the same for every try (a valid Docker name).
-    monkeypatch.setattr(type(op), "cli", property(lambda self: FakeDockerAPI()))
-    names = set()
-    for try_number in (1, 2):
-        ti = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="scheduled__2026-11-20T00:00:00+00:00",
-                             try_number=try_number)
-        op.execute(context={"ti": ti})
-        names.add(op.container_name)
-    (name,) = names
-    assert name.startswith("train-speech-commands-train-scheduled-2026-11-20t00-00-00-00-00-") and len(name) <= 128
+TI = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__2026-11-22T10:00:00+00:00", try_number=2)
+RESULT = {"status": "trained", "model": "kws_cnn", "version": "v1", "manifest_uri": "s3://ml-store/models/kws_cnn/versions/v=v1/_MANIFEST.json",
+          "metrics": {"test_accuracy": 0.97}}
 
 
 class FakeDockerAPI:
-    """Stands in for docker's APIClient (no Docker daemon here): the calls the operator makes,
-    with the daemon's answers for one container."""
+    """Stands in for docker's APIClient (no Docker daemon here): the daemon's answers for one
+    container, and every call made."""
 
-    def __init__(self, containers=(), exit_code=0, logs=(b"epoch 3/6\n", b'{"version": "v1"}\n')):
-        self._containers = list(containers)
-        self.exit_code, self.logs, self.calls = exit_code, list(logs), []
+    def __init__(self, state: str | None = None, exit_code: int = 0):
+        self.state, self.exit_code, self.calls, self.created = state, exit_code, [], []
+        self.logs = [b"epoch 3/6\n", json.dumps(RESULT).encode() + b"\n"]
 
     def containers(self, all=False, filters=None):  # noqa: A002 - docker's name
         self.calls.append(("containers", filters))
-        return [c for c in self._containers if f"^/{c['Names'][0][1:]}$" == (filters or {}).get("name")]
+        return [{"Id": "c0ffee", "Names": [filters["name"][1:-1]], "State": self.state}] if self.state else []
+
+    def inspect_container(self, container):
+        return {"State": {"ExitCode": self.exit_code}}
+
+    def create_host_config(self, **kwargs):
+        from docker.types import HostConfig
+
+        return HostConfig("1.44", **kwargs)  # docker's own validation of the request
+
+    def create_container(self, **kwargs):
+        self.created.append(kwargs)
+        self.state = "running"
+        return {"Id": "c0ffee"}
+
+    def start(self, container):
+        self.calls.append(("start", container))
 
     def attach(self, container, stdout, stderr, stream, logs=False):
         self.calls.append(("attach", container, logs))
@@ -67,95 +63,80 @@ class FakeDockerAPI:
 
     def wait(self, container):
         self.calls.append(("wait", container))
+        self.state = "exited"
         return {"StatusCode": self.exit_code}
 
+    def stop(self, container, timeout=None):
+        self.calls.append(("stop", container))
+
     def remove_container(self, container, force=False):
-        self.calls.append(("remove", container, force))
+        self.calls.append(("remove", container))
+        self.state = None
 
 
-def _docker_op(monkeypatch, api):
-    from airflow.providers.docker.operators.docker import DockerOperator
+class FakeCoreV1:
+    """Stands in for the Kubernetes API server (no cluster here): one pod's answers."""
 
-    op = training_operator(TrainingBackendConfig(kind="docker", image="trainer:1"), task_id="train", job_spec_uri=JOB)
-    monkeypatch.setattr(type(op), "cli", property(lambda self: api))
-    started = []
-    monkeypatch.setattr(DockerOperator, "execute", lambda self, context: started.append(self.container_name) or "started")
-    return op, started
+    def __init__(self, phase: str | None = None, exit_code: int = 0):
+        self.phase, self.exit_code, self.calls, self.created = phase, exit_code, [], []
 
+    def read_namespaced_pod(self, name, namespace):
+        from kubernetes.client import models as k8s
+        from kubernetes.client.exceptions import ApiException
 
-TI = SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__2026-11-22T10:00:00+00:00", try_number=2)
+        if self.phase is None:
+            raise ApiException(status=404, reason="Not Found")
+        terminated = k8s.V1ContainerStateTerminated(exit_code=self.exit_code)
+        status = k8s.V1ContainerStatus(name="trainer", image="i", image_id="", ready=False, restart_count=0,
+                                       state=k8s.V1ContainerState(terminated=terminated))
+        phase, self.phase = self.phase, {"Running": "Succeeded" if self.exit_code == 0 else "Failed"}.get(self.phase, self.phase)
+        return k8s.V1Pod(status=k8s.V1PodStatus(phase=phase, container_statuses=[status]))
 
+    def create_namespaced_pod(self, namespace, body):
+        self.created.append((namespace, body))
+        self.phase = "Running"
 
-def test_docker_retry_reattaches_to_the_running_trainer_instead_of_starting_another(monkeypatch):
-    """Issue 14, item 8 (Docker daemon faked: none runs here)."""
-    from twocluster.orchestration.backends import container_name_for
+    def read_namespaced_pod_log(self, name, namespace, container, follow, _preload_content):
+        self.calls.append(("log", name, container, follow))
+        return iter([b"epoch 3/6\n", json.dumps(RESULT).encode() + b"\n"])
 
-    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
-    api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}])
-    op, started = _docker_op(monkeypatch, api)
-    assert op.execute(context={"ti": TI}) == '{"version": "v1"}'
-    assert started == [], "no second container"
-    assert ("attach", "c0ffee", True) in api.calls and ("wait", "c0ffee") in api.calls and ("remove", "c0ffee", False) in api.calls
-
-
-def test_docker_retry_removes_a_finished_leftover_and_starts_the_trainer(monkeypatch):
-    from twocluster.orchestration.backends import container_name_for
-
-    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
-    api = FakeDockerAPI([{"Id": "dead01", "Names": [f"/{name}"], "State": "exited"}])
-    op, started = _docker_op(monkeypatch, api)
-    assert op.execute(context={"ti": TI}) == "started" and started == [name]
-    assert ("remove", "dead01", True) in api.calls
+    def delete_namespaced_pod(self, name, namespace, grace_period_seconds=None):
+        self.calls.append(("delete", name))
+        self.phase = None
 
 
-def test_docker_reattached_trainer_that_failed_fails_the_task(monkeypatch):
-    from airflow.providers.docker.exceptions import DockerContainerFailedException
-
-    from twocluster.orchestration.backends import container_name_for
-
-    name = container_name_for(TI.dag_id, TI.task_id, TI.run_id)
-    api = FakeDockerAPI([{"Id": "c0ffee", "Names": [f"/{name}"], "State": "running"}], exit_code=137)
-    op, _ = _docker_op(monkeypatch, api)
-    with pytest.raises(DockerContainerFailedException):
-        op.execute(context={"ti": TI})
+def _run(monkeypatch, backend) -> tuple[dict, str]:
+    """The operator's execute on ``backend`` as a retry of TI; returns its result and the job name."""
+    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": backend.kind, "image": "trainer:1"}))
+    monkeypatch.setattr(backends, "backend_for", lambda config: backend)
+    op = TrainingJobOperator(task_id="train", job_spec_uri=JOB)
+    return op.execute(context={"ti": TI}), backend.external_id(TI.dag_id, TI.task_id, TI.run_id)
 
 
-def test_docker_names_of_runs_that_differ_late_do_not_collide():
-    from twocluster.orchestration.backends import container_name_for
-
-    a, b = "backfill__" + "x" * 200 + "a", "backfill__" + "x" * 200 + "b"
-    assert container_name_for("d", "train", a) != container_name_for("d", "train", b)
-
-
-def test_kubernetes_retry_finds_the_running_pod_of_an_earlier_try():
-    """The pod operator's own re-attach (Kubernetes API faked: no cluster here): the retry's
-    label selector leaves out the try number, so try 2 finds try 1's running pod."""
-    from kubernetes.client import models as k8s
-
-    op = training_operator(TrainingBackendConfig(kind="kubernetes", image="trainer:1"), task_id="train", job_spec_uri=JOB)
-    pod = k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="train-abc", labels={"try_number": "1"}))
-    selectors = []
-
-    class FakeCoreV1:
-        def list_namespaced_pod(self, namespace, label_selector):
-            selectors.append(label_selector)
-            return SimpleNamespace(items=[pod])
-
-    context = {"ti": SimpleNamespace(dag_id="speech_commands", task_id="train", run_id="manual__1", try_number=2, map_index=-1),
-               "run_id": "manual__1", "dag": SimpleNamespace(dag_id="speech_commands")}
-    op.__dict__["client"] = FakeCoreV1()
-    assert op.find_pod("default", context) is pod
-    assert "try_number" not in selectors[0] and "run_id=" in selectors[0] and op.reattach_on_restart
+def test_docker_backend_requests_the_gpu_and_keeps_the_keys_out_of_the_request(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker-env")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "worker-key")
+    config = TrainingBackendConfig(kind="docker", image="registry.local/twocluster-trainer:1.2", gpus=2,
+                                   env={"AWS_ENDPOINT_URL_S3": "http://s3:7480"})
+    api = FakeDockerAPI()
+    backend = DockerBackend(config, client=api)
+    request = backend.container_request("train-x", JOB)
+    assert request["image"] == "registry.local/twocluster-trainer:1.2"
+    assert request["command"] == ["python", "training_jobs/train.py", "--job-spec", JOB]
+    (device,) = request["host_config"]["DeviceRequests"]
+    assert device["Count"] == 2 and device["Capabilities"] == [["gpu"]]  # docker's own wire format: --gpus 2
+    assert request["host_config"]["NanoCpus"] == 4_000_000_000 and request["host_config"]["Memory"] == 16 * 1024**3
+    assert request["environment"] == {"AWS_ENDPOINT_URL_S3": "http://s3:7480"}, "no keys in what is logged or rendered"
+    backend.submit("train-x", JOB)  # the keys join the environment when the container is created
+    (created,) = api.created
+    assert created["environment"]["AWS_SECRET_ACCESS_KEY"] == "from-the-worker-env" and created["name"] == "train-x"
+    assert ("start", "c0ffee") in api.calls
+    without_gpu = DockerBackend(TrainingBackendConfig(kind="docker", gpus=0), client=api).container_request("t", JOB)
+    assert not without_gpu["host_config"].get("DeviceRequests")
 
 
-def test_docker_backend_without_gpu_has_no_device_request():
-    op = training_operator(TrainingBackendConfig(kind="docker", gpus=0), task_id="t", job_spec_uri=JOB)
-    assert op.device_requests is None
-
-
-def test_kubernetes_backend_pod_has_gpu_limits_selector_and_tolerations():
+def test_kubernetes_pod_has_gpu_limits_selector_tolerations_and_the_secret():
     from kubernetes.client import ApiClient
-    from kubernetes.client import models as k8s
 
     config = TrainingBackendConfig(
         kind="kubernetes", image="registry.local/twocluster-trainer:1.2", gpus=1, cpus=6, memory_gb=24,
@@ -163,21 +144,59 @@ def test_kubernetes_backend_pod_has_gpu_limits_selector_and_tolerations():
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         credentials_secret="twocluster-store-credentials",
     )
-    op = training_operator(config, task_id="train", job_spec_uri=JOB)
-    pod = op.build_pod_request_obj(context=None, dry_run=True)  # no cluster here
-    assert isinstance(pod, k8s.V1Pod)
-    doc = ApiClient().sanitize_for_serialization(pod)  # what the API server would receive
+    backend = KubernetesBackend(config, client=FakeCoreV1())
+    name = backend.external_id(TI.dag_id, TI.task_id, TI.run_id)
+    doc = ApiClient().sanitize_for_serialization(backend.pod_request(name, JOB))  # what the API server would receive
     container = doc["spec"]["containers"][0]
     assert container["image"] == "registry.local/twocluster-trainer:1.2"
     assert container["command"] == ["python"] and container["args"] == ["training_jobs/train.py", "--job-spec", JOB]
     assert container["resources"]["limits"] == {"cpu": "6", "memory": "24Gi", "nvidia.com/gpu": "1"}
     assert doc["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert doc["spec"]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert container["envFrom"] == [{"secretRef": {"name": "twocluster-store-credentials"}}]
-    assert doc["metadata"]["namespace"] == "ml"
-    assert doc["metadata"]["labels"]["app"] == "twocluster-trainer"
-    assert doc["metadata"]["name"].startswith("train-train")
-    assert op.durable
+    assert container["envFrom"] == [{"secretRef": {"name": "twocluster-store-credentials"}}] and "env" not in container
+    assert doc["metadata"] == {"name": name, "namespace": "ml", "labels": {"app": "twocluster-trainer"}}
+    assert doc["spec"]["restartPolicy"] == "Never" and len(name) <= 63 and name.startswith("train-speech-commands-train-manual")
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_a_retry_reattaches_to_the_running_job_the_same_way_on_every_backend(monkeypatch, kind):
+    """Issue 34: one surface (external id, status, submit, follow, exit code, kill, remove), one
+    way to re-attach: try 2 finds try 1's job by its name and follows it, starting nothing."""
+    fake = FakeDockerAPI(state="running") if kind == "docker" else FakeCoreV1(phase="Running")
+    backend = (DockerBackend if kind == "docker" else KubernetesBackend)(TrainingBackendConfig(kind=kind), client=fake)
+    result, name = _run(monkeypatch, backend)
+    assert fake.created == [], "no second trainer"
+    assert result["version"] == "v1" and result["backend"] == kind and result["job"] == name
+    assert backend.status(name) is JobState.MISSING, "removed once it succeeded"
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_a_finished_leftover_is_removed_and_the_job_submitted_again(monkeypatch, kind):
+    fake = FakeDockerAPI(state="exited", exit_code=1) if kind == "docker" else FakeCoreV1(phase="Failed", exit_code=1)
+    backend = (DockerBackend if kind == "docker" else KubernetesBackend)(TrainingBackendConfig(kind=kind), client=fake)
+    fake.exit_code = 0  # the new job succeeds
+    result, name = _run(monkeypatch, backend)
+    assert len(fake.created) == 1 and result["version"] == "v1"
+    assert (("remove", name) if kind == "docker" else ("delete", name)) in fake.calls
+
+
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_a_reattached_job_that_fails_fails_the_task(monkeypatch, kind):
+    from airflow.sdk.exceptions import AirflowException
+
+    fake = FakeDockerAPI(state="running", exit_code=137) if kind == "docker" else FakeCoreV1(phase="Running", exit_code=137)
+    backend = (DockerBackend if kind == "docker" else KubernetesBackend)(TrainingBackendConfig(kind=kind), client=fake)
+    with pytest.raises(AirflowException, match=r"the trainer exited with 137"):
+        _run(monkeypatch, backend)
+    assert backend.status(backend.external_id(TI.dag_id, TI.task_id, TI.run_id)) is JobState.FAILED, "kept for inspection"
+
+
+def test_job_names_are_the_same_for_every_try_and_apart_for_runs_that_differ_late():
+    a, b = "backfill__" + "x" * 200 + "a", "backfill__" + "x" * 200 + "b"
+    assert job_name_for("d", "train", a) != job_name_for("d", "train", b)
+    assert job_name_for("d", "train", a) == job_name_for("d", "train", a) and len(job_name_for("d", "train", a, 63)) <= 63
+    assert job_name_for("speech_commands", "train", "scheduled__2026-11-20T00:00:00+00:00").startswith(
+        "train-speech-commands-train-scheduled-2026-11-20t00-00-00-00-00-")
 
 
 def test_backend_config_is_validated():
@@ -188,51 +207,50 @@ def test_backend_config_is_validated():
     assert TrainingBackendConfig.from_json(None).kind == "local"
 
 
-def test_local_backend_runs_the_trainer_and_fails_clearly(tmp_path):
-    from airflow.exceptions import AirflowException
+def test_the_local_backend_runs_the_trainer_and_fails_clearly(tmp_path):
+    from airflow.sdk.exceptions import AirflowException
 
     bad = tmp_path / "job.json"
     bad.write_text('{"run_id": "x"}')
-    op = training_operator(TrainingBackendConfig(), task_id="train", job_spec_uri=str(bad))
-    assert isinstance(op, LocalTrainingOperator)
     with pytest.raises(AirflowException, match="the trainer exited with 1"):
-        op.execute(context={})
+        TrainingJobOperator(task_id="train", job_spec_uri=str(bad)).execute(context={})
+    assert LocalBackend(TrainingBackendConfig()).status("any") is JobState.MISSING, "nothing outlives a try to re-attach to"
 
 
 def test_the_backend_is_chosen_when_the_task_runs_not_when_the_dag_is_parsed(tmp_path, monkeypatch):
     """Issue 15: one operator class whatever the deployment; the variable is read in execute (a
     change takes effect at the next try, from the UI as from the environment)."""
-    from airflow.exceptions import AirflowException
+    chosen = []
+    real = backends.backend_for
 
-    from twocluster.orchestration import backends
-    from twocluster.orchestration.operators import TrainingJobOperator
+    def recording(config):
+        chosen.append(config.kind)
+        return DockerBackend(config, client=FakeDockerAPI()) if config.kind == "docker" else KubernetesBackend(config, client=FakeCoreV1())
 
-    bad = tmp_path / "job.json"
-    bad.write_text('{"run_id": "x"}')
-    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "docker", "image": "trainer:1"}))
-    op = TrainingJobOperator(task_id="train", job_spec_uri=str(bad))
-    built = []
-    monkeypatch.setattr(backends, "training_operator", lambda config, **kw: built.append(config.kind) or _Recorder())
-    assert op.execute(context={}) == "ran" and built == ["docker"]
-    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "kubernetes", "image": "trainer:1"}))
-    op.execute(context={})
-    op.on_kill()
-    assert built == ["docker", "kubernetes"] and _Recorder.killed
-    monkeypatch.undo()
-
-    # Unset: the local process, for real.
-    with pytest.raises(AirflowException, match="the trainer exited with 1"):
-        TrainingJobOperator(task_id="train", job_spec_uri=str(bad)).execute(context={})
+    monkeypatch.setattr(backends, "backend_for", recording)
+    op = TrainingJobOperator(task_id="train", job_spec_uri=JOB)
+    for kind in ("docker", "kubernetes"):
+        monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": kind, "image": "trainer:1"}))
+        assert op.execute(context={"ti": TI})["backend"] == kind
+    assert chosen == ["docker", "kubernetes"]
+    assert real(TrainingBackendConfig()).kind == "local"
 
 
-class _Recorder:
-    killed = False
+def test_on_kill_kills_the_running_job(monkeypatch):
+    fake = FakeDockerAPI(state="running")
+    backend = DockerBackend(TrainingBackendConfig(kind="docker"), client=fake)
+    monkeypatch.setattr(backends, "backend_for", lambda config: backend)
+    monkeypatch.setenv("AIRFLOW_VAR_TWOCLUSTER_TRAINING_BACKEND", json.dumps({"kind": "docker"}))
+    op = TrainingJobOperator(task_id="train", job_spec_uri=JOB)
 
-    def execute(self, context):
-        return "ran"
+    def follow_then_get_killed(job):
+        yield "epoch 1/6"
+        op.on_kill()  # Airflow calls it from another thread while the log streams
+        yield json.dumps(RESULT)
 
-    def on_kill(self):
-        _Recorder.killed = True
+    monkeypatch.setattr(backend, "follow", follow_then_get_killed)
+    op.execute(context={"ti": TI})
+    assert ("stop", backend.external_id(TI.dag_id, TI.task_id, TI.run_id)) in fake.calls
 
 
 def test_the_local_trainer_gets_an_allow_listed_environment_not_the_workers(tmp_path, monkeypatch):
@@ -251,8 +269,9 @@ def test_the_local_trainer_gets_an_allow_listed_environment_not_the_workers(tmp_
     recorder = tmp_path / "python"
     recorder.write_text(f"#!/bin/sh\nenv > {tmp_path / 'env.txt'}\necho '{{\"version\": \"v\"}}'\n")
     recorder.chmod(0o755)
-    op = LocalTrainingOperator(task_id="train", job_spec_uri=JOB, python=str(recorder), env={"TWOCLUSTER_WORK_DIR": str(tmp_path)})
-    assert op.execute(context={}) == {"version": "v"}
+    backend = LocalBackend(TrainingBackendConfig(env={"TWOCLUSTER_WORK_DIR": str(tmp_path)}), python=str(recorder))
+    backend.submit("train-x", JOB)
+    assert list(backend.follow("train-x")) == ['{"version": "v"}'] and backend.exit_code("train-x") == 0
     started_with = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
     assert canary not in (tmp_path / "env.txt").read_text()
     assert not any(k.startswith("AIRFLOW") for k in started_with), sorted(started_with)

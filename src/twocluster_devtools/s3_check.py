@@ -16,7 +16,7 @@ import sys
 import time
 
 # user -> (a prefix it must not write to)
-FORBIDDEN_WRITES = {"airflow": "datasets/", "spark": "models/", "trainer": "datasets/"}
+FORBIDDEN_WRITES = {"airflow": "datasets/", "spark": "models/", "trainer": "datasets/", "ingest": "datasets/", "operator": "raw/"}
 
 
 def _client(endpoint: str, user: str):
@@ -48,15 +48,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"s3_check: user {user!r} cannot list s3://{args.bucket}: {e}", file=sys.stderr)
                     return 1
                 time.sleep(2)
-        try:
-            client.put_object(Bucket=args.bucket, Key=f"{forbidden}_s3_check_probe", Body=b"")
-        except ClientError as e:
-            if e.response["Error"]["Code"] != "AccessDenied":
-                raise
-        else:
-            print(f"s3_check: user {user!r} may write to {forbidden}; the bucket policy is not applied", file=sys.stderr)
-            return 1
-        print(f"s3_check: {user}: reads s3://{args.bucket}, may not write {forbidden}")
+        while True:
+            try:
+                client.put_object(Bucket=args.bucket, Key=f"{forbidden}_s3_check_probe", Body=b"")
+            except ClientError as e:
+                code = e.response["Error"]["Code"]
+                if code == "AccessDenied":
+                    break
+                if code != "InvalidAccessKeyId" or time.monotonic() > deadline:  # not created yet: wait for it
+                    raise
+                time.sleep(2)
+            else:
+                print(f"s3_check: user {user!r} may write to {forbidden}; the bucket policy is not applied", file=sys.stderr)
+                return 1
+        print(f"s3_check: {user}: lists s3://{args.bucket}, may not write {forbidden}")
     return 0
 
 

@@ -24,6 +24,7 @@ none is left.
 
     python -m twocluster_devtools.stack up [--pipelines DIR]
     python -m twocluster_devtools.stack down
+    eval "$(python -m twocluster_devtools.stack env --as operator)"   # then: twocluster status
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import string
@@ -45,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel
@@ -57,7 +59,10 @@ from twocluster_devtools.local_s3 import LocalRGW
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 BUCKET_POLICY = REPO_ROOT / "docker" / "s3" / "bucket-policy.json"
 DEFAULT_DIR = REPO_ROOT / ".local" / "stack"
-STORE_USERS = ("airflow", "spark", "trainer")
+STORE_USERS = ("airflow", "spark", "trainer")  # the components' identities
+# People's and upstreams' identities (docker/s3/bucket-policy.json): ``ingest`` drops arrivals and
+# may write only under raw/; ``operator`` reads everything and writes nothing (``twocluster status``).
+OUTSIDE_USERS = ("ingest", "operator")
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # Which compose store-credential block each Airflow process gets (compose: x-store-airflow on the
 # API server, x-store-all on the scheduler, where tasks run; none on the others).
@@ -90,6 +95,17 @@ class Endpoints(BaseModel):
     store_uri: str
     airflow_user: str
     airflow_password: str
+    # Keys for people and upstreams, never a component's: what drops arrivals (writes raw/ only)
+    # and what an operator reads the store with (reads everything, writes nothing).
+    ingest_access_key: str = ""
+    ingest_secret_key: str = ""
+    operator_access_key: str = ""
+    operator_secret_key: str = ""
+
+    def store_environment(self, user: Literal["ingest", "operator"]) -> dict[str, str]:
+        """What ``twocluster`` (or any boto3 / pyarrow client) needs to reach the store as ``user``."""
+        return {"TWOCLUSTER_STORE_URI": self.store_uri, "AWS_ENDPOINT_URL_S3": self.s3_endpoint, "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": getattr(self, f"{user}_access_key"), "AWS_SECRET_ACCESS_KEY": getattr(self, f"{user}_secret_key")}
 
 
 # -- compose's environment, mapped onto loopback --------------------------------------------------
@@ -202,7 +218,7 @@ class LocalStack:
         self.ports = {name: free_port() for name in ("postgres", "s3", "airflow", "spark", "spark_web", "scheduler_health",
                                                       "worker_logs", "trigger_logs")}
         self.worker_web_ports = [free_port() for _ in range(WORKERS)]
-        self.keys = {user: ("STACK" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30)) for user in ("admin", *STORE_USERS)}
+        self.keys = {user: ("STACK" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30)) for user in ("admin", *STORE_USERS, *OUTSIDE_USERS)}
         self.variables = {
             "POSTGRES_USER": "airflow", "POSTGRES_PASSWORD": secrets.token_urlsafe(18), "S3_BUCKET": bucket,
             "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32), "AIRFLOW_FERNET_KEY": _fernet_key(), "AIRFLOW_ADMIN_USER": "admin",
@@ -227,6 +243,8 @@ class LocalStack:
             spark_worker_web_urls=[f"http://127.0.0.1:{p}" for p in self.worker_web_ports],
             s3_endpoint=f"http://127.0.0.1:{self.ports['s3']}", bucket=self.bucket, store_uri=f"s3://{self.bucket}",
             airflow_user=self.variables["AIRFLOW_ADMIN_USER"], airflow_password=self.admin_password,
+            ingest_access_key=self.keys["ingest"][0], ingest_secret_key=self.keys["ingest"][1],
+            operator_access_key=self.keys["operator"][0], operator_secret_key=self.keys["operator"][1],
         )
 
     def env_for(self, component: str) -> dict[str, str]:
@@ -378,7 +396,7 @@ class LocalStack:
         self.rgw.start()
         for name, pid in self.rgw.pids.items():
             self.processes[name] = pid
-        self.rgw.configure_bucket(self.bucket, {u: self.keys[u] for u in STORE_USERS}, BUCKET_POLICY)
+        self.rgw.configure_bucket(self.bucket, {u: self.keys[u] for u in (*STORE_USERS, *OUTSIDE_USERS)}, BUCKET_POLICY)
 
     @property
     def _spark_class(self) -> str:
@@ -525,11 +543,17 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The compose topology as processes on 127.0.0.1 (no Docker).")
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "env"],
+                        help="env: print `export` lines for the store as --as (for eval in a shell of your own)")
+    parser.add_argument("--as", dest="identity", choices=list(OUTSIDE_USERS), default="operator")
     parser.add_argument("--dir", default=str(DEFAULT_DIR), help="the stack's folder (wiped by up)")
     parser.add_argument("--pipelines", default=None, help="pipeline specs folder (default: the repository's pipelines/)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
+    if args.command == "env":
+        endpoints = Endpoints.model_validate_json((root / "endpoints.json").read_text())
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in endpoints.store_environment(args.identity).items()))
+        return 0
     if args.command == "down":
         left = LocalStack(root).down()
         if left:
@@ -544,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     print(string.Template("""
 Airflow        $airflow_url   (user $airflow_user, password in $dir/endpoints.json)
 Spark master   $spark_master_url   (web UI $spark_master_web_url)
-S3 (Ceph RGW)  $s3_endpoint   bucket $bucket; users airflow, spark, trainer
+S3 (Ceph RGW)  $s3_endpoint   bucket $bucket; users airflow, spark, trainer (components), ingest (raw/ only), operator (read-only)
+Next:          make stack-demo   (sample arrivals, a backfill, then `twocluster status` with the operator key)
 Stop it with:  make stack-down
 """).substitute(e.model_dump(), dir=root))
     return 0

@@ -16,13 +16,33 @@ WIDTH, HEIGHT = 760, 230
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 28, 48
 
 
+LEGEND_CHAR_PX = 6.6  # an upper estimate of one character's width at 11 px in a sans-serif font
+LEGEND_GAP_PX = 18
+
+
+def legend_layout(names: list[str], width: int = WIDTH) -> list[tuple[float, int]]:
+    """(x, row) of each legend item: laid out by the width of its label, so long stage names
+    never overlap, wrapping to another row where the line is full."""
+    x, row, out = float(LEFT), 0, []
+    for name in names:
+        item = 14 + len(name) * LEGEND_CHAR_PX
+        if x > LEFT and x + item > width - RIGHT:
+            x, row = float(LEFT), row + 1
+        out.append((x, row))
+        x += item + LEGEND_GAP_PX
+    return out
+
+
 def _frame(title: str, body: str, legend: list[tuple[str, str]] = (), width: int = WIDTH, height: int = HEIGHT) -> str:
+    layout = legend_layout([name for name, _ in legend], width)
+    rows = 1 + max((row for _, row in layout), default=0)
+    total = height + 14 * (rows - 1)  # extra legend rows below the chart, not over its axis labels
     items = "".join(
-        f'<rect x="{LEFT + i * 140}" y="{height - 14}" width="10" height="10" fill="{color}"/>'
-        f'<text x="{LEFT + i * 140 + 14}" y="{height - 5}" class="legend">{escape(name)}</text>'
-        for i, (name, color) in enumerate(legend[:5])
+        f'<rect x="{x:.0f}" y="{height - 14 + 14 * row}" width="10" height="10" fill="{color}"/>'
+        f'<text x="{x + 14:.0f}" y="{height - 5 + 14 * row}" class="legend">{escape(name)}</text>'
+        for (name, color), (x, row) in zip(legend, layout, strict=True)
     )
-    return (f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" '
+    return (f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {total}" '
             f'xmlns="http://www.w3.org/2000/svg" font-family="system-ui, sans-serif" font-size="11">'
             f'<text x="{LEFT}" y="16" font-size="13" font-weight="600">{escape(title)}</text>{body}{items}</svg>')
 

@@ -14,6 +14,7 @@ The DAG factory (:mod:`twocluster.orchestration.dag_factory`) only wires them wi
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 from typing import Any
@@ -24,8 +25,8 @@ from airflow.sdk import BaseOperator
 from twocluster.deployment import SPARK_JOBS_DIR
 from twocluster.orchestration import backends
 from twocluster.orchestration.arrivals import ArrivalDecision
-from twocluster.orchestration.backends import BACKEND_VARIABLE, TrainingBackendConfig
-from twocluster.orchestration.results import RunSettings, SparkJob
+from twocluster.orchestration.backends import BACKEND_VARIABLE, JobState, TrainingBackendConfig
+from twocluster.orchestration.results import RunSettings, SparkJob, TrainingOutcome
 from twocluster.store_access import SPARK_STORE_CONNECTION, STORE_CONNECTION, store_settings
 
 
@@ -135,9 +136,12 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
 class TrainingJobOperator(BaseOperator):
     """Run one training job (its spec's URI) on the backend the ``twocluster_training_backend``
-    variable names when the task runs: it builds that backend's operator
-    (:func:`training_operator`) and runs it in this task; ``on_kill`` reaches it. Returns the
-    trainer's JSON result (the Docker and Kubernetes backends: what their operator returns)."""
+    variable names when the task runs (:mod:`twocluster.orchestration.backends`), the same way on
+    every backend: the job's external id comes from the DAG, task and run (the same for every
+    try); a job of that name still running is followed (a retry, or a worker that restarted,
+    re-attaches), a finished leftover is removed and the job submitted. The log is streamed into
+    the task's; ``on_kill`` kills the job. Returns a :class:`TrainingOutcome` (the trainer's JSON
+    result, the backend and the job's external id)."""
 
     template_fields = ("job_spec_uri",)
     ui_color = "#f3e6ff"
@@ -145,7 +149,7 @@ class TrainingJobOperator(BaseOperator):
     def __init__(self, *, job_spec_uri: str, **kwargs):
         super().__init__(**kwargs)
         self.job_spec_uri = job_spec_uri
-        self._backend_operator: BaseOperator | None = None
+        self._running: tuple[backends.TrainingBackend, str] | None = None
 
     @staticmethod
     def backend_config() -> TrainingBackendConfig:
@@ -153,12 +157,39 @@ class TrainingJobOperator(BaseOperator):
 
         return TrainingBackendConfig.from_json(Variable.get(BACKEND_VARIABLE, default=None))
 
-    def execute(self, context: Any):
+    def execute(self, context: Any) -> dict:
+        from airflow.sdk.exceptions import AirflowException
+
         config = self.backend_config()
-        self.log.info("training backend: %s (variable %s)", config.kind, BACKEND_VARIABLE)
-        self._backend_operator = backends.training_operator(config, task_id=self.task_id, job_spec_uri=self.job_spec_uri)
-        return self._backend_operator.execute(context)
+        backend = backends.backend_for(config)
+        ti = context.get("ti")
+        job = backend.external_id(ti.dag_id, ti.task_id, ti.run_id) if ti is not None else \
+            backend.external_id(self.dag_id if self.has_dag() else "no-dag", self.task_id, os.urandom(6).hex())
+        state = backend.status(job)
+        if state is JobState.RUNNING:
+            self.log.info("training backend %s: re-attaching to %s, started by an earlier try", config.kind, job)
+        else:
+            if state is not JobState.MISSING:
+                self.log.info("training backend %s: removing %s, left %s by an earlier try", config.kind, job, state)
+                backend.remove(job)
+            self.log.info("training backend %s (variable %s): submitting %s", config.kind, BACKEND_VARIABLE, job)
+            backend.submit(job, self.job_spec_uri)
+        self._running = (backend, job)
+        result = ""
+        for line in backend.follow(job):
+            self.log.info("trainer: %s", line)
+            if line.startswith("{"):
+                result = line
+        code = backend.exit_code(job)
+        self._running = None
+        if code != 0:
+            raise AirflowException(f"the trainer exited with {code} ({config.kind} job {job}); see the log above")
+        backend.remove(job)  # a failed job stays for inspection until the next try
+        if not result:
+            raise AirflowException(f"the trainer ({config.kind} job {job}) exited 0 without its JSON result")
+        return TrainingOutcome(backend=config.kind, job=job, **json.loads(result)).to_xcom()
 
     def on_kill(self) -> None:
-        if self._backend_operator is not None:
-            self._backend_operator.on_kill()
+        if self._running is not None:
+            backend, job = self._running
+            backend.kill(job)

@@ -64,6 +64,22 @@ class RunSettings(TaskResult):
         return [*args, "--alias", self.model_alias]
 
 
+class TrainingOutcome(TaskResult):
+    """train: what the trainer returned (its last line of JSON), where it ran, under which name."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer trainer may say more
+
+    backend: str
+    job: str  # the job's external id on its cluster (process / container / pod name)
+    status: str  # trained | already_trained | worker_done
+    model: str
+    version: str
+    manifest_uri: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    resumed_from_epoch: int = 0
+    seconds: float = 0.0
+
+
 class CommittedCheck(TaskResult):
     """A committed version (dataset or predictions) that passed its checks: what it holds."""
 
