@@ -147,7 +147,9 @@ def test_the_readme_screenshot_is_the_ops_page_over_make_runs_store(airflow_page
     env = airflow_env(tmp_path / "airflow", store.root_uri)
     with ApiServer(env, tmp_path / "airflow") as server, airflow_page(server.url, server.user, server.password,
                                                                          viewport={"width": 1280, "height": 900}) as page:
-        response = page.goto(f"{server.url}/twocluster/pipelines/{spec.name}", wait_until="networkidle")
+        first = min(d.date for d in overview.dates if d.dataset)
+        days = (dt.datetime.now(dt.UTC).date() - first).days + 3  # make run's dates, and two before them
+        response = page.goto(f"{server.url}/twocluster/pipelines/{spec.name}?days={days}", wait_until="networkidle")
         assert response.status == 200
         assert page.locator(f"text={published}").count() >= 1 and page.locator(f"text={accuracy:.3f}").count() >= 1
         page.screenshot(path=str(SCREENSHOTS / "ops-page.png"), full_page=True)

@@ -409,3 +409,44 @@ def test_a_spark_worker_killed_and_an_s3_outage_in_one_run_leave_only_complete_v
     assert len(paths) == manifest.counts.accepted == len(set(paths)), "rows lost or duplicated"
     predictions = resolve_latest(store, predictions_prefix, PredictionsManifest, verify_checksums=True)
     assert predictions is not None and predictions.manifest.counts.input == 1500
+
+
+def test_an_operator_reads_the_stack_with_its_read_only_key_and_ingest_writes_only_raw(running):
+    """Issue 34: `make stack-up` ended in a stack nobody outside its processes could use (the keys
+    lived in the launcher's memory). endpoints.json (mode 600) now holds an operator key, which
+    `twocluster status` reads the store with and which writes nothing, and an ingest key, which
+    writes under raw/ only; `stack env` prints the operator's shell settings."""
+    import os
+    import subprocess
+    import sys
+
+    from twocluster.store.storage import StorageError
+
+    stack, spec, _, _ = running
+    saved = json.loads((stack.root / "endpoints.json").read_text())
+    assert saved["operator_access_key"] == stack.keys["operator"][0] and saved["ingest_access_key"] == stack.keys["ingest"][0]
+    exported = subprocess.run([sys.executable, "-m", "twocluster_devtools.stack", "env", "--dir", str(stack.root), "--as", "operator"],
+                              capture_output=True, text=True, check=True).stdout
+    operator_env = dict(line.removeprefix("export ").split("=", 1) for line in exported.splitlines())
+    assert operator_env["AWS_ACCESS_KEY_ID"] == stack.keys["operator"][0] and operator_env["TWOCLUSTER_STORE_URI"] == "s3://twocluster"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW_VAR_", "TWOCLUSTER_STORE"))}
+    status = subprocess.run([sys.executable, "-m", "twocluster.ops.cli", "status", "--json"], env={**clean, **operator_env},
+                            capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stderr[-2000:]
+    seen = json.loads(status.stdout)
+    assert any(row["predictions"] for row in seen["pipelines"][spec.name]["dates"]), "the operator sees the scored dates"
+    assert seen["models"][spec.model.name]["versions"], "and the models"
+
+    endpoints = stack.endpoints
+
+    def as_user(user: str) -> ObjectStore:
+        return ObjectStore(endpoints.store_uri, S3Settings(endpoint_url=endpoints.s3_endpoint, region="us-east-1",
+                                                           access_key=stack.keys[user][0], secret_key=stack.keys[user][1]))
+
+    operator, ingest = as_user("operator"), as_user("ingest")
+    for who, key in [(operator, "raw/_probe/x.wav"), (operator, f"models/{spec.model.name}/aliases/production/_log/x.json"),
+                     (ingest, "datasets/_probe/x"), (ingest, f"models/{spec.model.name}/aliases/production/_log/x.json")]:
+        with pytest.raises(StorageError, match="AccessDenied|403|Access Denied|ACCESS_DENIED"):
+            who.write_bytes(key, b"x")
+    ingest.write_bytes("raw/_probe/x.wav", b"RIFF")
+    assert operator.read_bytes("raw/_probe/x.wav") == b"RIFF"

@@ -269,9 +269,12 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
             raise HTTPException(404, f"no pipeline {name!r}")
         return found
 
-    def overview(name: str) -> PipelineOverview:
+    def overview(name: str, days: int | None = None) -> PipelineOverview:
+        """``days``: the window's length (default the spec's ``monitoring.window_days``)."""
         spec = spec_of(name)
-        return pipeline_overview(store_for(spec), spec)
+        if days is not None and not 1 <= days <= 366:
+            raise HTTPException(400, "days: the window is 1 to 366 days")
+        return pipeline_overview(store_for(spec), spec, window_days=days)
 
     @app.get("/api/pipelines")
     def api_pipelines() -> list[dict]:
@@ -283,8 +286,8 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
         return out
 
     @app.get("/api/pipelines/{name}")
-    def api_pipeline(name: str) -> dict:
-        return overview(name).model_dump(mode="json")
+    def api_pipeline(name: str, days: int | None = None) -> dict:
+        return overview(name, days).model_dump(mode="json")
 
     @app.get("/api/pipelines/{name}/dates/{date}")
     def api_date(name: str, date: dt.date) -> dict:
@@ -320,8 +323,8 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
                                              f"{rows}</table></section>")
 
     @app.get("/pipelines/{name}", response_class=HTMLResponse)
-    def pipeline_page(name: str, notice: str = "", who: str = Depends(user_name)) -> str:
-        return render_overview(overview(name), base, csrf=csrf_for(who), notice=notice)
+    def pipeline_page(name: str, notice: str = "", days: int | None = None, who: str = Depends(user_name)) -> str:
+        return render_overview(overview(name, days), base, csrf=csrf_for(who), notice=notice)
 
     def alias_action(request: Request, csrf: str, who: str, model: str, reason: str, move, describe) -> Response:
         """An alias move from the page: the form token checked, a reason required, the move made
