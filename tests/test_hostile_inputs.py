@@ -29,9 +29,9 @@ TEN_MINUTES = 600
 
 
 def _wav(seconds: float = 1.0, rate: int = 16000, channels: int = 1, subtype: str = "PCM_16", fmt: str = "WAV",
-         amplitude: float = 0.4) -> bytes:
+         amplitude: float = 0.4, offset: float = 0.0) -> bytes:
     t = np.arange(int(rate * seconds)) / rate
-    x = amplitude * np.sin(2 * np.pi * 440.0 * t)
+    x = np.clip(amplitude * np.sin(2 * np.pi * 440.0 * t) + offset, -1.0, 1.0)  # as a recorder clips
     buf = io.BytesIO()
     sf.write(buf, np.stack([x] * channels, axis=1) if channels > 1 else x, rate, subtype=subtype, format=fmt)
     return buf.getvalue()
@@ -81,6 +81,12 @@ def corpus() -> dict[str, tuple[bytes, str]]:
         "yes/empty.wav": (b"", "empty"),
         "yes/garbage.wav": (os.urandom(3000), "undecodable"),
         "yes/new\nline.wav": (_wav(), "bad_name"),
+        # Content (issue 35): label noise a validator flags, each under its own reason.
+        "yes/digital_silence.wav": (_wav(amplitude=0.0), "silent"),
+        "no/near_silent.wav": (_wav(amplitude=0.0005), "silent"),  # -69 dBFS
+        "_silence_/quiet_room.wav": (_wav(amplitude=0.0005), "accepted"),  # the silence class is quiet by design
+        "yes/clipped.wav": (_wav(amplitude=4.0), "clipped"),
+        "stop/dc_offset.wav": (_wav(amplitude=0.3, offset=0.5), "dc_offset"),
         "zebra/clip.wav": (_wav(), "unknown_label"),
         "yes/folder.wav/clip.wav": (_wav(), "unknown_label"),  # a folder that looks like an input
         "yes/.DS_Store": (b"\x00\x00\x00\x01Bud1", "ignored:hidden"),
@@ -133,6 +139,8 @@ def test_every_hostile_file_ends_in_a_counted_outcome_with_its_reason(spark, hos
     details = dict(zip(report["path"], report["detail"], strict=True))
     assert "2147483647 Hz" in details["yes/lying_rate.wav"] and "named .wav" in details["yes/flac_named.wav"]
     assert "from the header" in details["yes/ten_minutes.flac"] and "bytes in the listing" in details["yes/huge.wav"]
+    assert "digital silence" in details["yes/digital_silence.wav"] and "dBFS RMS" in details["no/near_silent.wav"]
+    assert "at full scale" in details["yes/clipped.wav"] and "DC offset of 0.500" in details["stop/dc_offset.wav"]
     # Nothing through a link: "left" holds no clips of its own, and outside.wav was never an input.
     assert manifest.counts.per_label.get("left", 0) == 0 and not any("outside" in p for p in report["path"])
 

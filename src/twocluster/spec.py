@@ -36,10 +36,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AudioContentChecks(_Strict):
+    """What a decoded clip must sound like to be a training example (preprocessing only: scoring
+    takes what arrives). Each check is measured on the clip as decoded, before resampling, and
+    has its own reject reason; ``None`` turns a check off."""
+
+    # silent: RMS level below this (dB full scale); not applied to the silence folders, whose
+    # clips are quiet by design. A keyword clip that quiet is label noise.
+    min_rms_dbfs: float | None = Field(-50.0, le=0)
+    # clipped: more than this share of samples at full scale (|x| >= 0.999).
+    max_clipped_share: float | None = Field(0.01, ge=0, le=1)
+    # dc_offset: the clip's mean (full scale = 1) further from 0 than this.
+    max_dc_offset: float | None = Field(0.2, ge=0, le=1)
+
+
 class AudioInputs(_Strict):
     """Which raw files are inputs, and the limits checked before any is decoded: the size from
     the listing (no read), then the container, sample rate, channels and duration from the header
-    (``soundfile.info``, no decode). Each limit has its own reject reason."""
+    (``soundfile.info``, no decode). Each limit has its own reject reason. ``content``: what the
+    decoded clip must sound like (:class:`AudioContentChecks`)."""
 
     kind: Literal["audio"] = "audio"
     patterns: list[str] = Field(default_factory=lambda: ["*.wav"], min_length=1)
@@ -53,6 +68,7 @@ class AudioInputs(_Strict):
     min_sample_rate: int = Field(4_000, gt=0)
     max_sample_rate: int = Field(192_000, gt=0)
     max_channels: int = Field(8, gt=0)
+    content: AudioContentChecks = Field(default_factory=AudioContentChecks)
 
 
 class ImageInputs(_Strict):

@@ -61,9 +61,11 @@ class Featurizer:
     def decode(self, data: bytes) -> np.ndarray:
         raise NotImplementedError
 
-    def read(self, data: bytes, name: str = "", inputs=None) -> np.ndarray:
+    def read(self, data: bytes, name: str = "", inputs=None, content: bool = False, may_be_quiet: bool = False) -> np.ndarray:
         """Decode one input; with ``inputs``, check its header against their limits first.
-        Featurizers that can check and decode in one pass over the header override this."""
+        Featurizers that can check and decode in one pass over the header override this. With
+        ``content`` (preprocessing), the decoded input is also checked against ``inputs.content``
+        where the input kind has such checks; ``may_be_quiet``: it lies in a silence folder."""
         if inputs is not None:
             self.check_header(data, name, inputs)
         return self.decode(data)
@@ -87,9 +89,12 @@ class Featurizer:
     def featurize_one(self, data: bytes, name: str = "", inputs=None) -> np.ndarray:
         return self.transform(self.read(data, name, inputs)[None, ...])[0]
 
-    def featurize_many(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None, inputs=None) -> FeaturizedBatch:
+    def featurize_many(self, blobs: Sequence[bytes | None], names: Sequence[str] | None = None, inputs=None,
+                       content: bool = False, quiet_folders: frozenset[str] = frozenset()) -> FeaturizedBatch:
         """Featurize a batch; with ``inputs`` (the spec's inputs section) each blob's header is
-        checked against its limits, and against its ``names`` entry, before it is decoded."""
+        checked against its limits, and against its ``names`` entry, before it is decoded. With
+        ``content`` (preprocessing), each decoded input is checked against ``inputs.content``;
+        inputs in ``quiet_folders`` (the silence folders) may be silent."""
         decoded = np.zeros((len(blobs), *self.decoded_shape), dtype=np.float32)
         reasons: list[str | None] = []
         details: list[str] = []
@@ -97,7 +102,9 @@ class Featurizer:
             try:
                 if not data:
                     raise FeaturizeError(EMPTY, "zero bytes")
-                decoded[i] = self.read(bytes(data), names[i] if names is not None else "", inputs)
+                name = names[i] if names is not None else ""
+                quiet = bool(quiet_folders) and posixpath.basename(posixpath.dirname(name)) in quiet_folders
+                decoded[i] = self.read(bytes(data), name, inputs, content, quiet) if content else self.read(bytes(data), name, inputs)
                 reasons.append(None)
                 details.append("")
             except FeaturizeError as e:

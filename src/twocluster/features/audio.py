@@ -18,10 +18,14 @@ import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
 from twocluster.features import UNDECODABLE, WRONG_FORMAT, FeaturizeError, Featurizer, extension_of
-from twocluster.spec import AudioInputs
+from twocluster.spec import AudioContentChecks, AudioInputs
 from twocluster.spec import LogMelFeaturizer as LogMelSpec
 
 TRUNCATED = "truncated"
+SILENT = "silent"
+CLIPPED = "clipped"
+DC_OFFSET = "dc_offset"
+FULL_SCALE = 0.999  # a sample at or beyond it is clipped
 NOT_AUDIO = "not_audio"
 TOO_LONG = "too_long"
 BAD_SAMPLE_RATE = "bad_sample_rate"
@@ -53,6 +57,27 @@ def _check_container(data: bytes) -> None:
         declared = int.from_bytes(data[4:8], "little") + 8
         if declared > len(data) and declared != 0x7FFFFFFF + 8:  # streaming writers leave the max
             raise FeaturizeError(TRUNCATED, f"the WAV header declares {declared} bytes, the file has {len(data)}")
+
+
+def check_content(audio: np.ndarray, checks: AudioContentChecks, may_be_quiet: bool = False) -> None:
+    """Raise :class:`FeaturizeError` (``clipped``, ``dc_offset``, ``silent``) for a decoded clip
+    ([samples, channels] float32 at its own rate, full scale 1) that fails one of ``checks``.
+    Clipping and offset are judged per channel (the worst one), loudness on the clip as a whole."""
+    if checks.max_clipped_share is not None:
+        clipped = float(np.count_nonzero(np.abs(audio) >= FULL_SCALE)) / audio.size
+        if clipped > checks.max_clipped_share:
+            raise FeaturizeError(CLIPPED, f"{clipped:.1%} of the samples are at full scale; the spec allows "
+                                          f"{checks.max_clipped_share:.1%}")
+    if checks.max_dc_offset is not None:
+        offset = float(np.abs(audio.mean(axis=0, dtype=np.float64)).max())
+        if offset > checks.max_dc_offset:
+            raise FeaturizeError(DC_OFFSET, f"a DC offset of {offset:.3f} (full scale 1); the spec allows {checks.max_dc_offset}")
+    if checks.min_rms_dbfs is not None and not may_be_quiet:
+        rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+        level = 20 * np.log10(rms) if rms > 0 else -np.inf
+        if level < checks.min_rms_dbfs:
+            raise FeaturizeError(SILENT, f"{'digital silence' if rms == 0 else f'{level:.1f} dBFS RMS'}, quieter than the "
+                                         f"{checks.min_rms_dbfs:g} dBFS a labelled clip needs")
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -125,11 +150,13 @@ class LogMelFeaturizer(Featurizer):
     def decode(self, data: bytes) -> np.ndarray:
         return self.read(data)
 
-    def read(self, data: bytes, name: str = "", inputs: AudioInputs | None = None) -> np.ndarray:
+    def read(self, data: bytes, name: str = "", inputs: AudioInputs | None = None, content: bool = False,
+             may_be_quiet: bool = False) -> np.ndarray:
         """Mono float32 at the spec's sample rate, exactly one clip long; with ``inputs``, the
         header is checked against its limits first, in the same open of the file. The decoder
         reads at most the allowed duration, so a header that understates the length cannot make
-        it allocate more."""
+        it allocate more. With ``content``, the decoded clip is checked against
+        ``inputs.content`` (:func:`check_content`)."""
         _check_container(data)
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
@@ -155,6 +182,8 @@ class LogMelFeaturizer(Featurizer):
             raise FeaturizeError(UNDECODABLE, "the audio has no samples")
         if audio.shape[0] >= limit:
             raise FeaturizeError(TOO_LONG, f"more than the {self.spec.max_source_seconds}s allowed")
+        if content and inputs is not None:
+            check_content(audio, inputs.content, may_be_quiet)
         mono = audio.mean(axis=1)
         if rate != self.spec.sample_rate:
             import soxr

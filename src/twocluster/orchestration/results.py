@@ -95,10 +95,6 @@ class CommittedCheck(TaskResult):
     created_at: str
     seconds: dict[str, float] = Field(default_factory=dict)
 
-    def metric_values(self) -> dict[str, Any]:
-        """What goes to Airflow's metrics (numbers as gauges, rejects per reason, stage timings)."""
-        return self.model_dump()
-
 
 class DatasetCheck(CommittedCheck):
     """validate_dataset: the date's committed dataset, its counts reconciled and within the threshold."""

@@ -320,6 +320,8 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
     to executors (the spec's sections and where the store is; never credentials)."""
     featurizer_json, kind = spec.featurizer.model_dump_json(), spec.featurizer.kind
     input_limits = spec.inputs
+    # Content checks apply to labelled data (preprocessing); the silence folders may be quiet.
+    quiet_folders = frozenset(spec.labels.silence_folders) if require_label else frozenset()
     root_uri, s3_settings = store.root_uri, store.worker_settings
     max_bytes = spec.inputs.max_bytes
 
@@ -364,7 +366,8 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                 keys, prechecked, known, listed_ok, wanted, _ = plan
                 fetched = list((pool.map if concurrent else map)(fetch, plan.listed))
                 blobs = [b if isinstance(b, bytes) else None for b in fetched]
-                featurized = featurizer.featurize_many(blobs, [keys[i] for i in wanted], input_limits)
+                featurized = featurizer.featurize_many(blobs, [keys[i] for i in wanted], input_limits, content=require_label,
+                                                       quiet_folders=quiet_folders)
                 reasons: list[str | None] = [None] * n
                 details = [""] * n
                 for i in np.flatnonzero(known & ~listed_ok):
