@@ -205,9 +205,12 @@ def test_preprocess_job_runs_an_image_pipeline(spark, file_store):
         pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
         file_store.write_bytes(f"{prefix}/{digits.target[i]}/writer{i % 30:02d}_nohash_{i}.png", _png(pixels))
     file_store.write_bytes(f"{prefix}/3/broken_nohash_0.png", b"\x89PNG\r\n\x1a\n truncated")
+    # Content (issue 35): an empty scan and an over-exposed one, each under its reason.
+    file_store.write_bytes(f"{prefix}/4/empty_scan_nohash_0.png", _png(np.full((8, 8), 128, np.uint8)))
+    file_store.write_bytes(f"{prefix}/7/overexposed_nohash_0.png", _png(np.pad(np.full((2, 2), 90, np.uint8), 15, constant_values=255)))
     result = run_preprocess(spark, spec, file_store, date, run_id="digits")
     manifest = read_manifest(file_store, layout.dataset_version_prefix("digits", date, result.version))
-    assert (manifest.counts.input, manifest.counts.accepted, manifest.counts.rejected) == (151, 150, 1)
-    assert manifest.counts.rejected_by_reason == {"undecodable": 1}
+    assert (manifest.counts.input, manifest.counts.accepted, manifest.counts.rejected) == (153, 150, 3)
+    assert manifest.counts.rejected_by_reason == {"undecodable": 1, "blank": 1, "saturated": 1}
     assert manifest.feature_spec.features["image"].model_dump() == {"dtype": "float32", "shape": [16, 16, 1]}
     assert manifest.feature_spec.label_vocabulary == [str(d) for d in range(10)]

@@ -71,6 +71,17 @@ class AudioInputs(_Strict):
     content: AudioContentChecks = Field(default_factory=AudioContentChecks)
 
 
+class ImageContentChecks(_Strict):
+    """What a decoded image must look like to be a training example (preprocessing only), each
+    check with its reject reason; ``None`` turns one off. Judged on the image as featurized
+    (converted and resized, scaled to [0, 1])."""
+
+    # blank: a standard deviation of pixel values below this (a uniform image: an empty scan).
+    min_contrast: float | None = Field(0.02, ge=0, le=1)
+    # saturated: more than this share of pixels at the top of the range (over-exposed).
+    max_saturated_share: float | None = Field(0.9, ge=0, le=1)
+
+
 class ImageInputs(_Strict):
     """As :class:`AudioInputs`: size from the listing, container and pixel count from the header
     (the featurizer's ``max_source_pixels``) before pixels are decoded."""
@@ -81,6 +92,7 @@ class ImageInputs(_Strict):
         default_factory=lambda: ["PNG", "JPEG"], min_length=1)
     max_bytes: int = Field(32 << 20, gt=0)
     max_depth: int = Field(8, gt=0, le=64)  # as :attr:`AudioInputs.max_depth`
+    content: ImageContentChecks = Field(default_factory=ImageContentChecks)
 
 
 class Labels(_Strict):
