@@ -18,7 +18,9 @@ PACKAGE = ROOT / "src" / "twocluster"
 # The distribution that provides an import name (where the two differ).
 DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "google_crc32c": "google-crc32c", "airflow": "apache-airflow",
                 "fastapi": "apache-airflow", "botocore": "boto3", "sklearn": "scikit-learn", "docker": "apache-airflow-providers-docker",
-                "kubernetes": "apache-airflow-providers-cncf-kubernetes", "pyspark": "pyspark"}
+                "kubernetes": "apache-airflow-providers-cncf-kubernetes", "pyspark": "pyspark",
+                # the OpenLineage client and attrs (its facets are attrs classes) come with the provider
+                "openlineage": "apache-airflow-providers-openlineage", "attr": "apache-airflow-providers-openlineage"}
 # Keras backends: chosen by the image, imported only inside functions that run on that backend.
 BACKENDS = {"tensorflow", "jax", "torch"}
 # Which extras each part of the package may use (the core dependencies always).

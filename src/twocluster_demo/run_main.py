@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         state = "already there" if r.skipped else "generated"
         print(f"  {r.date}: {r.clips} {what} + {r.bad_files} broken files, {r.bytes / 1e6:.1f} MB ({state})")
 
-    env = airflow_env(local / "airflow", store.root_uri, spark_master=args.master)
+    env = airflow_env(local / "airflow", store.root_uri, spark_master=args.master, lineage_dir=local / "lineage")
     prepare(env)
     logs = local / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,13 @@ POOLS = {"spark_cluster": (1, "Spark jobs in flight (the Spark cluster's capacit
 
 
 def airflow_env(airflow_home: Path, store_uri: str, *, dags_folder: Path | None = None, spark_master: str = "local[*]",
-                spark_connection: str | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+                spark_connection: str | None = None, base: dict[str, str] | None = None,
+                lineage_dir: Path | None = None) -> dict[str, str]:
     """Environment for `airflow` commands against the embedded installation. The Spark jobs run
     on ``spark_master`` (an application each), or where ``spark_connection`` (the
-    ``spark_default`` connection as JSON, e.g. a Spark Connect server's) says."""
+    ``spark_default`` connection as JSON, e.g. a Spark Connect server's) says. With
+    ``lineage_dir``, OpenLineage events go there, one JSON file each (the client's file
+    transport); without, the OpenLineage provider stays off."""
     env = dict(os.environ if base is None else base)
     venv_bin = str(Path(sys.executable).parent)
     env.update({
@@ -43,6 +46,10 @@ def airflow_env(airflow_home: Path, store_uri: str, *, dags_folder: Path | None 
         "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
         "PYSPARK_PYTHON": sys.executable,
     })
+    if lineage_dir is not None:
+        Path(lineage_dir).mkdir(parents=True, exist_ok=True)
+        env["AIRFLOW__OPENLINEAGE__NAMESPACE"] = "twocluster"
+        env["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps({"type": "file", "log_file_path": str(Path(lineage_dir) / "event")})
     if env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
         for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
             env[key] = f"{__name__}.SQLITE_CONNECT_ARGS"

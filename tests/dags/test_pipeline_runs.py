@@ -69,7 +69,7 @@ def _make_pipeline(root: Path, dates=(D0, D1, D2, D3)) -> SimpleNamespace:
     spec = load_pipeline_spec(spec_path)
     store = ObjectStore((root / "store").as_uri())
     sample_data.generate(store, spec, list(dates), clips_per_day=100, seed=5, bad_files_per_day=1)
-    env = airflow_env(root / "airflow", store.root_uri, dags_folder=dags, spark_master="local[2]")
+    env = airflow_env(root / "airflow", store.root_uri, dags_folder=dags, spark_master="local[2]", lineage_dir=root / "lineage")
     env["TWOCLUSTER_WORK_DIR"] = str(root / "work")
     # A secret canary (issue 14, item 7): store credentials in the deployment's connection, which
     # must reach no log, XCom, rendered field, manifest, job spec, zip or command line.
@@ -182,6 +182,83 @@ def test_dag_test_runs_the_whole_pipeline(pipeline):
     assert row["dataset"]["version"] == dataset_version and row["predictions"]["model_version"] == model_version
     assert status["models"][spec.model.name]["aliases"]["production"]["version"] == model_version
     assert status["skipped"] == []
+
+
+# OpenLineage's RunEvent (spec 2-0-2) as far as this project's events use it: what a consumer
+# (Marquez, DataHub) requires of the event, its run, job and datasets, and of every facet. (The
+# spec's own JSON schema is published at openlineage.io, which this machine cannot reach.)
+_FACET = {"type": "object", "required": ["_producer", "_schemaURL"],
+          "properties": {"_producer": {"type": "string", "format": "uri"}, "_schemaURL": {"type": "string", "format": "uri"}}}
+_FACETS = {"type": ["object", "null"], "additionalProperties": _FACET}
+_DATASET = {"type": "object", "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string", "minLength": 1}, "name": {"type": "string", "minLength": 1},
+                           "facets": _FACETS, "inputFacets": _FACETS, "outputFacets": _FACETS}}
+RUN_EVENT = {
+    "type": "object", "required": ["eventTime", "producer", "schemaURL", "run", "job"],
+    "properties": {
+        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
+        "eventTime": {"type": "string", "format": "date-time"},
+        "producer": {"type": "string", "format": "uri"}, "schemaURL": {"type": "string", "format": "uri"},
+        "run": {"type": "object", "required": ["runId"],
+                "properties": {"runId": {"type": "string", "format": "uuid"}, "facets": _FACETS}},
+        "job": {"type": "object", "required": ["namespace", "name"],
+                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}, "facets": _FACETS}},
+        "inputs": {"type": "array", "items": _DATASET}, "outputs": {"type": "array", "items": _DATASET},
+    },
+}
+
+
+def test_openlineage_events_describe_every_task_and_the_graph_matches_the_store(pipeline):
+    """Issue 35: the DAG run of test_dag_test_runs_the_whole_pipeline left OpenLineage events
+    (the provider's file transport) for the run and each task; the pipeline's operators name
+    what their jobs read and wrote, so the events' graph is the store's: raw date folder ->
+    dataset version -> model version -> predictions version, with versions, row counts, the
+    feature schema and the rejects by reason (a facet with its own JSON schema)."""
+    import jsonschema
+
+    spec, store = pipeline.spec, pipeline.store
+    events = [json.loads(p.read_text()) for p in sorted((pipeline.root / "lineage").glob("event*"))]
+    assert events, "no OpenLineage event was written"
+    checker = jsonschema.Draft202012Validator(RUN_EVENT, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    for event in events:
+        checker.validate(event)
+    rejects_schema = json.loads((REPO_ROOT / "docs" / "lineage" / "RejectsDatasetFacet.json").read_text())
+    rejects_facet = rejects_schema["$defs"]["RejectsDatasetFacet"]["allOf"][1]
+    completed = {e["job"]["name"].removeprefix(f"{DAG_ID}."): e for e in events if e.get("eventType") == "COMPLETE"}
+    started = {e["job"]["name"].removeprefix(f"{DAG_ID}.") for e in events if e.get("eventType") == "START"}
+    for task in ("check_params", "wait_for_arrivals", "preprocess", "validate_dataset", "decide_retrain", "write_training_job",
+                 "train", "publish", "score", "validate_predictions", "summarize"):
+        assert task in started and task in completed, f"{task}: no START/COMPLETE event"
+    assert DAG_ID in completed, "no event for the DAG run itself"
+
+    def folder(uri: str) -> tuple[str, str]:
+        return "file", uri.removeprefix("file://").rstrip("/")
+
+    (dataset_version,) = _versions(store, layout.dataset_date_prefix(spec.name, D0))
+    (model_version,) = _versions(store, layout.model_versions_prefix(spec.model.name))
+    (pred_version,) = _versions(store, layout.predictions_date_prefix(spec.name, D0))
+    raw = folder(store.uri(layout.raw_date_prefix(spec.name, D0)))
+    dataset = folder(store.uri(layout.dataset_version_prefix(spec.name, D0, dataset_version)))
+    model = folder(store.uri(layout.model_version_prefix(spec.model.name, model_version)))
+    predictions = folder(store.uri(layout.predictions_version_prefix(spec.name, D0, pred_version)))
+
+    def named(datasets: list[dict]) -> list[tuple[str, str]]:
+        return [(d["namespace"], d["name"]) for d in datasets]
+
+    preprocess, train, score = completed["preprocess"], completed["train"], completed["score"]
+    assert named(preprocess["inputs"]) == [raw] and named(preprocess["outputs"]) == [dataset]
+    assert named(train["inputs"]) == [dataset] and named(train["outputs"]) == [model]
+    assert named(score["inputs"]) == [raw, model] and named(score["outputs"]) == [predictions]
+    manifest = read_manifest(store, layout.dataset_version_prefix(spec.name, D0, dataset_version))
+    out = preprocess["outputs"][0]
+    assert out["facets"]["version"]["datasetVersion"] == dataset_version
+    assert out["outputFacets"]["outputStatistics"]["rowCount"] == manifest.counts.accepted
+    assert {f["name"] for f in out["facets"]["schema"]["fields"]} >= {"log_mel", "label"}
+    rejects = out["facets"]["twocluster_rejects"]
+    jsonschema.validate(rejects, rejects_facet)
+    assert rejects["rejectedByReason"] == manifest.counts.rejected_by_reason and rejects["inputs"] == manifest.counts.input
+    assert train["outputs"][0]["facets"]["version"]["datasetVersion"] == model_version
+    assert score["outputs"][0]["facets"]["version"]["datasetVersion"] == pred_version
 
 
 @pytest.mark.parametrize("conf", [

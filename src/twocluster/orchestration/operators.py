@@ -53,6 +53,7 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
     template_fields = (*SparkSubmitOperator.template_fields, "run_settings", "arrivals")
     _connect_job: subprocess.Popen | None = None
+    _lineage: tuple[list, list] | None = None
 
     def __init__(self, *, job: SparkJob | None = None, spec_path: str | None = None, run_settings: Any = None,
                  arrivals: Any = None, **kwargs):
@@ -71,12 +72,14 @@ class PipelineSparkOperator(SparkSubmitOperator):
             self.application_args = run.spark_args(self.job, self.spec_path, incomplete=incomplete)
         url = self.spark_connect_url
         if url is not None:
-            return self._run_on_spark_connect(url)
-        from twocluster.spark.packaging import default_cache_dir, package_zip
+            self._run_on_spark_connect(url)
+        else:
+            from twocluster.spark.packaging import default_cache_dir, package_zip
 
-        self.py_files = str(package_zip(default_cache_dir()))
-        self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
-        return super().execute(context)
+            self.py_files = str(package_zip(default_cache_dir()))
+            self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
+            super().execute(context)
+        self._read_lineage()
 
     @functools.cached_property
     def spark_connect_url(self) -> str | None:
@@ -123,6 +126,30 @@ class PipelineSparkOperator(SparkSubmitOperator):
         if returncode:
             raise AirflowException(f"Cannot execute: {' '.join(command)}. Error code is: {returncode}.")
 
+    def _read_lineage(self) -> None:
+        """What this run's job read and wrote, from the version it committed, for the OpenLineage
+        provider (:mod:`twocluster.orchestration.lineage`): read here, in the task, where the
+        store's connection is at hand. Never fails the task."""
+        from twocluster.orchestration import lineage
+
+        if self.run_settings is None or self.job is None or not lineage.enabled():
+            return
+        try:
+            from twocluster.spec import load_pipeline_spec
+            from twocluster.store_access import store_for
+
+            spec = load_pipeline_spec(self.spec_path)
+            date = RunSettings.from_xcom(self.run_settings).date
+            read = lineage.preprocess_lineage if self.job == "preprocess" else lineage.scoring_lineage
+            self._lineage = read(store_for(spec), spec.name, date)
+        except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
+            self.log.warning("could not read what the job committed for OpenLineage", exc_info=True)
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        from twocluster.orchestration import lineage
+
+        return lineage.operator_lineage(*(self._lineage or ([], [])))
+
     def on_kill(self) -> None:
         job = self._connect_job
         if job is None:
@@ -150,6 +177,7 @@ class TrainingJobOperator(BaseOperator):
         super().__init__(**kwargs)
         self.job_spec_uri = job_spec_uri
         self._running: tuple[backends.TrainingBackend, str] | None = None
+        self._lineage: tuple[list, list] | None = None
 
     @staticmethod
     def backend_config() -> TrainingBackendConfig:
@@ -187,7 +215,29 @@ class TrainingJobOperator(BaseOperator):
         backend.remove(job)  # a failed job stays for inspection until the next try
         if not result:
             raise AirflowException(f"the trainer ({config.kind} job {job}) exited 0 without its JSON result")
-        return TrainingOutcome(backend=config.kind, job=job, **json.loads(result)).to_xcom()
+        outcome = TrainingOutcome(backend=config.kind, job=job, **json.loads(result))
+        self._read_lineage(outcome)
+        return outcome.to_xcom()
+
+    def _read_lineage(self, outcome: TrainingOutcome) -> None:
+        """The job spec's dataset versions -> the model version, for the OpenLineage provider."""
+        from twocluster.orchestration import lineage
+
+        if not lineage.enabled():
+            return
+        try:
+            from twocluster.store.jobspec import load_job_spec
+            from twocluster.store_access import store_for
+
+            datasets = load_job_spec(self.job_spec_uri, store_for(None)).datasets
+            self._lineage = lineage.training_lineage(datasets, outcome.manifest_uri, outcome.version)
+        except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
+            self.log.warning("could not read the training job's lineage for OpenLineage", exc_info=True)
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        from twocluster.orchestration import lineage
+
+        return lineage.operator_lineage(*(self._lineage or ([], [])))
 
     def on_kill(self) -> None:
         if self._running is not None:
