@@ -121,6 +121,27 @@ def test_manifest_records_feature_spec_and_lineage(committed, speech_spec):
     assert {"list", "featurize", "write"} <= set(manifest.seconds)
 
 
+def test_the_version_describes_its_features_per_split_from_the_write_pass(committed):
+    """Issue 35: statistics.json beside the manifest (listed and checksummed by it), per mel bin:
+    count, mean, std, min, max, NaN/inf and a fixed-edge histogram, overall and per split,
+    computed by the tasks as they wrote the shards and merged on the driver."""
+    from twocluster.store.statistics import STATISTICS_FILE, VersionStatistics
+
+    store, _, prefix, manifest = committed
+    (listed,) = [f for f in manifest.files if f.path == STATISTICS_FILE]
+    assert listed.kind is None, "readers that predate the file skip it"
+    stats = VersionStatistics.model_validate_json(store.read_bytes(f"{prefix}/{STATISTICS_FILE}"))
+    assert stats.overall.feature == "log_mel" and len(stats.overall.channels) == 40
+    assert stats.overall.rows == manifest.counts.accepted
+    assert {s: st.rows for s, st in stats.per_split.items()} == manifest.counts.per_split
+    # The features as the trainer reads them back: the same means.
+    train = np.concatenate([np.stack(pq.read_table(io.BytesIO(store.read_bytes(f"{prefix}/{f.path}")))["features"]
+                                     .to_numpy(zero_copy_only=False)).reshape(-1, 40)
+                            for f in manifest.files if f.kind == "parquet" and f.split == "train"])
+    assert np.allclose([c.mean for c in stats.per_split["train"].channels], train.mean(axis=0), atol=1e-3)
+    assert all(c.nan == 0 and c.inf == 0 and sum(c.histogram) == c.count for c in stats.overall.channels)
+
+
 def test_the_version_folder_holds_exactly_the_manifests_files(committed):
     store, _, prefix, manifest = committed
     assert unlisted_files(store, prefix, manifest) == []

@@ -45,7 +45,7 @@ from twocluster.spark.io import (
 )
 from twocluster.spark.session import ARROW_BATCH_ROWS, parallelism
 from twocluster.spec import PipelineSpec
-from twocluster.store import layout
+from twocluster.store import layout, statistics
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
 from twocluster.store.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
 from twocluster.store.storage import ObjectStore
@@ -56,11 +56,13 @@ log = logging.getLogger(__name__)
 
 DATASET_CODE = ("featurizer", "preprocess")  # the code components a dataset's fingerprint covers
 # What one partition's pass reports to the driver: its files (kind tfrecord | parquet), each
-# (split, label)'s accepted rows (kind "accepted") and each rejected input (kind "reject"). Small:
+# (split, label)'s accepted rows (kind "accepted"), each rejected input (kind "reject") and each
+# split's feature statistics (kind "statistics": sums and histograms per channel, as JSON). Small:
 # the features stay in the shards.
 OUTCOME_SCHEMA = ("kind string, split string, path string, staged string, bytes long, checksum string, rows long, "
-                  "label string, folder string, size long, reason string, detail string")
-_OUTCOME_FIELDS = ("kind", "split", "path", "staged", "bytes", "checksum", "rows", "label", "folder", "size", "reason", "detail")
+                  "label string, folder string, size long, reason string, detail string, statistics string")
+_OUTCOME_FIELDS = ("kind", "split", "path", "staged", "bytes", "checksum", "rows", "label", "folder", "size", "reason", "detail",
+                   "statistics")
 
 
 class PreprocessError(RuntimeError):
@@ -171,7 +173,30 @@ def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[
         reported.append(upload("parquet", split, f"parquet/split={split}/{name}.parquet", buf.getvalue(), part.num_rows))
         for label, rows in Counter(part["label"].to_pylist()).items():
             reported.append({"kind": "accepted", "split": split, "label": label, "rows": rows})
+        # The split's feature statistics, from the array just encoded (no second pass).
+        reported.append({"kind": "statistics", "split": split,
+                         "statistics": statistics.partial(features, feature_name, feature_name).model_dump_json()})
     return reported
+
+
+def version_statistics(outcomes) -> statistics.VersionStatistics | None:
+    """The tasks' statistics parts merged: per split, and over the whole version."""
+    parts: dict[str, list] = {}
+    for o in outcomes:
+        if o.kind == "statistics" and o.statistics:
+            parts.setdefault(o.split, []).append(statistics.sums_from_json(o.statistics))
+    if not parts:
+        return None
+    return statistics.VersionStatistics(overall=statistics.merge([p for ps in parts.values() for p in ps]),
+                                        per_split={split: statistics.merge(ps) for split, ps in sorted(parts.items())})
+
+
+def write_statistics(stats: statistics.VersionStatistics, store: ObjectStore, version_prefix: str) -> ManifestFile:
+    """``statistics.json`` in the version's folder (before the commit, so readers see it with the
+    version or not at all), listed by the manifest without a kind: readers that predate it skip it."""
+    data = stats.model_dump_json().encode()
+    checksum = store.write_bytes(f"{version_prefix}/{statistics.STATISTICS_FILE}", data)
+    return ManifestFile(path=statistics.STATISTICS_FILE, bytes=len(data), checksum=checksum)
 
 
 def written_files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:
@@ -258,6 +283,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
 
     files: list[ManifestFile] = []
     staged: dict[str, str] = {}
+    feature_statistics = None
     rejects = pd.DataFrame(columns=["path", "folder", "size", "reason", "detail"])
     summary: Counter[tuple[str, str]] = Counter()
     if len(inputs):
@@ -279,6 +305,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         for o in outcomes:
             if o.kind == "accepted":
                 summary[(o.split, o.label)] += o.rows
+        feature_statistics = version_statistics(outcomes)
 
     per_split: Counter[str] = Counter()
     per_label: Counter[str] = Counter()
@@ -317,6 +344,8 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
         timings["write"] = time.perf_counter() - t
     if len(rejects):
         files.append(write_rejects(rejects, store, version_prefix))
+    if feature_statistics is not None:
+        files.append(write_statistics(feature_statistics, store, version_prefix))
 
     manifest = DatasetManifest(
         version=version,

@@ -1,0 +1,187 @@
+"""Feature statistics of a dataset or predictions version, and the distances between two of them.
+
+A version's features are described per channel (the last axis of a feature tensor: each mel bin
+of a log-mel spectrogram, each colour channel of an image), over every row of the version and
+every other position: count, mean, standard deviation, minimum, maximum, NaN and infinity counts,
+and a histogram over fixed edges (the same for every version of a feature kind, so any two
+compare). Tasks compute them as they write (:func:`partial`, no second pass over the data); the
+driver merges the tasks' parts (:meth:`FeatureStatistics.merge`) and writes them beside the
+manifest as ``statistics.json``, a file the manifest lists (and checksums) like any other.
+
+Skew and drift are TFDV's distances: Jensen-Shannon divergence between two histograms of the same
+channel (base 2: 0 the same, 1 disjoint), and the L-infinity distance between two categorical
+distributions (the largest difference of any one category's share).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+STATISTICS_FILE = "statistics.json"
+# Fixed histogram edges per feature kind: wide enough for any value the featurizer makes (values
+# outside land in the first or last bin).
+EDGES = {
+    "log_mel": np.linspace(-14.0, 6.0, 41),  # log(1e-6) (silence) .. log of a loud clip's power
+    "image": np.linspace(0.0, 1.0, 33),
+}
+
+
+class ChannelStatistics(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    nan: int = 0
+    inf: int = 0
+    histogram: list[int]
+
+
+class FeatureStatistics(BaseModel):
+    """One feature's statistics over a version (or one split of it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    feature: str
+    kind: str
+    rows: int
+    edges: list[float]
+    channels: list[ChannelStatistics]
+
+    def histograms(self) -> np.ndarray:
+        return np.array([c.histogram for c in self.channels], dtype=np.float64)
+
+
+class VersionStatistics(BaseModel):
+    """``statistics.json``: a version's feature statistics, overall and per split."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    overall: FeatureStatistics
+    per_split: dict[str, FeatureStatistics] = Field(default_factory=dict)
+
+
+class _Sums(BaseModel):
+    """What a task reports (additive): per channel counts, sums, sums of squares, extremes, histograms."""
+
+    feature: str
+    kind: str
+    rows: int = 0
+    count: list[int]
+    total: list[float]
+    squares: list[float]
+    low: list[float]
+    high: list[float]
+    nan: list[int]
+    inf: list[int]
+    histogram: list[list[int]]
+
+    def merge(self, other: _Sums) -> _Sums:
+        return _Sums(feature=self.feature, kind=self.kind, rows=self.rows + other.rows,
+                     count=[a + b for a, b in zip(self.count, other.count, strict=True)],
+                     total=[a + b for a, b in zip(self.total, other.total, strict=True)],
+                     squares=[a + b for a, b in zip(self.squares, other.squares, strict=True)],
+                     low=[min(a, b) for a, b in zip(self.low, other.low, strict=True)],
+                     high=[max(a, b) for a, b in zip(self.high, other.high, strict=True)],
+                     nan=[a + b for a, b in zip(self.nan, other.nan, strict=True)],
+                     inf=[a + b for a, b in zip(self.inf, other.inf, strict=True)],
+                     histogram=[[x + y for x, y in zip(a, b, strict=True)] for a, b in zip(self.histogram, other.histogram, strict=True)])
+
+    def finish(self) -> FeatureStatistics:
+        channels = []
+        for i, n in enumerate(self.count):
+            mean = self.total[i] / n if n else 0.0
+            var = max(self.squares[i] / n - mean * mean, 0.0) if n else 0.0
+            channels.append(ChannelStatistics(count=n, mean=mean, std=math.sqrt(var), min=self.low[i] if n else 0.0,
+                                              max=self.high[i] if n else 0.0, nan=self.nan[i], inf=self.inf[i],
+                                              histogram=self.histogram[i]))
+        return FeatureStatistics(feature=self.feature, kind=self.kind, rows=self.rows, edges=EDGES[self.kind].tolist(),
+                                 channels=channels)
+
+
+def partial(features: np.ndarray, feature: str, kind: str) -> _Sums:
+    """One task's statistics of ``features`` ([rows, ..., channels]): one pass of sums and one
+    histogram per channel (a bin index per value, counted per channel with one ``bincount``)."""
+    edges = EDGES[kind]
+    rows = features.shape[0]
+    channels = features.shape[-1]
+    values = features.reshape(-1, channels)
+    finite = np.isfinite(values)
+    nan = np.isnan(values).sum(axis=0)
+    inf = (~finite).sum(axis=0) - nan
+    clean = np.where(finite, values, 0.0)
+    count = finite.sum(axis=0)
+    total = clean.sum(axis=0, dtype=np.float64)
+    squares = np.einsum("ij,ij->j", clean, clean, dtype=np.float64)
+    low = np.where(finite, values, np.inf).min(axis=0, initial=np.inf)
+    high = np.where(finite, values, -np.inf).max(axis=0, initial=-np.inf)
+    bins = np.clip(np.searchsorted(edges, clean, side="right") - 1, 0, len(edges) - 2)
+    nb = len(edges) - 1
+    flat = (bins + np.arange(channels) * nb)[finite]
+    histogram = np.bincount(flat, minlength=channels * nb).reshape(channels, nb)
+    return _Sums(feature=feature, kind=kind, rows=rows, count=count.tolist(), total=total.tolist(), squares=squares.tolist(),
+                 low=low.tolist(), high=high.tolist(), nan=nan.tolist(), inf=inf.tolist(), histogram=histogram.tolist())
+
+
+def sums_from_json(text: str) -> _Sums:
+    return _Sums.model_validate_json(text)
+
+
+def merge(parts: list[_Sums]) -> FeatureStatistics | None:
+    if not parts:
+        return None
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return total.finish()
+
+
+def combine(stats: list[FeatureStatistics]) -> FeatureStatistics | None:
+    """Several versions' statistics as one (a model's training window): histograms and counts
+    add; means and deviations are recombined from each channel's counts."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return None
+    channels = []
+    for i in range(len(stats[0].channels)):
+        parts = [s.channels[i] for s in stats]
+        n = sum(p.count for p in parts)
+        mean = sum(p.mean * p.count for p in parts) / n if n else 0.0
+        second = sum((p.std ** 2 + p.mean ** 2) * p.count for p in parts) / n if n else 0.0
+        channels.append(ChannelStatistics(count=n, mean=mean, std=math.sqrt(max(second - mean * mean, 0.0)),
+                                          min=min(p.min for p in parts), max=max(p.max for p in parts),
+                                          nan=sum(p.nan for p in parts), inf=sum(p.inf for p in parts),
+                                          histogram=[sum(h) for h in zip(*(p.histogram for p in parts), strict=True)]))
+    return FeatureStatistics(feature=stats[0].feature, kind=stats[0].kind, rows=sum(s.rows for s in stats),
+                             edges=stats[0].edges, channels=channels)
+
+
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon divergence (base 2) between histograms, row by row: 0 the same, 1 disjoint."""
+    p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1)
+    q = q / np.maximum(q.sum(axis=-1, keepdims=True), 1)
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)), 0.0).sum(axis=-1)
+
+    return np.clip((kl(p, m) + kl(q, m)) / 2, 0.0, 1.0)
+
+
+def feature_skew(serving: FeatureStatistics, training: FeatureStatistics) -> float:
+    """The largest per-channel Jensen-Shannon divergence between two versions' histograms."""
+    return float(jensen_shannon(serving.histograms(), training.histograms()).max())
+
+
+def l_infinity(p: dict[str, int], q: dict[str, int]) -> float | None:
+    """TFDV's distance between two categorical distributions: the largest difference of a share."""
+    np_, nq = sum(p.values()), sum(q.values())
+    if not np_ or not nq:
+        return None
+    return max(abs(p.get(k, 0) / np_ - q.get(k, 0) / nq) for k in set(p) | set(q))
