@@ -349,3 +349,43 @@ def test_gpu_selection_for_spark_tasks():
     conf = gpu_executor_settings(gpus_per_executor=2, gpus_per_task=0.5)
     assert conf["spark.executor.resource.gpu.amount"] == "2" and conf["spark.task.resource.gpu.amount"] == "0.5"
     assert conf["spark.executor.resource.gpu.discoveryScript"].endswith("get_gpus_resources.sh")
+
+
+def test_a_day_recorded_at_another_gain_skews_from_the_training_data_and_fails_the_health_check(spark, speech_spec, published):
+    """Issue 35: every predictions version describes its features (statistics.json) and how far
+    they lie from its model's training data (Jensen-Shannon per mel bin, L-infinity on the
+    labels); a day recorded 30 dB quieter, the same clips otherwise, is past the spec's
+    monitoring.max_feature_skew, shown per date and failing the health check, and the normal day
+    is not."""
+    import io as _io
+
+    from twocluster.ops.monitoring import health_problems, pipeline_overview
+    from twocluster.store import statistics
+
+    store, model_version = published
+    shifted_date = dt.date(2026, 11, 13)
+    source, target = layout.raw_date_prefix("speech_commands", SCORE_DATE), layout.raw_date_prefix("speech_commands", shifted_date)
+    for obj in store.list(source):
+        data = store.read_bytes(obj.key)
+        try:
+            audio, rate = sf.read(_io.BytesIO(data), dtype="float32")
+            buf = _io.BytesIO()
+            sf.write(buf, audio * 10 ** (-30 / 20), rate, subtype="PCM_16", format="WAV")
+            data = buf.getvalue()
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+            pass  # the broken files and the arrival marker, as they were
+        store.write_bytes(target + obj.key[len(source):], data)
+    normal = run_scoring(spark, speech_spec, store, SCORE_DATE, run_id="skew-normal")
+    shifted = run_scoring(spark, speech_spec, store, shifted_date, run_id="skew-shifted")
+    skew = {d: statistics.read(store, layout.predictions_version_prefix("speech_commands", d, r.version)).skew
+            for d, r in ((SCORE_DATE, normal), (shifted_date, shifted))}
+    limit = speech_spec.monitoring.max_feature_skew
+    assert skew[SCORE_DATE].model_version == model_version and len(skew[SCORE_DATE].per_channel) == 40
+    assert skew[SCORE_DATE].feature_skew < limit < skew[shifted_date].feature_skew, skew
+    assert skew[SCORE_DATE].label_distance is not None and skew[SCORE_DATE].training_versions
+    overview = pipeline_overview(store, speech_spec, today=shifted_date)
+    rows = {r.date: r for r in overview.dates}
+    assert rows[shifted_date].predictions.feature_skew == pytest.approx(skew[shifted_date].feature_skew, abs=1e-4)
+    assert any("feature skew" in p for p in rows[shifted_date].problems) and not any("feature skew" in p for p in rows[SCORE_DATE].problems)
+    (problem,) = [p for p in health_problems(overview) if "feature skew" in p]
+    assert str(shifted_date) in problem and str(SCORE_DATE) not in problem

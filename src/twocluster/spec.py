@@ -279,6 +279,8 @@ class Monitoring(_Strict):
     window_days: int = Field(30, gt=0, description="dates shown")
     max_lag_days: int = Field(2, ge=0, description="newest scored date may be at most this many days old")
     max_drift: float = Field(0.25, gt=0, le=1, description="total variation distance, predictions vs training labels")
+    max_feature_skew: float = Field(0.2, gt=0, le=1, description="Jensen-Shannon divergence of a feature channel's histogram, "
+                                                                  "a scored date vs its model's training data (the largest channel's)")
 
 
 class Timeouts(_Strict):

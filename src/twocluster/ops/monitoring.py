@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from twocluster.spec import PipelineSpec
-from twocluster.store import layout, registry
+from twocluster.store import layout, registry, statistics
 from twocluster.store.commitlog import CommitLog, GateDecided
 from twocluster.store.manifest import (
     CommittedVersion,
@@ -72,6 +72,9 @@ class PredictionsRow(BaseModel):
     mean_confidence: float | None
     below_confidence_floor_share: float | None
     drift: float | None = Field(description="total variation distance to the model's training labels")
+    feature_skew: float | None = Field(None, description="largest per-channel Jensen-Shannon divergence of the scored features' "
+                                                         "histograms from the model's training data (statistics.json)")
+    label_distance: float | None = Field(None, description="L-infinity between predicted and training label shares")
     seconds: dict[str, float]
     manifest_uri: str
 
@@ -137,6 +140,7 @@ class PipelineOverview(BaseModel):
     freshness: Freshness
     max_reject_rate: float
     max_drift: float
+    max_feature_skew: float = 1.0
     dates: list[DateRow]
     models: list[ModelRow]
     alias_moves: list[AliasMove]
@@ -334,6 +338,11 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
         predictions, skipped_p = CACHE.latest(store, layout.predictions_date_prefix(spec.name, day), PredictionsManifest)
         row = DateRow(date=day, raw=raw_by_day[day], dataset=dataset_row(dataset) if dataset else None,
                       predictions=predictions_row(predictions) if predictions else None)
+        if predictions is not None:
+            version_stats = statistics.read(store, layout.predictions_version_prefix(spec.name, day, predictions.version))
+            if version_stats is not None and version_stats.skew is not None:
+                row.predictions.feature_skew = round(version_stats.skew.feature_skew, 4)
+                row.predictions.label_distance = version_stats.skew.label_distance
         return row, skipped_d + skipped_p
 
     rows = []
@@ -355,6 +364,9 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
             row.problems.append("not scored")
         if row.predictions and row.predictions.drift is not None and row.predictions.drift > spec.monitoring.max_drift:
             row.problems.append(f"prediction drift {row.predictions.drift:.2f} above {spec.monitoring.max_drift:.2f}")
+        skew = row.predictions.feature_skew if row.predictions else None
+        if skew is not None and skew > spec.monitoring.max_feature_skew:
+            row.problems.append(f"feature skew {skew:.2f} above {spec.monitoring.max_feature_skew:.2f}")
     scored = [r.date for r in rows if r.predictions is not None]
     newest = max(scored) if scored else None
     lag = (last - newest).days if newest else None
@@ -362,7 +374,8 @@ def pipeline_overview(store: ObjectStore, spec: PipelineSpec, today: dt.date | N
                           late=lag is None or lag > spec.monitoring.max_lag_days)
     return PipelineOverview(
         pipeline=spec.name, model=model, store=store.root_uri, generated_at=dt.datetime.now(dt.UTC), window=window,
-        freshness=freshness, max_reject_rate=threshold, max_drift=spec.monitoring.max_drift, dates=rows, models=models,
+        freshness=freshness, max_reject_rate=threshold, max_drift=spec.monitoring.max_drift,
+        max_feature_skew=spec.monitoring.max_feature_skew, dates=rows, models=models,
         alias_moves=moves, aliases=current, broken_aliases={a: s.broken for a, s in alias_states.items() if s.broken}, skipped=_unique(skipped), read_seconds=round(time.perf_counter() - started, 3))
 
 
@@ -397,8 +410,8 @@ def run_view(overview: PipelineOverview, run_id: str) -> RunView:
 
 
 def health_problems(overview: PipelineOverview) -> list[str]:
-    """What the health check fails on: freshness beyond its limit, and dates whose reject rate or
-    drift is above threshold, each with the dates named."""
+    """What the health check fails on: freshness beyond its limit, a broken alias, and dates whose
+    reject rate, prediction drift or feature skew is above threshold, each with the dates named."""
     problems = []
     f = overview.freshness
     if f.late:
@@ -413,6 +426,11 @@ def health_problems(overview: PipelineOverview) -> list[str]:
                 and r.predictions.drift > overview.max_drift]
     if drifting:
         problems.append(f"{overview.pipeline}: prediction drift above {overview.max_drift:.2f} on {', '.join(drifting)}")
+    skewed = [f"{r.date} ({r.predictions.feature_skew:.2f})" for r in overview.dates
+              if r.predictions and r.predictions.feature_skew is not None and r.predictions.feature_skew > overview.max_feature_skew]
+    if skewed:
+        problems.append(f"{overview.pipeline}: feature skew against the model's training data above {overview.max_feature_skew:.2f} "
+                        f"on {', '.join(skewed)}")
     return problems
 
 

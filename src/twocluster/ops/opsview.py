@@ -114,11 +114,13 @@ def render_overview(o: PipelineOverview, base: str = "", csrf: str | None = None
         f"<td>{_chip(bool(d.predictions), d.predictions.version if d.predictions else 'missing')}</td>"
         f"<td>{escape(d.predictions.model_version) if d.predictions else ''}</td>"
         f"<td class=num>{'' if not d.predictions or d.predictions.drift is None else f'{d.predictions.drift:.3f}'}</td>"
+        f"<td class=num>{'' if not d.predictions or d.predictions.feature_skew is None else f'{d.predictions.feature_skew:.3f}'}</td>"
         f"<td class=num>{'' if not d.predictions or d.predictions.mean_confidence is None else f'{d.predictions.mean_confidence:.2f}'}</td>"
         f"<td>{escape('; '.join(d.problems))}</td></tr>"
         for d in reversed(o.dates))
     freshness = (f"<section id='freshness'><h2>Freshness</h2>{banner}<table><tr><th>date</th><th>raw arrivals</th><th>dataset</th>"
                  f"<th class=num>rejects</th><th>predictions</th><th>scored by</th><th class=num>drift (TVD)</th>"
+                 f"<th class=num>feature skew (JS)</th>"
                  f"<th class=num>mean conf.</th><th>problems</th></tr>{freshness_rows}</table></section>")
 
     versions = [m.version[:15] for m in o.models]
@@ -147,8 +149,10 @@ def render_overview(o: PipelineOverview, base: str = "", csrf: str | None = None
               f"<h2 style='margin-top:12px'>Alias moves</h2><table><tr><th>alias</th><th class=num>entry</th><th>to</th><th>from</th>"
               f"<th>authority</th><th>who</th><th>reason</th></tr>{moves}</table></section>")
 
-    drift = charts.lines("Predictions: drift against training labels, mean confidence, share below the floor", labels,
+    drift = charts.lines("Predictions: drift and feature skew against the training data, mean confidence, share below the floor",
+                         labels,
                          [("drift (TVD)", [d.predictions.drift if d.predictions else None for d in o.dates]),
+                          ("feature skew (JS)", [d.predictions.feature_skew if d.predictions else None for d in o.dates]),
                           ("mean confidence", [d.predictions.mean_confidence if d.predictions else None for d in o.dates]),
                           ("below confidence floor", [d.predictions.below_confidence_floor_share if d.predictions else None for d in o.dates])],
                          y_max=1.0, fmt="{:.2f}")

@@ -191,14 +191,6 @@ def version_statistics(outcomes) -> statistics.VersionStatistics | None:
                                         per_split={split: statistics.merge(ps) for split, ps in sorted(parts.items())})
 
 
-def write_statistics(stats: statistics.VersionStatistics, store: ObjectStore, version_prefix: str) -> ManifestFile:
-    """``statistics.json`` in the version's folder (before the commit, so readers see it with the
-    version or not at all), listed by the manifest without a kind: readers that predate it skip it."""
-    data = stats.model_dump_json().encode()
-    checksum = store.write_bytes(f"{version_prefix}/{statistics.STATISTICS_FILE}", data)
-    return ManifestFile(path=statistics.STATISTICS_FILE, bytes=len(data), checksum=checksum)
-
-
 def written_files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:
     """The shards the :func:`shard_writer` tasks report: the manifest's files, and where each
     is staged."""
@@ -345,7 +337,7 @@ def _build_and_commit(spark, spec, store, date, version, run_id, inputs, ignored
     if len(rejects):
         files.append(write_rejects(rejects, store, version_prefix))
     if feature_statistics is not None:
-        files.append(write_statistics(feature_statistics, store, version_prefix))
+        files.append(statistics.write(feature_statistics, store, version_prefix))
 
     manifest = DatasetManifest(
         version=version,

@@ -51,16 +51,18 @@ from twocluster.spark.io import (
 )
 from twocluster.spark.session import parallelism
 from twocluster.spec import PipelineSpec
-from twocluster.store import layout, registry
+from twocluster.store import layout, registry, statistics
 from twocluster.store.manifest import (
     Counts,
     InFlight,
     Lineage,
+    ManifestError,
     ManifestFile,
     ModelManifest,
     PredictionsManifest,
     PredictionSummary,
     commit_version,
+    read_manifest,
     resolve_latest,
 )
 from twocluster.store.storage import ObjectStore
@@ -72,11 +74,12 @@ log = logging.getLogger(__name__)
 
 # What one partition's scoring pass reports to the driver (:func:`scoring_writer`): its file
 # (kind "file"), per predicted label counts (kind "label"), model loads (kind "load", the load id
-# in ``label``) and rejected inputs (kind "reject").
+# in ``label``), rejected inputs (kind "reject") and the scored features' statistics (kind
+# "statistics", as JSON).
 OUTCOME_SCHEMA = ("kind string, path string, staged string, bytes long, checksum string, rows long, label string, "
-                  "confidence double, low long, folder string, size long, reason string, detail string")
+                  "confidence double, low long, folder string, size long, reason string, detail string, statistics string")
 _OUTCOME_FIELDS = ("kind", "path", "staged", "bytes", "checksum", "rows", "label", "confidence", "low", "folder", "size", "reason",
-                   "detail")
+                   "detail", "statistics")
 PREDICTIONS_CODE = ("featurizer", "scoring")  # the code components a predictions fingerprint covers
 
 
@@ -304,19 +307,21 @@ def predicting_function(store: ObjectStore, model: str, version: str, vocabulary
 
 
 def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, staging: str, columns: dict[str, str],
-                   confidence_floor: float):
+                   confidence_floor: float, feature: tuple[str, int] | None = None):
     """One partition's whole scoring pass, as the function ``mapInArrow`` runs: featurize its
     inputs, predict the accepted rows, write them as one Parquet file with one PUT into the task
     attempt's folder under ``staging``, and report (:data:`OUTCOME_SCHEMA`) the file, each
     predicted label's count, confidence sum and rows below ``confidence_floor``, the model loads
     and the rejected inputs. ``columns``: constant string columns added to every prediction
-    (model version, run id, time). Nothing is cached in the JVM, and the features never return to it."""
+    (model version, run id, time). Nothing is cached in the JVM, and the features never return to it.
+    ``feature``: (name, channels) of the features, whose statistics the task reports as it goes."""
     root_uri, s3_settings = store.root_uri, store.worker_settings
 
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         outcomes: list[dict] = []
+        sums = []
 
         def accepted() -> Iterator[pa.RecordBatch]:
             # Streamed: each featurized batch is predicted before the next is featurized, so a
@@ -327,6 +332,10 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
                     outcomes.append({"kind": "reject", **row})
                 kept = batch.filter(pa.compute.invert(rejected))
                 if kept.num_rows:
+                    if feature is not None:  # the batch's statistics, from the array being scored
+                        values = kept.column("features").flatten().to_numpy(zero_copy_only=False)
+                        part = statistics.partial(values.reshape(kept.num_rows, -1, feature[1]), feature[0], feature[0])
+                        sums[:] = [sums[0].merge(part) if sums else part]
                     yield kept.select(["path", "source_id", "features"])
 
         predicted = [b for b in predict_batches(accepted()) if b.num_rows]
@@ -352,10 +361,40 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
             checksum = ObjectStore(root_uri, s3_settings).write_bytes(staged, data)
             outcomes.append({"kind": "file", "path": rel, "staged": staged, "bytes": len(data), "checksum": checksum,
                              "rows": table.num_rows})
+        if sums:
+            outcomes.append({"kind": "statistics", "statistics": sums[0].model_dump_json()})
         if outcomes:
             yield pa.RecordBatch.from_pylist([{k: o.get(k) for k in _OUTCOME_FIELDS} for o in outcomes])
 
     return score_partition
+
+
+def _key_in(store: ObjectStore, uri: str) -> str | None:
+    """The key of ``uri`` in ``store`` (a lineage URI), or None when it lies elsewhere."""
+    root = store.root_uri.rstrip("/") + "/"
+    return uri[len(root):] if uri.startswith(root) else None
+
+
+def scoring_statistics(store: ObjectStore, outcomes, model_manifest, version: str) -> statistics.VersionStatistics | None:
+    """The scored features' statistics (the tasks' parts merged) and their skew against the
+    model's training data: the statistics of the dataset versions in its lineage, combined
+    (versions written before statistics existed are left out; none: no skew)."""
+    scored = statistics.merge([statistics.sums_from_json(o.statistics) for o in outcomes if o.kind == "statistics" and o.statistics])
+    if scored is None:
+        return None
+    training, used = [], []
+    for uri in model_manifest.lineage.inputs:
+        folder = _key_in(store, uri.rsplit("/", 1)[0])
+        stats = statistics.read(store, folder) if folder else None
+        if stats is not None:
+            training.append(stats.per_split.get("train") or stats.overall)
+            used.append(folder.rsplit("/v=", 1)[-1])
+    baseline = statistics.combine(training)
+    skew = None
+    if baseline is not None and len(baseline.channels) == len(scored.channels):
+        per_channel = statistics.channel_skew(scored, baseline)
+        skew = statistics.Skew(model_version=version, training_versions=used, feature_skew=max(per_channel), per_channel=per_channel)
+    return statistics.VersionStatistics(overall=scored, skew=skew)
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -420,7 +459,8 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             featurizing_function(spec, store, require_label=False),
             predicting_function(store, model, version, model_manifest.label_vocabulary, list(featurizer.shape), spec.scoring.top_k,
                                 spec.scoring.inference_batch_size, spec.scoring.runtime),
-            store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor)
+            store, staging, {"model_version": version, "scored_at": dt.datetime.now(dt.UTC).isoformat(), "run_id": run_id}, floor,
+            feature=(featurizer.feature_name, featurizer.shape[-1]))
         # One pass: each task featurizes, predicts and writes its partition; only file names,
         # counts and rejects come back (caching the featurized rows ran the JVM out of memory).
         outcomes = collect_outcomes(map_listing(spark, inputs, n_partitions, score_partition, OUTCOME_SCHEMA,
@@ -444,6 +484,18 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
         written = [o for o in outcomes if o.kind == "file"]
         files += [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind="predictions") for r in written]
         promote_staged(store, files, {r.path: r.staged for r in written}, version_prefix, staging)
+        scored_statistics = scoring_statistics(store, outcomes, model_manifest, version)
+        if scored_statistics is not None:
+            if scored_statistics.skew is not None:
+                training_labels: Counter[str] = Counter()
+                for uri in model_manifest.lineage.inputs:
+                    folder = _key_in(store, uri.rsplit("/", 1)[0])
+                    try:
+                        training_labels.update(read_manifest(store, folder).counts.per_label if folder else {})
+                    except ManifestError:
+                        continue
+                scored_statistics.skew.label_distance = statistics.l_infinity(summary.predicted_labels, dict(training_labels))
+            files.append(statistics.write(scored_statistics, store, version_prefix))
         accepted = sum(f.rows or 0 for f in files)
         if accepted != n_scored:
             raise RuntimeError(f"wrote {accepted} predictions but scored {n_scored}; not committing")

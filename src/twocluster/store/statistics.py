@@ -20,7 +20,10 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-STATISTICS_FILE = "statistics.json"
+from twocluster.store.manifest import ManifestFile
+from twocluster.store.storage import ObjectStore
+
+STATISTICS_FILE = "statistics.json"  # in a version's folder, listed by its manifest (no kind)
 # Fixed histogram edges per feature kind: wide enough for any value the featurizer makes (values
 # outside land in the first or last bin).
 EDGES = {
@@ -57,13 +60,27 @@ class FeatureStatistics(BaseModel):
         return np.array([c.histogram for c in self.channels], dtype=np.float64)
 
 
+class Skew(BaseModel):
+    """How far a scored date's features lie from what its model was trained on."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_version: str
+    training_versions: list[str] = Field(description="the dataset versions whose statistics made the baseline")
+    feature_skew: float = Field(description="the largest per-channel Jensen-Shannon divergence of the histograms")
+    per_channel: list[float]
+    label_distance: float | None = Field(None, description="L-infinity between predicted and training label shares")
+
+
 class VersionStatistics(BaseModel):
-    """``statistics.json``: a version's feature statistics, overall and per split."""
+    """``statistics.json``: a version's feature statistics, overall and per split; a predictions
+    version's also carries its :class:`Skew` against the model's training data."""
 
     model_config = ConfigDict(extra="ignore")
 
     overall: FeatureStatistics
     per_split: dict[str, FeatureStatistics] = Field(default_factory=dict)
+    skew: Skew | None = None
 
 
 class _Sums(BaseModel):
@@ -174,9 +191,14 @@ def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.clip((kl(p, m) + kl(q, m)) / 2, 0.0, 1.0)
 
 
+def channel_skew(serving: FeatureStatistics, training: FeatureStatistics) -> list[float]:
+    """Per channel, the Jensen-Shannon divergence between two versions' histograms."""
+    return [round(float(d), 6) for d in jensen_shannon(serving.histograms(), training.histograms())]
+
+
 def feature_skew(serving: FeatureStatistics, training: FeatureStatistics) -> float:
     """The largest per-channel Jensen-Shannon divergence between two versions' histograms."""
-    return float(jensen_shannon(serving.histograms(), training.histograms()).max())
+    return max(channel_skew(serving, training))
 
 
 def l_infinity(p: dict[str, int], q: dict[str, int]) -> float | None:
@@ -185,3 +207,21 @@ def l_infinity(p: dict[str, int], q: dict[str, int]) -> float | None:
     if not np_ or not nq:
         return None
     return max(abs(p.get(k, 0) / np_ - q.get(k, 0) / nq) for k in set(p) | set(q))
+
+
+def write(stats: VersionStatistics, store: ObjectStore, version_prefix: str) -> ManifestFile:
+    """``statistics.json`` in a version's folder (before its commit, so readers see it with the
+    version or not at all), listed by the manifest without a kind: readers that predate it skip it."""
+    data = stats.model_dump_json().encode()
+    checksum = store.write_bytes(f"{version_prefix}/{STATISTICS_FILE}", data)
+    return ManifestFile(path=STATISTICS_FILE, bytes=len(data), checksum=checksum)
+
+
+def read(store: ObjectStore, version_prefix: str) -> VersionStatistics | None:
+    """A version's statistics, or None where it has none (written before they existed)."""
+    from twocluster.store.storage import StorageError
+
+    try:
+        return VersionStatistics.model_validate_json(store.read_bytes(f"{version_prefix}/{STATISTICS_FILE}"))
+    except (StorageError, ValueError):  # missing, or not statistics (pydantic's errors are ValueErrors)
+        return None
