@@ -182,6 +182,27 @@ def _gates_released_together(store, versions: list[str], alias: str) -> list:
     return results
 
 
+def test_the_gate_holds_a_test_split_unlike_the_training_split(trained, monkeypatch):
+    """Issue 35: the gate measures how far the candidate's test split lies from its training split
+    (the datasets' statistics.json, Jensen-Shannon per mel bin) and, past the limit, refuses it,
+    or puts it to a person where the pipeline has approvals."""
+    store, _, first = trained
+    measured = gate_and_publish(store, "kws_cnn", first.version, "skew-lenient", 0.0, 1.0, max_split_skew=1.0)
+    assert measured.published and 0.0 < measured.split_skew < 0.3, measured.split_skew
+    # A small test split is mostly sampling noise: the limit waits for SPLIT_SKEW_MIN_ROWS rows.
+    from twocluster.store import statistics
+
+    noisy = gate_and_publish(store, "kws_cnn", first.version, "skew-small", 0.0, 1.0, max_split_skew=measured.split_skew / 2)
+    assert noisy.published and noisy.split_skew == measured.split_skew
+    monkeypatch.setattr(statistics, "SPLIT_SKEW_MIN_ROWS", 0)  # as if the split were large enough
+    strict = gate_and_publish(store, "kws_cnn", first.version, "skew-strict", 0.0, 1.0, max_split_skew=measured.split_skew / 2)
+    assert strict.outcome == "refused" and "test split's features skew" in strict.reason
+    asked = gate_and_publish(store, "kws_cnn", first.version, "skew-asked", 0.0, 1.0, max_split_skew=measured.split_skew / 2,
+                             approval="when_worse_on_any_class")
+    assert asked.outcome == "needs_approval" and "a person must approve" in asked.reason
+    assert registry.resolve_alias(store, "kws_cnn", "skew-strict") is None and registry.resolve_alias(store, "kws_cnn", "skew-asked") is None
+
+
 def test_two_gates_of_one_version_publish_it_exactly_once(trained):
     """Defect 5: the DAG's gate and training_jobs/publish.py (or a backfill and a manual run) gate
     the same version at once: exactly one moves the alias; the other reports it did not."""

@@ -182,7 +182,7 @@ def publish(spec: PipelineSpec, store: ObjectStore, job_spec_uri: str, alias: st
         raise CheckFailed(f"training run {job.run_id} committed no {spec.model.name} version from its inputs ({job_spec_uri})")
     gate = spec.model.gate
     decision = gate_and_publish(store, spec.model.name, committed.version, alias, gate.min_test_accuracy, gate.max_regression,
-                                run_id=run_id or job.run_id, approval=gate.approval)
+                                run_id=run_id or job.run_id, approval=gate.approval, max_split_skew=spec.monitoring.max_feature_skew)
     return GateResult(**decision.model_dump(exclude={"published"}), metrics=committed.manifest.metrics.model_dump(mode="json"))
 
 

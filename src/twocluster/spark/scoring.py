@@ -369,27 +369,14 @@ def scoring_writer(featurize_batches, predict_batches, store: ObjectStore, stagi
     return score_partition
 
 
-def _key_in(store: ObjectStore, uri: str) -> str | None:
-    """The key of ``uri`` in ``store`` (a lineage URI), or None when it lies elsewhere."""
-    root = store.root_uri.rstrip("/") + "/"
-    return uri[len(root):] if uri.startswith(root) else None
-
-
 def scoring_statistics(store: ObjectStore, outcomes, model_manifest, version: str) -> statistics.VersionStatistics | None:
     """The scored features' statistics (the tasks' parts merged) and their skew against the
-    model's training data: the statistics of the dataset versions in its lineage, combined
-    (versions written before statistics existed are left out; none: no skew)."""
+    model's training data: the training splits' statistics of the dataset versions in its
+    lineage, combined (versions written before statistics existed are left out; none: no skew)."""
     scored = statistics.merge([statistics.sums_from_json(o.statistics) for o in outcomes if o.kind == "statistics" and o.statistics])
     if scored is None:
         return None
-    training, used = [], []
-    for uri in model_manifest.lineage.inputs:
-        folder = _key_in(store, uri.rsplit("/", 1)[0])
-        stats = statistics.read(store, folder) if folder else None
-        if stats is not None:
-            training.append(stats.per_split.get("train") or stats.overall)
-            used.append(folder.rsplit("/v=", 1)[-1])
-    baseline = statistics.combine(training)
+    baseline, used = statistics.training_statistics(store, model_manifest.lineage.inputs)
     skew = None
     if baseline is not None and len(baseline.channels) == len(scored.channels):
         per_channel = statistics.channel_skew(scored, baseline)
@@ -489,7 +476,7 @@ def _score_and_commit(spark, spec, store, date, run_id, alias, model_version, ve
             if scored_statistics.skew is not None:
                 training_labels: Counter[str] = Counter()
                 for uri in model_manifest.lineage.inputs:
-                    folder = _key_in(store, uri.rsplit("/", 1)[0])
+                    folder = statistics.key_in(store, uri.rsplit("/", 1)[0])
                     try:
                         training_labels.update(read_manifest(store, folder).counts.per_label if folder else {})
                     except ManifestError:

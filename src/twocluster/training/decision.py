@@ -31,6 +31,7 @@ class GateDecision(BaseModel):
     per_class_accuracy: dict[str, float | None] | None = None  # the candidate's, on the test split (the evidence for a person)
     champion_per_class_accuracy: dict[str, float | None] | None = None
     confusion_matrix: list[list[int]] | None = None
+    split_skew: float | None = None  # the candidate's test split vs its training split (Jensen-Shannon, largest channel)
 
     @computed_field
     @property

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from twocluster import serving
-from twocluster.store import registry
+from twocluster.store import registry, statistics
 from twocluster.store.manifest import ManifestError
 from twocluster.store.storage import ObjectStore
 from twocluster.training import data, report
@@ -110,6 +110,7 @@ def gate_and_publish(
     run_id: str = "",
     test_split: str = "test",
     approval: ApprovalPolicy = "never",
+    max_split_skew: float | None = None,
     before_move: Callable[[registry.AliasState], None] | None = None,
 ) -> GateDecision:
     """Decide whether ``version`` replaces the champion under ``alias``, and move the alias if so.
@@ -155,6 +156,17 @@ def gate_and_publish(
                    "per_class_accuracy": mine.per_class, "confusion_matrix": mine.confusion}
         if not accuracy >= min_test_accuracy:
             return decision("refused", f"test accuracy {accuracy:.3f} is below the floor {min_test_accuracy:.3f}", **numbers)
+        # A test split unlike the training split measures nothing the model will meet: refused,
+        # or put to a person where the pipeline has approvals.
+        measured_skew = statistics.split_skew(store, candidate_manifest.lineage.inputs) if max_split_skew is not None else None
+        if measured_skew is not None:
+            skew, test_rows = measured_skew
+            numbers["split_skew"] = round(skew, 4)
+            if skew > max_split_skew and test_rows >= statistics.SPLIT_SKEW_MIN_ROWS:
+                why = f"its test split's features skew {skew:.3f} from its training split's (Jensen-Shannon; limit {max_split_skew:.3f})"
+                if approval == "never":
+                    return decision("refused", why, **numbers)
+                return decision("needs_approval", f"test accuracy {accuracy:.3f}, but {why}; a person must approve", **numbers)
 
         champions: dict[str, tuple[Measurement | None, float | None, str]] = {}  # version -> (measured, recorded, note)
         for attempt in range(1, MAX_DECISIONS + 1):
