@@ -135,8 +135,10 @@ def test_the_version_describes_its_features_per_split_from_the_write_pass(commit
     assert stats.overall.rows == manifest.counts.accepted
     assert {s: st.rows for s, st in stats.per_split.items()} == manifest.counts.per_split
     # The features as the trainer reads them back: the same means.
+    from twocluster.store.statistics import SAMPLE_EVERY
+
     train = np.concatenate([np.stack(pq.read_table(io.BytesIO(store.read_bytes(f"{prefix}/{f.path}")))["features"]
-                                     .to_numpy(zero_copy_only=False)).reshape(-1, 40)
+                                     .to_numpy(zero_copy_only=False)).reshape(-1, 97, 40)[:, ::SAMPLE_EVERY].reshape(-1, 40)
                             for f in manifest.files if f.kind == "parquet" and f.split == "train"])
     assert np.allclose([c.mean for c in stats.per_split["train"].channels], train.mean(axis=0), atol=1e-3)
     assert all(c.nan == 0 and c.inf == 0 and sum(c.histogram) == c.count for c in stats.overall.channels)

@@ -32,6 +32,11 @@ EDGES = {
 }
 
 
+# Statistics take every SAMPLE_EVERY-th position of each row: 4 keeps their cost (~12 us a clip of
+# 97x40 log-mel values, against ~460 us to featurize it) within a few percent of preprocessing.
+SAMPLE_EVERY = 4
+
+
 class ChannelStatistics(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -122,25 +127,41 @@ class _Sums(BaseModel):
 
 
 def partial(features: np.ndarray, feature: str, kind: str) -> _Sums:
-    """One task's statistics of ``features`` ([rows, ..., channels]): one pass of sums and one
-    histogram per channel (a bin index per value, counted per channel with one ``bincount``)."""
+    """One task's statistics of ``features`` ([rows, positions..., channels]): sums, extremes and
+    one histogram per channel, in a few vectorised passes (the bin of a value is arithmetic on
+    the uniform edges; the histograms of all channels are one ``bincount``), over every
+    :data:`SAMPLE_EVERY`-th position of each row (spectrogram frames, pixel rows): adjacent
+    frames overlap, and a partition's sample still holds tens of thousands of values a channel.
+    Rows are counted exactly."""
     edges = EDGES[kind]
-    rows = features.shape[0]
-    channels = features.shape[-1]
+    rows, channels = features.shape[0], features.shape[-1]
+    if features.ndim >= 3 and features.shape[1] >= SAMPLE_EVERY:
+        features = features[:, ::SAMPLE_EVERY]
     values = features.reshape(-1, channels)
-    finite = np.isfinite(values)
-    nan = np.isnan(values).sum(axis=0)
-    inf = (~finite).sum(axis=0) - nan
-    clean = np.where(finite, values, 0.0)
-    count = finite.sum(axis=0)
-    total = clean.sum(axis=0, dtype=np.float64)
-    squares = np.einsum("ij,ij->j", clean, clean, dtype=np.float64)
-    low = np.where(finite, values, np.inf).min(axis=0, initial=np.inf)
-    high = np.where(finite, values, -np.inf).max(axis=0, initial=-np.inf)
-    bins = np.clip(np.searchsorted(edges, clean, side="right") - 1, 0, len(edges) - 2)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    finite = None if np.isfinite(values.sum(axis=None, dtype=np.float32)) else np.isfinite(values)  # NaN/inf poison the sum
+    if finite is not None:
+        nan = np.isnan(values).sum(axis=0)
+        inf = (~finite).sum(axis=0) - nan
+        values = np.where(finite, values, np.float32(np.nan))
+        count = finite.sum(axis=0)
+        total, squares = np.nansum(values, axis=0, dtype=np.float64), np.nansum(np.square(values, dtype=np.float64), axis=0)
+        low, high = np.nanmin(np.where(finite.any(axis=0), values, 0), axis=0), np.nanmax(np.where(finite.any(axis=0), values, 0), axis=0)
+    else:
+        nan = inf = np.zeros(channels, dtype=np.int64)
+        count = np.full(channels, values.shape[0], dtype=np.int64)
+        total = values.sum(axis=0, dtype=np.float64)
+        squares = np.einsum("ij,ij->j", values, values, dtype=np.float64)
+        low, high = values.min(axis=0), values.max(axis=0)
     nb = len(edges) - 1
-    flat = (bins + np.arange(channels) * nb)[finite]
-    histogram = np.bincount(flat, minlength=channels * nb).reshape(channels, nb)
+    scale = np.float32(nb / (edges[-1] - edges[0]))
+    bins = ((values - np.float32(edges[0])) * scale).astype(np.int32) if finite is None else \
+        ((np.nan_to_num(values, nan=edges[0]) - np.float32(edges[0])) * scale).astype(np.int32)
+    np.clip(bins, 0, nb - 1, out=bins)
+    bins += np.arange(channels, dtype=np.int32) * nb
+    counted = bins.ravel() if finite is None else bins[finite]
+    histogram = np.bincount(counted, minlength=channels * nb).reshape(channels, nb)
     return _Sums(feature=feature, kind=kind, rows=rows, count=count.tolist(), total=total.tolist(), squares=squares.tolist(),
                  low=low.tolist(), high=high.tolist(), nan=nan.tolist(), inf=inf.tolist(), histogram=histogram.tolist())
 
