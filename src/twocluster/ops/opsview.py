@@ -149,8 +149,7 @@ def render_overview(o: PipelineOverview, base: str = "", csrf: str | None = None
               f"<h2 style='margin-top:12px'>Alias moves</h2><table><tr><th>alias</th><th class=num>entry</th><th>to</th><th>from</th>"
               f"<th>authority</th><th>who</th><th>reason</th></tr>{moves}</table></section>")
 
-    drift = charts.lines("Predictions: drift and feature skew against the training data, mean confidence, share below the floor",
-                         labels,
+    drift = charts.lines("Predictions against the training data: drift, feature skew; confidence", labels,
                          [("drift (TVD)", [d.predictions.drift if d.predictions else None for d in o.dates]),
                           ("feature skew (JS)", [d.predictions.feature_skew if d.predictions else None for d in o.dates]),
                           ("mean confidence", [d.predictions.mean_confidence if d.predictions else None for d in o.dates]),
