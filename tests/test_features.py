@@ -214,3 +214,27 @@ def test_preprocess_job_runs_an_image_pipeline(spark, file_store):
     assert manifest.counts.rejected_by_reason == {"undecodable": 1, "blank": 1, "saturated": 1}
     assert manifest.feature_spec.features["image"].model_dump() == {"dtype": "float32", "shape": [16, 16, 1]}
     assert manifest.feature_spec.label_vocabulary == [str(d) for d in range(10)]
+
+
+def test_content_problems_are_rejected_or_counted_as_warnings_as_the_spec_says(speech_spec):
+    """Issue 35: the spec decides whether a content problem rejects the clip (the default) or
+    lets it in with a quality warning under the same reason."""
+    def wav(x: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, x, 16000, subtype="PCM_16", format="WAV")
+        return buf.getvalue()
+
+    t = np.arange(16000) / 16000
+    clips = {"yes/fine.wav": wav(0.3 * np.sin(2 * np.pi * 440 * t)), "yes/silent.wav": wav(np.zeros(16000)),
+             "no/clipped.wav": wav(np.clip(4 * np.sin(2 * np.pi * 440 * t), -1, 1)),
+             "up/offset.wav": wav(0.2 * np.sin(2 * np.pi * 440 * t) + 0.5), "_silence_/room.wav": wav(np.zeros(16000))}
+    featurizer = featurizer_for(speech_spec.featurizer)
+    quiet = frozenset(speech_spec.labels.silence_folders)
+    rejected = featurizer.featurize_many(list(clips.values()), list(clips), speech_spec.inputs, content=True, quiet_folders=quiet)
+    assert rejected.reasons == [None, "silent", "clipped", "dc_offset", None] and rejected.warnings == [None] * 5
+    warn = speech_spec.inputs.model_copy(update={"content": speech_spec.inputs.content.model_copy(update={"action": "warn"})})
+    warned = featurizer.featurize_many(list(clips.values()), list(clips), warn, content=True, quiet_folders=quiet)
+    assert warned.reasons == [None] * 5 and warned.warnings == [None, "silent", "clipped", "dc_offset", None]
+    assert np.abs(warned.features[2]).sum() > 0, "a warned clip is featurized and kept"
+    # Scoring takes what arrives: no content checks without content=True.
+    assert featurizer.featurize_many(list(clips.values()), list(clips), speech_spec.inputs).reasons == [None] * 5

@@ -538,3 +538,29 @@ def test_a_featurizer_change_reprocesses_and_an_unrelated_change_does_not(spark,
     monkeypatch.setattr(spark_io, "code_hashes", lambda: {**real, "featurizer": "sha256:" + "c" * 64})
     changed = run_preprocess(spark, speech_spec, file_store, DATE, run_id="code-3")
     assert changed.status == "committed" and changed.version != first.version
+
+
+def test_content_warnings_are_counted_in_the_versions_statistics(spark, speech_spec, file_store):
+    """Issue 35: with inputs.content.action = warn, a silent or clipped keyword clip is accepted
+    and counted under its reason in statistics.json (the manifest's counts are unchanged)."""
+    import soundfile as sf
+
+    from twocluster.store.statistics import STATISTICS_FILE, VersionStatistics
+
+    spec = speech_spec.model_copy(update={"inputs": speech_spec.inputs.model_copy(
+        update={"content": speech_spec.inputs.content.model_copy(update={"action": "warn"})})})
+    date = dt.date(2026, 11, 21)
+    sample_data.generate_day(file_store, spec, date, clips=40, seed=13, bad_files=0)
+    prefix = layout.raw_date_prefix(spec.name, date)
+    t = np.arange(16000) / 16000
+    for rel, x in (("yes/silent_nohash_0.wav", np.zeros(16000)), ("no/silent_nohash_1.wav", np.zeros(16000)),
+                   ("go/clipped_nohash_0.wav", np.clip(4 * np.sin(2 * np.pi * 300 * t), -1, 1))):
+        buf = io.BytesIO()
+        sf.write(buf, x, 16000, subtype="PCM_16", format="WAV")
+        file_store.write_bytes(f"{prefix}/{rel}", buf.getvalue())
+    result = run_preprocess(spark, spec, file_store, date, run_id="warn", max_reject_rate=0.5)
+    version_prefix = layout.dataset_version_prefix(spec.name, date, result.version)
+    manifest = read_manifest(file_store, version_prefix)
+    assert manifest.counts.rejected == 0 and manifest.counts.accepted == manifest.counts.input
+    stats = VersionStatistics.model_validate_json(file_store.read_bytes(f"{version_prefix}/{STATISTICS_FILE}"))
+    assert stats.quality_warnings == {"clipped": 1, "silent": 2}

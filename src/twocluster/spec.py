@@ -48,6 +48,9 @@ class AudioContentChecks(_Strict):
     max_clipped_share: float | None = Field(0.01, ge=0, le=1)
     # dc_offset: the clip's mean (full scale = 1) further from 0 than this.
     max_dc_offset: float | None = Field(0.2, ge=0, le=1)
+    # reject: the clip is rejected under the check's reason; warn: it is accepted and counted as
+    # a quality warning under that reason (in the version's statistics.json and on the ops page).
+    action: Literal["reject", "warn"] = "reject"
 
 
 class AudioInputs(_Strict):
@@ -80,6 +83,7 @@ class ImageContentChecks(_Strict):
     min_contrast: float | None = Field(0.02, ge=0, le=1)
     # saturated: more than this share of pixels at the top of the range (over-exposed).
     max_saturated_share: float | None = Field(0.9, ge=0, le=1)
+    action: Literal["reject", "warn"] = "reject"  # as AudioContentChecks.action
 
 
 class ImageInputs(_Strict):

@@ -43,6 +43,7 @@ class FeaturizedBatch:
     features: np.ndarray  # [n, *shape] float32; rows of rejected inputs are zeros
     reasons: list[str | None]  # None = accepted
     details: list[str]  # human-readable detail for rejects ("" for accepted)
+    warnings: list[str | None] | None = None  # an accepted input's content problem, where the spec says warn
 
 
 class Featurizer:
@@ -61,11 +62,14 @@ class Featurizer:
     def decode(self, data: bytes) -> np.ndarray:
         raise NotImplementedError
 
-    def read(self, data: bytes, name: str = "", inputs=None, content: bool = False, may_be_quiet: bool = False) -> np.ndarray:
+    def read(self, data: bytes, name: str = "", inputs=None, content: bool = False, may_be_quiet: bool = False,
+             warnings: list[str] | None = None) -> np.ndarray:
         """Decode one input; with ``inputs``, check its header against their limits first.
         Featurizers that can check and decode in one pass over the header override this. With
         ``content`` (preprocessing), the decoded input is also checked against ``inputs.content``
-        where the input kind has such checks; ``may_be_quiet``: it lies in a silence folder."""
+        where the input kind has such checks; ``may_be_quiet``: it lies in a silence folder. Where
+        the checks' ``action`` is ``warn``, a content problem is appended to ``warnings`` instead
+        of raised."""
         if inputs is not None:
             self.check_header(data, name, inputs)
         return self.decode(data)
@@ -98,19 +102,30 @@ class Featurizer:
         decoded = np.zeros((len(blobs), *self.decoded_shape), dtype=np.float32)
         reasons: list[str | None] = []
         details: list[str] = []
+        warnings: list[str | None] = []
         for i, data in enumerate(blobs):
+            found: list[str] = []
             try:
                 if not data:
                     raise FeaturizeError(EMPTY, "zero bytes")
                 name = names[i] if names is not None else ""
                 quiet = bool(quiet_folders) and posixpath.basename(posixpath.dirname(name)) in quiet_folders
-                decoded[i] = self.read(bytes(data), name, inputs, content, quiet) if content else self.read(bytes(data), name, inputs)
+                decoded[i] = self.read(bytes(data), name, inputs, content, quiet, found) if content else self.read(bytes(data), name, inputs)
                 reasons.append(None)
                 details.append("")
             except FeaturizeError as e:
                 reasons.append(e.reason)
                 details.append(e.detail)
-        return FeaturizedBatch(self.transform(decoded), reasons, details)
+            warnings.append(found[0] if found and reasons[-1] is None else None)
+        return FeaturizedBatch(self.transform(decoded), reasons, details, warnings)
+
+    @staticmethod
+    def content_problem(problem: FeaturizeError, checks, warnings: list[str] | None) -> None:
+        """A content check failed: raise it, or, where ``checks.action`` is ``warn``, note it."""
+        if getattr(checks, "action", "reject") == "warn" and warnings is not None:
+            warnings.append(problem.reason)
+            return
+        raise problem
 
 
 def extension_of(name: str) -> str:

@@ -151,7 +151,7 @@ class LogMelFeaturizer(Featurizer):
         return self.read(data)
 
     def read(self, data: bytes, name: str = "", inputs: AudioInputs | None = None, content: bool = False,
-             may_be_quiet: bool = False) -> np.ndarray:
+             may_be_quiet: bool = False, warnings: list[str] | None = None) -> np.ndarray:
         """Mono float32 at the spec's sample rate, exactly one clip long; with ``inputs``, the
         header is checked against its limits first, in the same open of the file. The decoder
         reads at most the allowed duration, so a header that understates the length cannot make
@@ -183,7 +183,10 @@ class LogMelFeaturizer(Featurizer):
         if audio.shape[0] >= limit:
             raise FeaturizeError(TOO_LONG, f"more than the {self.spec.max_source_seconds}s allowed")
         if content and inputs is not None:
-            check_content(audio, inputs.content, may_be_quiet)
+            try:
+                check_content(audio, inputs.content, may_be_quiet)
+            except FeaturizeError as problem:
+                self.content_problem(problem, inputs.content, warnings)
         mono = audio.mean(axis=1)
         if rate != self.spec.sample_rate:
             import soxr

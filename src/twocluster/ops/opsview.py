@@ -29,7 +29,7 @@ from fastapi import Request, Response
 from twocluster.ops import charts
 from twocluster.ops.monitoring import PipelineOverview, RunView, health_problems, pipeline_overview, run_view
 from twocluster.spec import PipelineSpec, load_pipeline_spec
-from twocluster.store import layout, registry
+from twocluster.store import layout, registry, statistics
 from twocluster.store.manifest import ManifestError, verify_files
 from twocluster.store.storage import ObjectStore
 
@@ -181,6 +181,32 @@ def date_lineage(o: PipelineOverview, date: dt.date) -> dict:
         "predictions": row.predictions.model_dump() if row.predictions else None,
         "problems": row.problems,
     }
+
+
+def render_quality(dataset: statistics.VersionStatistics | None, scored: statistics.VersionStatistics | None) -> str:
+    """A date's data quality: the dataset's accepted inputs with content warnings, its features
+    per channel against the scored ones, and the scored features' skew per channel."""
+    if dataset is None and scored is None:
+        return "<section id='quality'><h2>Data quality</h2><p>No statistics (versions written before they existed).</p></section>"
+    parts = []
+    if dataset is not None:
+        warned = ", ".join(f"{escape(r)} {n}" for r, n in dataset.quality_warnings.items()) or "none"
+        parts.append(f"<p>Accepted with a content warning: {warned}.</p>")
+    reference = dataset.overall if dataset is not None else None
+    channels = len((reference or scored.overall).channels)
+    labels = [str(i) for i in range(channels)]
+    series = []
+    if reference is not None:
+        series.append(("dataset mean", [c.mean for c in reference.channels]))
+    if scored is not None:
+        series.append(("scored mean", [c.mean for c in scored.overall.channels]))
+    parts.append(charts.lines(f"Feature means per channel ({escape((reference or scored.overall).feature)})", labels, series,
+                              y_min=min(min(v for _, vs in series for v in vs), 0.0), fmt="{:.1f}"))
+    if scored is not None and scored.skew is not None:
+        skew = scored.skew
+        parts.append(charts.lines(f"Skew per channel against {escape(skew.model_version)}'s training data (Jensen-Shannon; "
+                                  f"largest {skew.feature_skew:.3f})", labels, [("skew", skew.per_channel)], y_max=1.0, fmt="{:.2f}"))
+    return f"<section id='quality'><h2>Data quality</h2>{''.join(parts)}</section>"
 
 
 _NONE_ROW = "<tr><td colspan='6'>none</td></tr>"
@@ -390,8 +416,12 @@ def create_app(store_for: Callable[[PipelineSpec], ObjectStore], specs: Callable
                 (f"model <a href='{base}/models/{o.model}/versions/{p['model_version']}'>{p['model_version']}</a>" if p else "model: -"),
                 f"predictions <code>{escape(p['manifest_uri'])}</code> ({p['rows']} rows)" if p else "predictions: none committed"]
         problems = "".join(f"<li>{escape(x)}</li>" for x in lineage["problems"]) or "<li>none</li>"
+        store = store_for(spec_of(name))
+        dataset_stats = statistics.read(store, layout.dataset_version_prefix(name, date, d["version"])) if d else None
+        scored_stats = statistics.read(store, layout.predictions_version_prefix(name, date, p["version"])) if p else None
         return _page(f"{name} {date}: lineage", f"<p><a href='{base}/pipelines/{name}'>{escape(name)}</a></p><section><h2>Lineage</h2>"
-                                                f"<ol>{''.join(f'<li>{h}</li>' for h in hops)}</ol><h2>Problems</h2><ul>{problems}</ul></section>")
+                                                f"<ol>{''.join(f'<li>{h}</li>' for h in hops)}</ol><h2>Problems</h2><ul>{problems}</ul></section>"
+                                                + render_quality(dataset_stats, scored_stats))
 
     def model_spec(model: str) -> PipelineSpec:
         found = next((s for s in specs().values() if s.model.name == model), None)

@@ -311,7 +311,8 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
     schema = StructType([*inputs.schema.fields, StructField("features", ArrayType(FloatType())),
-                         StructField("reason", StringType()), StructField("detail", StringType())])
+                         StructField("reason", StringType()), StructField("detail", StringType()),
+                         StructField("warning", StringType())])
     return inputs.mapInArrow(featurizing_function(spec, store, require_label), schema)
 
 
@@ -387,9 +388,13 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                 for i in np.flatnonzero(~known):
                     reasons[i] = UNKNOWN_LABEL
                     details[i] = f"folder {batch.column('folder')[i].as_py()!r} is not a keyword, an unknown word or a silence folder"
+                warnings: list[str | None] = [None] * n  # an accepted input's content problem (spec: warn)
+                for i, j in accepted_rows:
+                    warnings[i] = featurized.warnings[j] if featurized.warnings else None
                 yield batch.append_column("features", _feature_lists(n, accepted_rows, featurized.features, row_size)) \
                     .append_column("reason", pa.array(reasons, pa.string())) \
-                    .append_column("detail", pa.array(details, pa.string()))
+                    .append_column("detail", pa.array(details, pa.string())) \
+                    .append_column("warning", pa.array(warnings, pa.string()))
 
     return featurize_batches
 

@@ -165,7 +165,7 @@ def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[
                                 tfrecord_compression)
         reported.append(upload("tfrecord", split, f"tfrecords/{split}/{name}{suffix}", records, part.num_rows))
         buf = io.BytesIO()
-        columns = part.drop_columns([c for c in ("split", "key", "reason", "detail") if c in part.column_names])
+        columns = part.drop_columns([c for c in ("split", "key", "reason", "detail", "warning") if c in part.column_names])
         # No dictionary and no min/max statistics for the features: continuous floats never
         # repeat, and no reader filters on them (measured: the write 15-20% faster).
         others = [c for c in columns.column_names if c != "features"]
@@ -176,6 +176,9 @@ def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[
         # The split's feature statistics, from the array just encoded (no second pass).
         reported.append({"kind": "statistics", "split": split,
                          "statistics": statistics.partial(features, feature_name, feature_name).model_dump_json()})
+        if "warning" in part.column_names:  # accepted inputs with a content problem (spec: warn)
+            for reason, rows in Counter(w for w in part["warning"].to_pylist() if w).items():
+                reported.append({"kind": "warning", "split": split, "reason": reason, "rows": rows})
     return reported
 
 
@@ -187,8 +190,13 @@ def version_statistics(outcomes) -> statistics.VersionStatistics | None:
             parts.setdefault(o.split, []).append(statistics.sums_from_json(o.statistics))
     if not parts:
         return None
+    warnings = Counter()
+    for o in outcomes:
+        if o.kind == "warning":
+            warnings[o.reason] += o.rows
     return statistics.VersionStatistics(overall=statistics.merge([p for ps in parts.values() for p in ps]),
-                                        per_split={split: statistics.merge(ps) for split, ps in sorted(parts.items())})
+                                        per_split={split: statistics.merge(ps) for split, ps in sorted(parts.items())},
+                                        quality_warnings=dict(sorted(warnings.items())))
 
 
 def written_files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:

@@ -86,6 +86,8 @@ class VersionStatistics(BaseModel):
     overall: FeatureStatistics
     per_split: dict[str, FeatureStatistics] = Field(default_factory=dict)
     skew: Skew | None = None
+    # Accepted inputs with a content problem, by reason (the spec's content checks set to warn).
+    quality_warnings: dict[str, int] = Field(default_factory=dict)
 
 
 class _Sums(BaseModel):
