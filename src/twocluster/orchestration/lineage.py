@@ -36,7 +36,7 @@ from twocluster.store.manifest import DatasetManifest, PredictionsManifest, scan
 from twocluster.store.storage import ObjectStore
 
 REJECTS_FACET = "twocluster_rejects"
-REJECTS_FACET_SCHEMA = "https://github.com/twocluster/twocluster/blob/main/docs/lineage/RejectsDatasetFacet.json"
+REJECTS_FACET_SCHEMA = "https://github.com/twocluster/twocluster/blob/main/docs/lineage/RejectsDatasetFacet.json#/$defs/RejectsDatasetFacet"
 
 
 @attr.define
