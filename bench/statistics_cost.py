@@ -32,7 +32,8 @@ def _partition(n: int = 600) -> pa.Table:
         "key": pa.array([f"k{i:05d}" for i in range(n)])})
 
 
-def encode_cost(runs: int = 7) -> tuple[float, float]:
+def encode_cost(runs: int = 7) -> tuple[list[float], list[float]]:
+    """(seconds without statistics, seconds with) of encoding one partition, runs interleaved."""
     table = _partition()
     real = statistics.partial
     empty = statistics._Sums(feature="log_mel", kind="log_mel", count=[], total=[], squares=[], low=[], high=[], nan=[], inf=[],
@@ -51,14 +52,16 @@ def encode_cost(runs: int = 7) -> tuple[float, float]:
     for _ in range(runs):
         without.append(once(False))
         with_.append(once(True))
-    return st.median(without), st.median(with_)
+    return without, with_
 
 
-def content_check_cost(runs: int = 5) -> tuple[float, float] | None:
+def content_check_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[float], list[float]] | None:
+    """(seconds without content checks, seconds with) of featurizing up to 600 clips under
+    ``clips_folder``, runs interleaved; None without clips."""
     from twocluster.features import featurizer_for
     from twocluster.spec import default_spec_path, load_pipeline_spec
 
-    paths = sorted((ROOT / ".local" / "store" / "raw" / "speech_commands").rglob("*.wav"))[:600]
+    paths = sorted(clips_folder.rglob("*.wav"))[:600]
     if not paths:
         return None
     spec = load_pipeline_spec(default_spec_path("speech_commands"))
@@ -73,15 +76,15 @@ def content_check_cost(runs: int = 5) -> tuple[float, float] | None:
         started = time.perf_counter()
         featurizer.featurize_many(blobs, names, spec.inputs, content=True, quiet_folders=quiet)
         with_.append(time.perf_counter() - started)
-    return st.median(without), st.median(with_)
+    return without, with_
 
 
 if __name__ == "__main__":
-    a, b = encode_cost()
+    a, b = map(st.median, encode_cost())
     print(f"encode a 600-clip partition: {a * 1e3:.0f} ms without statistics, {b * 1e3:.0f} ms with ({a / b:.3f}x)")
-    found = content_check_cost()
+    found = content_check_cost(ROOT / ".local" / "store" / "raw" / "speech_commands")
     if found is None:
         print("featurize with content checks: no make run store (.local/store) to read clips from")
     else:
-        a, b = found
+        a, b = map(st.median, found)
         print(f"featurize 600 clips: {a * 1e3:.0f} ms without content checks, {b * 1e3:.0f} ms with ({a / b:.3f}x)")

@@ -118,6 +118,7 @@ def test_an_operator_signs_in_and_sees_the_page(served, airflow_page, tmp_path):
         # Its data quality (issue 35): the features per mel bin against the scored ones, and their skew.
         quality = page.locator("#quality")
         assert quality.locator("svg.chart").count() == 2 and "Skew per channel" in quality.inner_text()
+        assert "rms_dbfs" in quality.locator("#clips").inner_text()
         quality.screenshot(path=str(SCREENSHOTS / "date-quality.png"))
         # The DAG run's "Store lineage" tab in Airflow's own UI: an iframe on the run's commits.
         page.goto(f"{server.url}/dags/{spec.name}/runs/ui-train/plugin/store-lineage", wait_until="networkidle")

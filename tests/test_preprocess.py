@@ -142,6 +142,10 @@ def test_the_version_describes_its_features_per_split_from_the_write_pass(commit
                             for f in manifest.files if f.kind == "parquet" and f.split == "train"])
     assert np.allclose([c.mean for c in stats.per_split["train"].channels], train.mean(axis=0), atol=1e-3)
     assert all(c.nan == 0 and c.inf == 0 and sum(c.histogram) == c.count for c in stats.overall.channels)
+    # Each accepted clip's quality, summarised: loudness, peak, clipping, DC offset, silence.
+    loudness = stats.clips["rms_dbfs"]
+    assert loudness.count == manifest.counts.accepted and -50 < loudness.p05 <= loudness.p50 <= loudness.p95 < 0
+    assert set(stats.clips) == {"rms_dbfs", "peak", "clipped_share", "dc_offset", "silence_share"}
 
 
 def test_the_version_folder_holds_exactly_the_manifests_files(committed):
@@ -564,3 +568,4 @@ def test_content_warnings_are_counted_in_the_versions_statistics(spark, speech_s
     assert manifest.counts.rejected == 0 and manifest.counts.accepted == manifest.counts.input
     stats = VersionStatistics.model_validate_json(file_store.read_bytes(f"{version_prefix}/{STATISTICS_FILE}"))
     assert stats.quality_warnings == {"clipped": 1, "silent": 2}
+    assert stats.clips["silence_share"].max == 1.0 and stats.clips["rms_dbfs"].min == -120.0  # the digital silence, accepted

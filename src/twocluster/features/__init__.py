@@ -44,6 +44,7 @@ class FeaturizedBatch:
     reasons: list[str | None]  # None = accepted
     details: list[str]  # human-readable detail for rejects ("" for accepted)
     warnings: list[str | None] | None = None  # an accepted input's content problem, where the spec says warn
+    measures: list[tuple[float, ...] | None] | None = None  # an accepted input's quality measures (audio: CLIP_MEASURES)
 
 
 class Featurizer:
@@ -63,7 +64,7 @@ class Featurizer:
         raise NotImplementedError
 
     def read(self, data: bytes, name: str = "", inputs=None, content: bool = False, may_be_quiet: bool = False,
-             warnings: list[str] | None = None) -> np.ndarray:
+             warnings: list[str] | None = None, measures: list | None = None) -> np.ndarray:
         """Decode one input; with ``inputs``, check its header against their limits first.
         Featurizers that can check and decode in one pass over the header override this. With
         ``content`` (preprocessing), the decoded input is also checked against ``inputs.content``
@@ -103,21 +104,24 @@ class Featurizer:
         reasons: list[str | None] = []
         details: list[str] = []
         warnings: list[str | None] = []
+        measures: list[tuple[float, ...] | None] = []
         for i, data in enumerate(blobs):
             found: list[str] = []
+            taken: list = []
             try:
                 if not data:
                     raise FeaturizeError(EMPTY, "zero bytes")
                 name = names[i] if names is not None else ""
                 quiet = bool(quiet_folders) and posixpath.basename(posixpath.dirname(name)) in quiet_folders
-                decoded[i] = self.read(bytes(data), name, inputs, content, quiet, found) if content else self.read(bytes(data), name, inputs)
+                decoded[i] = self.read(bytes(data), name, inputs, content, quiet, found, taken) if content else self.read(bytes(data), name, inputs)
                 reasons.append(None)
                 details.append("")
             except FeaturizeError as e:
                 reasons.append(e.reason)
                 details.append(e.detail)
             warnings.append(found[0] if found and reasons[-1] is None else None)
-        return FeaturizedBatch(self.transform(decoded), reasons, details, warnings)
+            measures.append(taken[0] if taken and reasons[-1] is None else None)
+        return FeaturizedBatch(self.transform(decoded), reasons, details, warnings, measures)
 
     @staticmethod
     def content_problem(problem: FeaturizeError, checks, warnings: list[str] | None) -> None:

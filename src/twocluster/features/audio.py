@@ -59,10 +59,40 @@ def _check_container(data: bytes) -> None:
             raise FeaturizeError(TRUNCATED, f"the WAV header declares {declared} bytes, the file has {len(data)}")
 
 
-def check_content(audio: np.ndarray, checks: AudioContentChecks, may_be_quiet: bool = False) -> None:
+SILENCE_FRAME_DBFS = -60.0  # a 10 ms frame this quiet counts as silence
+
+
+def clip_measures(audio: np.ndarray, rate: int) -> tuple[float, ...]:
+    """A decoded clip's quality, as ``twocluster.store.statistics.CLIP_MEASURES``: RMS level (dB full scale; -120 for
+    digital silence), peak, share of samples at full scale, DC offset (the worst channel's
+    mean), share of 10 ms frames quieter than :data:`SILENCE_FRAME_DBFS`."""
+    power = np.square(audio, dtype=np.float64).mean(axis=1)
+    rms = float(np.sqrt(power.mean()))
+    frame = max(rate // 100, 1)
+    frames = power[: power.size // frame * frame].reshape(-1, frame).mean(axis=1) if power.size >= frame else power[:1]
+    quiet = float((frames < 10 ** (SILENCE_FRAME_DBFS / 10)).mean())
+    return (20 * np.log10(rms) if rms > 0 else -120.0, float(np.abs(audio).max()),
+            float(np.count_nonzero(np.abs(audio) >= FULL_SCALE)) / audio.size,
+            float(np.abs(audio.mean(axis=0, dtype=np.float64)).max()), quiet)
+
+
+def check_content(audio: np.ndarray, checks: AudioContentChecks, may_be_quiet: bool = False,
+                  measures: tuple[float, ...] | None = None) -> None:
     """Raise :class:`FeaturizeError` (``clipped``, ``dc_offset``, ``silent``) for a decoded clip
     ([samples, channels] float32 at its own rate, full scale 1) that fails one of ``checks``.
-    Clipping and offset are judged per channel (the worst one), loudness on the clip as a whole."""
+    Clipping and offset are judged per channel (the worst one), loudness on the clip as a whole.
+    ``measures``: the clip's :func:`clip_measures`, where already taken."""
+    if measures is not None:
+        level, _, clipped, offset, _ = measures
+        if checks.max_clipped_share is not None and clipped > checks.max_clipped_share:
+            raise FeaturizeError(CLIPPED, f"{clipped:.1%} of the samples are at full scale; the spec allows "
+                                          f"{checks.max_clipped_share:.1%}")
+        if checks.max_dc_offset is not None and offset > checks.max_dc_offset:
+            raise FeaturizeError(DC_OFFSET, f"a DC offset of {offset:.3f} (full scale 1); the spec allows {checks.max_dc_offset}")
+        if checks.min_rms_dbfs is not None and not may_be_quiet and level < checks.min_rms_dbfs:
+            raise FeaturizeError(SILENT, f"{'digital silence' if level <= -120 else f'{level:.1f} dBFS RMS'}, quieter than the "
+                                         f"{checks.min_rms_dbfs:g} dBFS a labelled clip needs")
+        return
     if checks.max_clipped_share is not None:
         clipped = float(np.count_nonzero(np.abs(audio) >= FULL_SCALE)) / audio.size
         if clipped > checks.max_clipped_share:
@@ -151,7 +181,7 @@ class LogMelFeaturizer(Featurizer):
         return self.read(data)
 
     def read(self, data: bytes, name: str = "", inputs: AudioInputs | None = None, content: bool = False,
-             may_be_quiet: bool = False, warnings: list[str] | None = None) -> np.ndarray:
+             may_be_quiet: bool = False, warnings: list[str] | None = None, measures: list | None = None) -> np.ndarray:
         """Mono float32 at the spec's sample rate, exactly one clip long; with ``inputs``, the
         header is checked against its limits first, in the same open of the file. The decoder
         reads at most the allowed duration, so a header that understates the length cannot make
@@ -183,8 +213,11 @@ class LogMelFeaturizer(Featurizer):
         if audio.shape[0] >= limit:
             raise FeaturizeError(TOO_LONG, f"more than the {self.spec.max_source_seconds}s allowed")
         if content and inputs is not None:
+            taken = clip_measures(audio, rate)
+            if measures is not None:
+                measures.append(taken)
             try:
-                check_content(audio, inputs.content, may_be_quiet)
+                check_content(audio, inputs.content, may_be_quiet, taken)
             except FeaturizeError as problem:
                 self.content_problem(problem, inputs.content, warnings)
         mono = audio.mean(axis=1)

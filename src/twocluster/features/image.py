@@ -42,7 +42,7 @@ class ImageFeaturizer(Featurizer):
             raise FeaturizeError(TOO_LARGE, f"{width}x{height} exceeds {self.spec.max_source_pixels} pixels")
 
     def read(self, data: bytes, name: str = "", inputs: ImageInputs | None = None, content: bool = False,
-             may_be_quiet: bool = False, warnings: list[str] | None = None) -> np.ndarray:
+             may_be_quiet: bool = False, warnings: list[str] | None = None, measures: list | None = None) -> np.ndarray:
         """As the base class's, and with ``content``, the pixels checked against ``inputs.content``."""
         pixels = super().read(data, name, inputs)
         if content and inputs is not None:

@@ -192,6 +192,11 @@ def render_quality(dataset: statistics.VersionStatistics | None, scored: statist
     if dataset is not None:
         warned = ", ".join(f"{escape(r)} {n}" for r, n in dataset.quality_warnings.items()) or "none"
         parts.append(f"<p>Accepted with a content warning: {warned}.</p>")
+        if dataset.clips:
+            rows = "".join(f"<tr><td>{escape(name)}</td>" + "".join(f"<td class=num>{v:.3g}</td>" for v in (m.p05, m.p50, m.p95, m.min, m.max))
+                           + "</tr>" for name, m in dataset.clips.items())
+            parts.append("<table id='clips'><tr><th>per accepted input</th><th class=num>p5</th><th class=num>median</th>"
+                         f"<th class=num>p95</th><th class=num>min</th><th class=num>max</th></tr>{rows}</table>")
     reference = dataset.overall if dataset is not None else None
     channels = len((reference or scored.overall).channels)
     labels = [str(i) for i in range(channels)]

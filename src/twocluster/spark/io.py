@@ -312,7 +312,7 @@ def featurize(inputs, spec: PipelineSpec, store: ObjectStore, require_label: boo
 
     schema = StructType([*inputs.schema.fields, StructField("features", ArrayType(FloatType())),
                          StructField("reason", StringType()), StructField("detail", StringType()),
-                         StructField("warning", StringType())])
+                         StructField("warning", StringType()), StructField("quality", ArrayType(FloatType()))])
     return inputs.mapInArrow(featurizing_function(spec, store, require_label), schema)
 
 
@@ -389,12 +389,15 @@ def featurizing_function(spec: PipelineSpec, store: ObjectStore, require_label: 
                     reasons[i] = UNKNOWN_LABEL
                     details[i] = f"folder {batch.column('folder')[i].as_py()!r} is not a keyword, an unknown word or a silence folder"
                 warnings: list[str | None] = [None] * n  # an accepted input's content problem (spec: warn)
+                quality: list[tuple[float, ...] | None] = [None] * n  # and its quality measures (preprocessing)
                 for i, j in accepted_rows:
                     warnings[i] = featurized.warnings[j] if featurized.warnings else None
+                    quality[i] = featurized.measures[j] if featurized.measures else None
                 yield batch.append_column("features", _feature_lists(n, accepted_rows, featurized.features, row_size)) \
                     .append_column("reason", pa.array(reasons, pa.string())) \
                     .append_column("detail", pa.array(details, pa.string())) \
-                    .append_column("warning", pa.array(warnings, pa.string()))
+                    .append_column("warning", pa.array(warnings, pa.string())) \
+                    .append_column("quality", pa.array(quality, pa.list_(pa.float32())))
 
     return featurize_batches
 

@@ -65,6 +65,38 @@ class FeatureStatistics(BaseModel):
         return np.array([c.histogram for c in self.channels], dtype=np.float64)
 
 
+class MeasureSummary(BaseModel):
+    """One per-input quality measure over a version's accepted inputs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    count: int
+    mean: float
+    min: float
+    p05: float
+    p50: float
+    p95: float
+    max: float
+
+
+CLIP_MEASURES = ("rms_dbfs", "peak", "clipped_share", "dc_offset", "silence_share")  # as twocluster.features.audio's
+
+
+def clip_quality(measured: list[list[float]]) -> dict[str, MeasureSummary]:
+    """Each measure's summary over the inputs' measures (rows of :data:`CLIP_MEASURES`)."""
+    if not measured:
+        return {}
+    values = np.asarray(measured, dtype=np.float64)
+    out = {}
+    for i, name in enumerate(CLIP_MEASURES[: values.shape[1]]):
+        column = values[:, i]
+        p05, p50, p95 = np.percentile(column, [5, 50, 95])
+        out[name] = MeasureSummary(count=column.size, mean=round(float(column.mean()), 6), min=round(float(column.min()), 6),
+                                   p05=round(float(p05), 6), p50=round(float(p50), 6), p95=round(float(p95), 6),
+                                   max=round(float(column.max()), 6))
+    return out
+
+
 class Skew(BaseModel):
     """How far a scored date's features lie from what its model was trained on."""
 
@@ -88,6 +120,8 @@ class VersionStatistics(BaseModel):
     skew: Skew | None = None
     # Accepted inputs with a content problem, by reason (the spec's content checks set to warn).
     quality_warnings: dict[str, int] = Field(default_factory=dict)
+    # The accepted inputs' quality measures (audio: loudness, peak, clipping, DC offset, silence).
+    clips: dict[str, MeasureSummary] = Field(default_factory=dict)
 
 
 class _Sums(BaseModel):
