@@ -209,8 +209,8 @@ def render_quality(dataset: statistics.VersionStatistics | None, scored: statist
                               y_min=min(min(v for _, vs in series for v in vs), 0.0), fmt="{:.1f}"))
     if scored is not None and scored.skew is not None:
         skew = scored.skew
-        parts.append(charts.lines(f"Skew per channel against {escape(skew.model_version)}'s training data (Jensen-Shannon; "
-                                  f"largest {skew.feature_skew:.3f})", labels, [("skew", skew.per_channel)], y_max=1.0, fmt="{:.2f}"))
+        parts.append(charts.lines(f"Skew per channel vs the model's training data (Jensen-Shannon, max {skew.feature_skew:.3f})",
+                                  labels, [("skew", skew.per_channel)], y_max=1.0, fmt="{:.2f}"))
     return f"<section id='quality'><h2>Data quality</h2>{''.join(parts)}</section>"
 
 
