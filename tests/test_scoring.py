@@ -351,41 +351,46 @@ def test_gpu_selection_for_spark_tasks():
     assert conf["spark.executor.resource.gpu.discoveryScript"].endswith("get_gpus_resources.sh")
 
 
-def test_a_day_recorded_at_another_gain_skews_from_the_training_data_and_fails_the_health_check(spark, speech_spec, published):
+def test_a_day_recorded_at_another_sample_rate_skews_from_the_training_data_and_fails_the_health_check(spark, speech_spec, published):
     """Issue 35: every predictions version describes its features (statistics.json) and how far
     they lie from its model's training data (Jensen-Shannon per mel bin, L-infinity on the
-    labels); a day recorded 30 dB quieter, the same clips otherwise, is past the spec's
-    monitoring.max_feature_skew, shown per date and failing the health check, and the normal day
-    is not."""
+    labels); a day recorded at 8 kHz (the same clips: nothing above 4 kHz), is past the spec's
+    monitoring.max_feature_skew, shown per date and failing the health check, and the same day
+    recorded as usual is not. (Its own dates: other tests add recordings to SCORE_DATE.)"""
     import io as _io
+
+    import soxr
 
     from twocluster.ops.monitoring import health_problems, pipeline_overview
     from twocluster.store import statistics
 
     store, model_version = published
-    shifted_date = dt.date(2026, 11, 13)
-    source, target = layout.raw_date_prefix("speech_commands", SCORE_DATE), layout.raw_date_prefix("speech_commands", shifted_date)
+    normal_date, shifted_date = dt.date(2026, 11, 14), dt.date(2026, 11, 15)
+    sample_data.generate_day(store, speech_spec, normal_date, clips=60, seed=33)
+    source, target = layout.raw_date_prefix("speech_commands", normal_date), layout.raw_date_prefix("speech_commands", shifted_date)
     for obj in store.list(source):
         data = store.read_bytes(obj.key)
         try:
             audio, rate = sf.read(_io.BytesIO(data), dtype="float32")
             buf = _io.BytesIO()
-            sf.write(buf, audio * 10 ** (-30 / 20), rate, subtype="PCM_16", format="WAV")
+            sf.write(buf, soxr.resample(audio, rate, 8000), 8000, subtype="PCM_16", format="WAV")
             data = buf.getvalue()
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
-            pass  # the broken files and the arrival marker, as they were
+            pass  # the arrival marker, as it was
         store.write_bytes(target + obj.key[len(source):], data)
-    normal = run_scoring(spark, speech_spec, store, SCORE_DATE, run_id="skew-normal")
+    normal = run_scoring(spark, speech_spec, store, normal_date, run_id="skew-normal")
     shifted = run_scoring(spark, speech_spec, store, shifted_date, run_id="skew-shifted")
     skew = {d: statistics.read(store, layout.predictions_version_prefix("speech_commands", d, r.version)).skew
-            for d, r in ((SCORE_DATE, normal), (shifted_date, shifted))}
+            for d, r in ((normal_date, normal), (shifted_date, shifted))}
     limit = speech_spec.monitoring.max_feature_skew
-    assert skew[SCORE_DATE].model_version == model_version and len(skew[SCORE_DATE].per_channel) == 40
-    assert skew[SCORE_DATE].feature_skew < limit < skew[shifted_date].feature_skew, skew
-    assert skew[SCORE_DATE].label_distance is not None and skew[SCORE_DATE].training_versions
+    assert skew[normal_date].model_version == model_version and len(skew[normal_date].per_channel) == 40
+    # Another day of other speakers measured ~0.1 from the training day; the 8 kHz copy of it ~0.4.
+    assert skew[normal_date].feature_skew < limit < skew[shifted_date].feature_skew, skew
+    assert skew[normal_date].label_distance is not None and skew[normal_date].training_versions
     overview = pipeline_overview(store, speech_spec, today=shifted_date)
     rows = {r.date: r for r in overview.dates}
     assert rows[shifted_date].predictions.feature_skew == pytest.approx(skew[shifted_date].feature_skew, abs=1e-4)
-    assert any("feature skew" in p for p in rows[shifted_date].problems) and not any("feature skew" in p for p in rows[SCORE_DATE].problems)
+    assert any("feature skew" in p for p in rows[shifted_date].problems)
+    assert not any("feature skew" in p for p in rows[normal_date].problems)
     (problem,) = [p for p in health_problems(overview) if "feature skew" in p]
-    assert str(shifted_date) in problem and str(SCORE_DATE) not in problem
+    assert str(shifted_date) in problem and str(normal_date) not in problem
