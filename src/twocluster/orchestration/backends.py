@@ -114,8 +114,19 @@ class TrainingBackend(ABC):
     kind: ClassVar[str]
     NAME_LIMIT: ClassVar[int] = 100
 
-    def __init__(self, config: TrainingBackendConfig):
+    def __init__(self, config: TrainingBackendConfig, client: Any = None):
         self.config = config
+        self._client = client  # the cluster manager's API client; tests hand in a recording one
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _connect(self):
+        """The cluster manager's API client, made on first use (never at DAG parse time)."""
+        raise NotImplementedError(f"the {self.kind} backend has no API client")
 
     def external_id(self, dag_id: str, task_id: str, run_id: str) -> str:
         """The job's name on the cluster: the same for every try of one task of one DAG run."""
@@ -223,19 +234,11 @@ class DockerBackend(TrainingBackend):
     environment, given when it is created (as ``docker run -e``), never in a rendered field."""
 
     kind = "docker"
-    NAME_LIMIT = 100
 
-    def __init__(self, config: TrainingBackendConfig, client: Any = None):
-        super().__init__(config)
-        self._client = client
+    def _connect(self):
+        import docker
 
-    @property
-    def client(self):
-        if self._client is None:
-            import docker
-
-            self._client = docker.APIClient(base_url=self.config.docker_url)
-        return self._client
+        return docker.APIClient(base_url=self.config.docker_url)
 
     def _container(self, job: str) -> dict | None:
         found = self.client.containers(all=True, filters={"name": f"^/{job}$"})
@@ -297,17 +300,10 @@ class KubernetesBackend(TrainingBackend):
     NAME_LIMIT = 63
     POLL_SECONDS = 5.0
 
-    def __init__(self, config: TrainingBackendConfig, client: Any = None):
-        super().__init__(config)
-        self._client = client
+    def _connect(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    @property
-    def client(self):
-        if self._client is None:
-            from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-            self._client = KubernetesHook(conn_id=self.config.kubernetes_conn_id).core_v1_client
-        return self._client
+        return KubernetesHook(conn_id=self.config.kubernetes_conn_id).core_v1_client
 
     def _pod(self, job: str):
         from kubernetes.client.exceptions import ApiException
