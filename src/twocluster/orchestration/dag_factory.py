@@ -298,16 +298,15 @@ def build_pipeline_dag(spec_path: str | os.PathLike[str]) -> DAG:
         def summarize(run: dict, dataset: dict) -> dict:
             ti = get_current_context()["ti"]
 
-            def pulled(task_id: str, key: str = "return_value"):  # None when the task was skipped
-                return ti.xcom_pull(task_ids=task_id, key=key)
+            def pulled(model, task_id: str):  # None where the task was skipped (or never ran)
+                value = ti.xcom_pull(task_ids=task_id)
+                return model.from_xcom(value) if value else None
 
-            retrain = RetrainDecision.model_validate(pulled("decide_retrain", "decision"))
-            gate = GateResult.from_xcom(pulled("publish")) if retrain.retrain and pulled("publish") else None
-            answer = pulled("approve") if gate else None  # None unless a person was asked
-            predictions = pulled("validate_predictions")
+            retrain = RetrainDecision.model_validate(ti.xcom_pull(task_ids="decide_retrain", key="decision"))
+            gate = pulled(GateResult, "publish") if retrain.retrain else None
             summary = RunSummary(run=RunSettings.from_xcom(run), dataset=DatasetCheck.from_xcom(dataset), retrain=retrain, gate=gate,
-                                 approval=ApprovalAnswer.from_xcom(answer) if answer else None,
-                                 predictions=PredictionsCheck.from_xcom(predictions) if predictions else None)
+                                 approval=pulled(ApprovalAnswer, "approve") if gate else None,  # None unless a person was asked
+                                 predictions=pulled(PredictionsCheck, "validate_predictions"))
             print(SUMMARY_MARKER)
             print(summary.format())
             return summary.to_xcom()
