@@ -188,6 +188,14 @@ _COMMIT_RECORDS: dict[tuple, bytes] = {}  # log entries and manifests, by (store
 _COMMIT_RECORDS_LIMIT = 50_000
 
 
+def _is_immutable(key: str) -> bool:
+    """What the page may cache by key, size and time: commit records, and a version's
+    statistics.json (written before its commit, never after)."""
+    parts = key.split("/")
+    return layout.is_commit_record(key) or (len(parts) >= 2 and parts[-1] == statistics.STATISTICS_FILE
+                                            and parts[-2].startswith(layout.VERSION_FOLDER_PREFIX) and layout.STAGING_FOLDER not in parts)
+
+
 def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
     """The pipeline's part of the store as the page reads it: one recursive listing per area (its
     datasets, predictions, and the model's versions, aliases and gate log), then every log entry
@@ -201,8 +209,11 @@ def snapshot(store: ObjectStore, spec: PipelineSpec) -> StoreSnapshot:
     view = StoreSnapshot(store, [layout.datasets_prefix(spec.name), layout.predictions_prefix(spec.name),
                                  layout.model_versions_prefix(model), layout.model_aliases_prefix(model),
                                  layout.model_gate_prefix(model)],
-                         immutable_cache=_COMMIT_RECORDS, is_immutable=layout.is_commit_record, readers=_READERS)
-    view.prefetch(key for key in view.objects if layout.is_log_entry_key(key))  # commits carry their manifests
+                         immutable_cache=_COMMIT_RECORDS, is_immutable=_is_immutable, readers=_READERS)
+    # Commits carry their manifests; a scored date's skew is in its predictions' statistics.json.
+    predictions = layout.predictions_prefix(spec.name) + "/"
+    view.prefetch(key for key in view.objects
+                  if layout.is_log_entry_key(key) or (key.startswith(predictions) and _is_immutable(key)))
     return view
 
 
