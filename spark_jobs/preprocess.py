@@ -8,7 +8,8 @@ process instead, the job runs as a Spark Connect client on that long-lived serve
 (``twocluster.spark.session.connect_session``).
 
 Prints one JSON line with the outcome (version, counts, manifest URI) for the caller (Airflow
-pushes it to XCom). Exit code 0: committed or unchanged; 1: rejected (reject rate above the
+pushes it to XCom). Where an OpenLineage transport is configured, the job reports its run
+(START, COMPLETE or FAIL) under the run that launched it (``twocluster.lineage``). Exit code 0: committed or unchanged; 1: rejected (reject rate above the
 threshold, bad arguments); the message says which.
 """
 
@@ -19,6 +20,7 @@ import logging
 import sys
 import uuid
 
+from twocluster import lineage
 from twocluster.spark.preprocess import PreprocessError, run_preprocess
 from twocluster.spark.session import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
@@ -48,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
         try:
-            result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.max_reject_rate,
-                                    complete=not args.incomplete)
+            with lineage.spark_job_run(spark, f"{spec.name}.preprocess.spark", [lineage.raw_input(store, spec.name, args.date)],
+                                       lambda: lineage.preprocess_lineage(store, spec.name, args.date)):
+                result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}",
+                                        args.max_reject_rate, complete=not args.incomplete)
         finally:
             spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:

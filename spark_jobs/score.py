@@ -8,7 +8,9 @@ process instead, the job runs as a Spark Connect client on that long-lived serve
 (``twocluster.spark.session.connect_session``).
 
 Prints one JSON line (predictions version, counts, model version, model loads). Exit codes:
-0 committed or unchanged; 1 nothing published, feature-spec mismatch or bad arguments.
+0 committed or unchanged; 1 nothing published, feature-spec mismatch or bad arguments. Where an
+OpenLineage transport is configured, the job reports its run under the run that launched it
+(``twocluster.lineage``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import uuid
 from dataclasses import asdict
 
+from twocluster import lineage
 from twocluster.spark.scoring import ScoringError, run_scoring
 from twocluster.spark.session import get_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
@@ -46,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"score-{spec.name}-{args.date}", master=args.master)
         try:
-            result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias, args.model_version)
+            with lineage.spark_job_run(spark, f"{spec.name}.score.spark", [lineage.raw_input(store, spec.name, args.date)],
+                                       lambda: lineage.scoring_lineage(store, spec.name, args.date)):
+                result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias,
+                                     args.model_version)
         finally:
             spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ScoringError, RegistryError, ManifestError) as e:

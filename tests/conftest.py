@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import uuid
@@ -161,3 +162,41 @@ def cached_within(paths, seconds: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+OPENLINEAGE_SPEC = Path(__file__).parent / "openlineage_spec"  # OpenLineage's own JSON schemas (see its README)
+
+
+def openlineage_validator():
+    """A function validating one RunEvent against OpenLineage's schemas: the event against
+    ``OpenLineage.json``'s RunEvent, each facet against the facet schema its ``_schemaURL`` names
+    (the local copy of that facet, whatever its version), and facets of other producers (Airflow's,
+    ours) against the spec's base facet or their own published schema."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    documents = {p.name: json.loads(p.read_text()) for p in [OPENLINEAGE_SPEC / "OpenLineage.json", *sorted((OPENLINEAGE_SPEC / "facets").glob("*.json")),
+                                                             Path(__file__).parents[1] / "docs" / "lineage" / "RejectsDatasetFacet.json"]}
+    registry = Registry().with_resources((doc["$id"], Resource.from_contents(doc)) for doc in documents.values())
+
+    def check(schema_url: str, instance: dict) -> None:
+        nonlocal registry
+        base, _, fragment = schema_url.partition("#")
+        name = base.rsplit("/", 1)[-1]
+        if base not in registry and name in documents:  # another version of a facet we have: ours is the reference
+            registry = registry.with_resource(base, Resource.from_contents(documents[name]))
+        assert base in registry, f"no schema for {schema_url}"
+        validator = jsonschema.Draft202012Validator({"$ref": schema_url}, registry=registry,
+                                                    format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+        validator.validate(instance)
+
+    def validate(event: dict) -> None:
+        check(event["schemaURL"], event)
+        facets = [*(event["run"].get("facets") or {}).values(), *(event["job"].get("facets") or {}).values()]
+        for dataset in [*event.get("inputs", []), *event.get("outputs", [])]:
+            facets += [*(dataset.get("facets") or {}).values(), *(dataset.get("outputFacets") or {}).values(),
+                       *(dataset.get("inputFacets") or {}).values()]
+        for facet in facets:
+            check(facet["_schemaURL"], facet)
+
+    return validate

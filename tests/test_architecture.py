@@ -19,13 +19,13 @@ PACKAGE = ROOT / "src" / "twocluster"
 DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "google_crc32c": "google-crc32c", "airflow": "apache-airflow",
                 "fastapi": "apache-airflow", "botocore": "boto3", "sklearn": "scikit-learn", "docker": "apache-airflow-providers-docker",
                 "kubernetes": "apache-airflow-providers-cncf-kubernetes", "pyspark": "pyspark",
-                # the OpenLineage client and attrs (its facets are attrs classes) come with the provider
-                "openlineage": "apache-airflow-providers-openlineage", "attr": "apache-airflow-providers-openlineage"}
+                # the OpenLineage client; attrs (its facets are attrs classes) comes with it
+                "openlineage": "openlineage-python", "attr": "openlineage-python"}
 # Keras backends: chosen by the image, imported only inside functions that run on that backend.
 BACKENDS = {"tensorflow", "jax", "torch"}
 # Which extras each part of the package may use (the core dependencies always).
 COMPONENT_EXTRAS = {
-    "store": [], "spec.py": [], "version.py": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
+    "store": [], "spec.py": [], "version.py": [], "lineage.py": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
     "store_access.py": ["airflow"],  # Airflow inside its functions, where a configuration asks Airflow
     "features": ["spark"],
     "spark": ["spark"],
@@ -37,7 +37,7 @@ COMPONENT_EXTRAS = {
     "twocluster_devtools": ["airflow"],
 }
 # Code of the package a component may import besides its own folder.
-SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving",
+SHARED = {"twocluster.store", "twocluster.spec", "twocluster.version", "twocluster.deployment", "twocluster.serving", "twocluster.lineage",
           "twocluster.store_access"}
 MAY_IMPORT = {
     "features": SHARED,

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import openlineage_validator
 
 from twocluster.spec import load_pipeline_spec
 from twocluster.store import layout, registry
@@ -184,55 +185,18 @@ def test_dag_test_runs_the_whole_pipeline(pipeline):
     assert status["skipped"] == []
 
 
-SPEC = REPO_ROOT / "tests" / "openlineage_spec"  # OpenLineage's own JSON schemas (see its README)
-
-
-def _openlineage_validator():
-    """A function validating one RunEvent against OpenLineage's schemas: the event against
-    ``OpenLineage.json``'s RunEvent, each facet against the facet schema its ``_schemaURL`` names
-    (the local copy of that facet, whatever its version), and facets of other producers (Airflow's,
-    ours) against the spec's base facet or their own published schema."""
-    import jsonschema
-    from referencing import Registry, Resource
-
-    documents = {p.name: json.loads(p.read_text()) for p in [SPEC / "OpenLineage.json", *sorted((SPEC / "facets").glob("*.json")),
-                                                             REPO_ROOT / "docs" / "lineage" / "RejectsDatasetFacet.json"]}
-    registry = Registry().with_resources((doc["$id"], Resource.from_contents(doc)) for doc in documents.values())
-
-    def check(schema_url: str, instance: dict) -> None:
-        nonlocal registry
-        base, _, fragment = schema_url.partition("#")
-        name = base.rsplit("/", 1)[-1]
-        if base not in registry and name in documents:  # another version of a facet we have: ours is the reference
-            registry = registry.with_resource(base, Resource.from_contents(documents[name]))
-        assert base in registry, f"no schema for {schema_url}"
-        validator = jsonschema.Draft202012Validator({"$ref": schema_url}, registry=registry,
-                                                    format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-        validator.validate(instance)
-
-    def validate(event: dict) -> None:
-        check(event["schemaURL"], event)
-        facets = [*(event["run"].get("facets") or {}).values(), *(event["job"].get("facets") or {}).values()]
-        for dataset in [*event.get("inputs", []), *event.get("outputs", [])]:
-            facets += [*(dataset.get("facets") or {}).values(), *(dataset.get("outputFacets") or {}).values(),
-                       *(dataset.get("inputFacets") or {}).values()]
-        for facet in facets:
-            check(facet["_schemaURL"], facet)
-
-    return validate
-
-
 def test_openlineage_events_describe_every_task_and_the_graph_matches_the_store(pipeline):
     """Issue 35: the DAG run of test_dag_test_runs_the_whole_pipeline left OpenLineage events
     (the provider's file transport) for the run and each task, each valid against OpenLineage's
     own JSON schemas (the event, every facet); the pipeline's operators name
     what their jobs read and wrote, so the events' graph is the store's: raw date folder ->
     dataset version -> model version -> predictions version, with versions, row counts, the
-    feature schema and the rejects by reason (a facet with its own JSON schema)."""
+    feature schema and the rejects by reason (a facet with its own JSON schema). The Spark jobs
+    report their own runs, parented to their tasks."""
     spec, store = pipeline.spec, pipeline.store
     events = [json.loads(p.read_text()) for p in sorted((pipeline.root / "lineage").glob("event*"))]
     assert events, "no OpenLineage event was written"
-    validate = _openlineage_validator()
+    validate = openlineage_validator()
     for event in events:
         validate(event)
     completed = {e["job"]["name"].removeprefix(f"{DAG_ID}."): e for e in events if e.get("eventType") == "COMPLETE"}
@@ -269,6 +233,19 @@ def test_openlineage_events_describe_every_task_and_the_graph_matches_the_store(
     assert rejects["rejectedByReason"] == manifest.counts.rejected_by_reason and rejects["inputs"] == manifest.counts.input
     assert train["outputs"][0]["facets"]["version"]["datasetVersion"] == model_version
     assert score["outputs"][0]["facets"]["version"]["datasetVersion"] == pred_version
+
+    # The Spark jobs' own runs (not the provider's task events): each under the task run that
+    # launched it, the DAG run at its root, with the same datasets as the task reports.
+    dag_run = completed[DAG_ID]["run"]["runId"]
+    for job, task in (("preprocess", preprocess), ("score", score)):
+        own = [e for e in events if e["job"]["name"] == f"{spec.name}.{job}.spark"
+               and e["run"]["facets"]["parent"]["run"]["runId"] == task["run"]["runId"]]
+        assert [e["eventType"] for e in own] == ["START", "COMPLETE"], f"{job}: {[e['eventType'] for e in own]}"
+        parent = own[-1]["run"]["facets"]["parent"]
+        assert parent["job"]["name"] == f"{DAG_ID}.{job}" and len({e["run"]["runId"] for e in own}) == 1
+        assert (parent["root"]["job"]["name"], parent["root"]["run"]["runId"]) == (DAG_ID, dag_run)
+        assert own[-1]["run"]["facets"]["processing_engine"]["name"] == "spark"
+        assert named(own[-1]["inputs"]) == named(task["inputs"]) and named(own[-1]["outputs"]) == named(task["outputs"])
 
 
 @pytest.mark.parametrize("conf", [
@@ -332,6 +309,14 @@ def test_a_daily_run_on_a_spark_connect_server(tmp_path_factory, spark_connect_s
     (pred_version,) = _versions(store, layout.predictions_date_prefix(spec.name, D0))
     predictions = read_manifest(store, layout.predictions_version_prefix(spec.name, D0, pred_version))
     assert predictions.model_version == model_version and predictions.counts.input == 101
+    # A Spark Connect client has no Spark properties of its own: it is told its parent in
+    # OPENLINEAGE_CONTEXT, and reports its run under its task all the same.
+    events = [json.loads(p.read_text()) for p in (pipeline.root / "lineage").glob("event*")]
+    tasks = {e["job"]["name"]: e["run"]["runId"] for e in events if e["eventType"] == "COMPLETE"}
+    for job in ("preprocess", "score"):
+        (own,) = [e for e in events if e["job"]["name"] == f"{spec.name}.{job}.spark" and e["eventType"] == "COMPLETE"]
+        assert own["run"]["facets"]["parent"]["run"]["runId"] == tasks[f"{DAG_ID}.{job}"]
+        assert own["outputs"], f"{job}: the job's run names no output"
 
 
 def _free_port() -> int:

@@ -1,137 +1,20 @@
-"""What each job read and wrote, in OpenLineage's terms, for the Airflow OpenLineage provider.
+"""The Airflow side of lineage (:mod:`twocluster.lineage` builds the datasets): the provider's
+return type for the operators, whether the provider is on, and what a Spark job's driver is told
+so that its own OpenLineage run hangs under the task that launched it.
 
-The provider emits a START and a COMPLETE (or FAIL) RunEvent for every DAG run and task once a
-transport is configured (``[openlineage] transport``; the embedded default writes files to
-``.local/lineage/``, a deployment points it at Marquez, DataHub, ... with one setting). It cannot
-see what a ``spark-submit`` or a training container touched, so the pipeline's operators say so
-(``get_openlineage_facets_on_complete``, built here from the committed manifests):
-
-* ``preprocess``: the date's raw folder → the dataset version it committed (version, rows and
-  bytes, the feature schema, the rejects by reason in the ``twocluster_rejects`` facet);
-* ``train``: the dataset versions of the job spec → the model version the trainer committed;
-* ``score``: the date's raw folder and the model version → the predictions version.
-
-The store is read in the task (:func:`preprocess_lineage` and the others, called from
-``execute`` when the provider is on), and the events are built from what was read: the provider
-calls ``get_openlineage_facets_on_complete`` in a forked process with a time limit, where the
-task's connections and variables are not to be asked for.
-
-Dataset names follow OpenLineage's naming for object stores: namespace ``s3://<bucket>`` and the
-key as the name, or namespace ``file`` and the absolute path.
+Imported only when a task runs (never at DAG parse time): the provider's modules are not light.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import attr
-from openlineage.client.event_v2 import InputDataset, OutputDataset
-from openlineage.client.generated.base import DatasetFacet
-from openlineage.client.generated.dataset_version_dataset import DatasetVersionDatasetFacet
-from openlineage.client.generated.output_statistics_output_dataset import OutputStatisticsOutputDatasetFacet
-from openlineage.client.generated.schema_dataset import SchemaDatasetFacet, SchemaDatasetFacetFields
-
-from twocluster.store import layout
-from twocluster.store.manifest import DatasetManifest, PredictionsManifest, scan_location
-from twocluster.store.storage import ObjectStore
-
-REJECTS_FACET = "twocluster_rejects"
-REJECTS_FACET_SCHEMA = "https://github.com/twocluster/twocluster/blob/main/docs/lineage/RejectsDatasetFacet.json#/$defs/RejectsDatasetFacet"
-
-
-@attr.define
-class RejectsDatasetFacet(DatasetFacet):
-    """The inputs a dataset version turned away, by reason (``docs/lineage/RejectsDatasetFacet.json``)."""
-
-    inputs: int
-    accepted: int
-    rejected: int
-    rejectedByReason: dict[str, int] = attr.field(factory=dict)  # noqa: N815 - OpenLineage's spelling
-
-    @staticmethod
-    def _get_schema() -> str:
-        return REJECTS_FACET_SCHEMA
-
-
-def naming(uri: str) -> tuple[str, str]:
-    """(namespace, name) of a store URI, per OpenLineage's naming spec."""
-    if uri.startswith("s3://"):
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return f"s3://{bucket}", key.strip("/")
-    if uri.startswith("file://"):
-        return "file", uri.removeprefix("file://").rstrip("/")
-    raise ValueError(f"no OpenLineage naming for {uri!r}")
-
-
-def _input(uri: str, **facets: Any) -> InputDataset:
-    namespace, name = naming(uri)
-    return InputDataset(namespace=namespace, name=name, facets=facets or None)
-
-
-def _output(uri: str, statistics: OutputStatisticsOutputDatasetFacet | None = None, **facets: Any) -> OutputDataset:
-    namespace, name = naming(uri)
-    return OutputDataset(namespace=namespace, name=name, facets=facets or None,
-                         outputFacets={"outputStatistics": statistics} if statistics else None)
-
-
-def _version_folder(manifest_uri: str) -> str:
-    return manifest_uri.rsplit("/", 1)[0]
-
-
-def _schema(feature_spec) -> SchemaDatasetFacet:
-    fields = [SchemaDatasetFacetFields(name=name, type=f"{t.dtype}[{','.join(map(str, t.shape))}]")
-              for name, t in feature_spec.features.items()]
-    return SchemaDatasetFacet(fields=[*fields, SchemaDatasetFacetFields(name="label", type="int64"),
-                                      SchemaDatasetFacetFields(name="key", type="string"),
-                                      SchemaDatasetFacetFields(name="split", type="string")])
-
-
-def preprocess_lineage(store: ObjectStore, pipeline: str, date: str) -> tuple[list, list]:
-    """(inputs, outputs) of the date's preprocessing: its raw folder → its newest dataset version."""
-    raw = _input(store.uri(layout.raw_date_prefix(pipeline, date)))
-    latest = scan_location(store, layout.dataset_date_prefix(pipeline, date), DatasetManifest, newest_only=True).latest
-    if latest is None:
-        return [raw], []
-    manifest: DatasetManifest = latest.manifest
-    counts = manifest.counts
-    out = _output(_version_folder(latest.manifest_uri),
-                  OutputStatisticsOutputDatasetFacet(rowCount=counts.accepted, size=sum(f.bytes for f in manifest.files),
-                                                     fileCount=len(manifest.files)),
-                  version=DatasetVersionDatasetFacet(datasetVersion=latest.version), schema=_schema(manifest.feature_spec),
-                  **{REJECTS_FACET: RejectsDatasetFacet(inputs=counts.input, accepted=counts.accepted, rejected=counts.rejected,
-                                                        rejectedByReason=dict(counts.rejected_by_reason))})
-    return [raw], [out]
-
-
-def scoring_lineage(store: ObjectStore, pipeline: str, date: str) -> tuple[list, list]:
-    """(inputs, outputs) of the date's scoring: its raw folder and the model version that scored
-    it → its newest predictions version."""
-    raw = _input(store.uri(layout.raw_date_prefix(pipeline, date)))
-    latest = scan_location(store, layout.predictions_date_prefix(pipeline, date), PredictionsManifest, newest_only=True).latest
-    if latest is None:
-        return [raw], []
-    manifest: PredictionsManifest = latest.manifest
-    model = _input(store.uri(layout.model_version_prefix(manifest.model, manifest.model_version)),
-                   version=DatasetVersionDatasetFacet(datasetVersion=manifest.model_version))
-    out = _output(_version_folder(latest.manifest_uri),
-                  OutputStatisticsOutputDatasetFacet(rowCount=manifest.counts.accepted, size=sum(f.bytes for f in manifest.files),
-                                                     fileCount=len(manifest.files)),
-                  version=DatasetVersionDatasetFacet(datasetVersion=latest.version))
-    return [raw, model], [out]
-
-
-def training_lineage(dataset_manifest_uris: list[str], model_manifest_uri: str, model_version: str) -> tuple[list, list]:
-    """(inputs, outputs) of a training job: the dataset versions of its spec → the model version."""
-    inputs = []
-    for uri in dataset_manifest_uris:
-        dated = layout.dated_version(uri)
-        facets = {"version": DatasetVersionDatasetFacet(datasetVersion=dated[1])} if dated else {}
-        inputs.append(_input(_version_folder(uri), **facets))
-    return inputs, [_output(_version_folder(model_manifest_uri), version=DatasetVersionDatasetFacet(datasetVersion=model_version))]
+from twocluster.lineage import CONTEXT_ENV, Parent
 
 
 def operator_lineage(inputs: list, outputs: list):
-    """The provider's return type, imported when a task reports (never at DAG parse time)."""
+    """The provider's return type for ``get_openlineage_facets_on_complete``."""
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     return OperatorLineage(inputs=inputs, outputs=outputs)
@@ -144,3 +27,32 @@ def enabled() -> bool:
     except ImportError:
         return False
     return not is_disabled()
+
+
+def task_parent(task_instance: Any) -> Parent:
+    """The task run as a parent, by the provider's own macros (the ids its task events carry)."""
+    from airflow.providers.openlineage.plugins import macros
+
+    namespace = macros.lineage_job_namespace()
+    return Parent(namespace, macros.lineage_job_name(task_instance), macros.lineage_run_id(task_instance),
+                  macros.lineage_root_job_namespace(task_instance), macros.lineage_root_job_name(task_instance),
+                  macros.lineage_root_run_id(task_instance))
+
+
+def job_driver_environment(task_instance: Any, with_transport: bool) -> dict[str, str]:
+    """What a Spark job's driver needs to report its own run under ``task_instance``: the parent
+    (``OPENLINEAGE_CONTEXT``) and, with ``with_transport`` (a driver that runs beside the task, so
+    an endpoint's key stays in a process environment), the provider's transport in the client's
+    own variable. A driver elsewhere (YARN, Kubernetes cluster mode) is configured where it runs
+    (``OPENLINEAGE_URL`` or ``openlineage.yml`` in its image). Empty when the provider is off."""
+    if not enabled():
+        return {}
+    from airflow.providers.openlineage import conf
+
+    env = {CONTEXT_ENV: task_parent(task_instance).to_context()}
+    if with_transport:
+        if conf.transport():
+            env["OPENLINEAGE__TRANSPORT"] = json.dumps(conf.transport())
+        elif conf.config_path():
+            env["OPENLINEAGE_CONFIG"] = conf.config_path()
+    return env

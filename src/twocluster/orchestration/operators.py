@@ -71,13 +71,14 @@ class PipelineSparkOperator(SparkSubmitOperator):
             incomplete = self.arrivals is not None and not ArrivalDecision.model_validate(self.arrivals).complete
             self.application_args = run.spark_args(self.job, self.spec_path, incomplete=incomplete)
         url = self.spark_connect_url
+        lineage_env = self.lineage_environment(context)
         if url is not None:
-            self._run_on_spark_connect(url)
+            self._run_on_spark_connect(url, lineage_env)
         else:
             from twocluster.spark.packaging import default_cache_dir, package_zip
 
             self.py_files = str(package_zip(default_cache_dir()))
-            self.env_vars = {**(self.env_vars or {}), **self.driver_environment()}
+            self.env_vars = {**(self.env_vars or {}), **self.driver_environment(), **lineage_env}
             super().execute(context)
         self._read_lineage()
 
@@ -105,19 +106,36 @@ class PipelineSparkOperator(SparkSubmitOperator):
         settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         if settings is None:
             return {}
-        if self.spark_connect_url is None:
-            hook = self._get_hook()
-            if hook._is_yarn or hook._is_kubernetes:
-                return settings.without_credentials().as_env()
-        return settings.as_env()
+        return settings.as_env() if self._driver_beside_task() else settings.without_credentials().as_env()
 
-    def _run_on_spark_connect(self, url: str) -> None:
+    def _driver_beside_task(self) -> bool:
+        """Whether the job's driver runs where this task does (a Spark Connect client, or a
+        local / standalone client-mode driver), so a process environment reaches it."""
+        if self.spark_connect_url is not None:
+            return True
+        hook = self._get_hook()
+        return not (hook._is_yarn or hook._is_kubernetes)
+
+    def lineage_environment(self, context) -> dict[str, str]:
+        """The OpenLineage parent (this task run) and, for a driver beside the task, the transport,
+        so the job reports its own run under this task (:mod:`twocluster.lineage`). Never fails the task."""
+        if self.job is None:
+            return {}
+        from twocluster.orchestration import lineage
+
+        try:
+            return lineage.job_driver_environment(context["ti"], with_transport=self._driver_beside_task())
+        except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
+            self.log.warning("could not tell the job its OpenLineage parent", exc_info=True)
+            return {}
+
+    def _run_on_spark_connect(self, url: str, lineage_env: dict[str, str]) -> None:
         import sys
 
         from airflow.sdk.exceptions import AirflowException
 
         command = [sys.executable, self.application, *(str(a) for a in self.application_args or [])]
-        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), "SPARK_REMOTE": url}  # PySpark's own
+        env = {**os.environ, **(self.env_vars or {}), **self.driver_environment(), **lineage_env, "SPARK_REMOTE": url}  # PySpark's own
         self.log.info("Spark Connect job (server %s): %s", url.split("/;")[0], " ".join(command))
         self._connect_job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self._connect_job.stdout:
@@ -128,19 +146,20 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
     def _read_lineage(self) -> None:
         """What this run's job read and wrote, from the version it committed, for the OpenLineage
-        provider (:mod:`twocluster.orchestration.lineage`): read here, in the task, where the
+        provider (:mod:`twocluster.lineage`): read here, in the task, where the
         store's connection is at hand. Never fails the task."""
         from twocluster.orchestration import lineage
 
         if self.run_settings is None or self.job is None or not lineage.enabled():
             return
         try:
+            from twocluster.lineage import preprocess_lineage, scoring_lineage
             from twocluster.spec import load_pipeline_spec
             from twocluster.store_access import store_for
 
             spec = load_pipeline_spec(self.spec_path)
             date = RunSettings.from_xcom(self.run_settings).date
-            read = lineage.preprocess_lineage if self.job == "preprocess" else lineage.scoring_lineage
+            read = preprocess_lineage if self.job == "preprocess" else scoring_lineage
             self._lineage = read(store_for(spec), spec.name, date)
         except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
             self.log.warning("could not read what the job committed for OpenLineage", exc_info=True)
@@ -226,11 +245,12 @@ class TrainingJobOperator(BaseOperator):
         if not lineage.enabled():
             return
         try:
+            from twocluster.lineage import training_lineage
             from twocluster.store.jobspec import load_job_spec
             from twocluster.store_access import store_for
 
             datasets = load_job_spec(self.job_spec_uri, store_for(None)).datasets
-            self._lineage = lineage.training_lineage(datasets, outcome.manifest_uri, outcome.version)
+            self._lineage = training_lineage(datasets, outcome.manifest_uri, outcome.version)
         except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
             self.log.warning("could not read the training job's lineage for OpenLineage", exc_info=True)
 

@@ -1,0 +1,97 @@
+"""Issue 35: the Spark jobs report their own OpenLineage runs (START, COMPLETE or FAIL) under the
+Airflow task that launched them, with what they read and wrote, valid against OpenLineage's own
+JSON schemas. The whole DAG's events are checked in tests/dags/test_pipeline_runs.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pytest
+from conftest import openlineage_validator
+
+from twocluster import lineage
+from twocluster.spark.preprocess import RejectRateExceeded, run_preprocess
+from twocluster.store import layout
+from twocluster.store.manifest import read_manifest
+from twocluster_demo import sample_data
+
+DATE = dt.date(2026, 11, 18)
+TASK = lineage.Parent("twocluster", "speech_pipeline.preprocess", "01a2dead-0000-7000-8000-000000000001",
+                      "twocluster", "speech_pipeline", "01a2dead-0000-7000-8000-000000000002")
+
+
+def _events(folder) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("event*"))]
+
+
+@pytest.fixture
+def transport(tmp_path, monkeypatch):
+    """The client's file transport, configured the client's own way (as the operator does for a
+    driver beside the task), and the launching task's run in ``OPENLINEAGE_CONTEXT``."""
+    folder = tmp_path / "lineage"
+    folder.mkdir()
+    monkeypatch.setenv("OPENLINEAGE__TRANSPORT", json.dumps({"type": "file", "log_file_path": str(folder / "event")}))
+    monkeypatch.setenv(lineage.CONTEXT_ENV, TASK.to_context())
+    return folder
+
+
+def test_the_parent_reads_back_from_either_carrier():
+    assert lineage.Parent.from_context(TASK.to_context()) == TASK
+    properties = {key: getattr(TASK, field) for field, key in lineage.PARENT_PROPERTIES.items()}
+    assert lineage.Parent.from_properties(properties) == TASK
+    assert lineage.Parent.from_properties({}) is None
+    assert lineage.Parent.from_context("not json") is None and lineage.Parent.from_context(None) is None
+
+
+def test_a_spark_job_reports_its_run_under_the_task_that_launched_it(spark, speech_spec, file_store, transport):
+    store, name = file_store, speech_spec.name
+    sample_data.generate_day(store, speech_spec, DATE, clips=16, seed=5, bad_files=2)
+    with lineage.spark_job_run(spark, f"{name}.preprocess.spark", [lineage.raw_input(store, name, DATE)],
+                               lambda: lineage.preprocess_lineage(store, name, DATE)) as run:
+        result = run_preprocess(spark, speech_spec, store, DATE, run_id="lineage-test", max_reject_rate=0.5)
+    events = _events(transport)
+    validate = openlineage_validator()
+    for event in events:
+        validate(event)
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert {e["run"]["runId"] for e in events} == {run.run_id}
+    for event in events:
+        assert event["job"] == {**event["job"], "namespace": "twocluster", "name": f"{name}.preprocess.spark"}
+        parent = event["run"]["facets"]["parent"]
+        assert (parent["job"]["namespace"], parent["job"]["name"], parent["run"]["runId"]) == (TASK.namespace, TASK.name, TASK.run_id)
+        assert parent["root"]["run"]["runId"] == TASK.root_run_id and parent["root"]["job"]["name"] == TASK.root_name
+        assert event["run"]["facets"]["processing_engine"]["version"] == spark.version
+    raw = ("file", store.uri(layout.raw_date_prefix(name, DATE)).removeprefix("file://").rstrip("/"))
+    start, complete = events
+    assert [(d["namespace"], d["name"]) for d in start["inputs"]] == [raw] and start["outputs"] == []
+    (out,) = complete["outputs"]
+    manifest = read_manifest(store, layout.dataset_version_prefix(name, DATE, result.version))
+    assert out["name"] == store.uri(layout.dataset_version_prefix(name, DATE, result.version)).removeprefix("file://").rstrip("/")
+    assert out["facets"]["version"]["datasetVersion"] == result.version
+    assert out["outputFacets"]["outputStatistics"]["rowCount"] == manifest.counts.accepted
+    assert out["facets"]["twocluster_rejects"]["rejectedByReason"] == manifest.counts.rejected_by_reason
+
+
+def test_a_failed_job_reports_fail_with_its_error_and_no_output(spark, speech_spec, file_store, transport):
+    store, name = file_store, speech_spec.name
+    sample_data.generate_day(store, speech_spec, DATE, clips=10, seed=6, bad_files=4)
+    with pytest.raises(RejectRateExceeded), lineage.spark_job_run(spark, f"{name}.preprocess.spark", [lineage.raw_input(store, name, DATE)],
+                                                                   lambda: lineage.preprocess_lineage(store, name, DATE)):
+        run_preprocess(spark, speech_spec, store, DATE, run_id="lineage-fail", max_reject_rate=0.01)
+    events = _events(transport)
+    for event in events:
+        openlineage_validator()(event)
+    assert [e["eventType"] for e in events] == ["START", "FAIL"]
+    fail = events[1]
+    assert fail["outputs"] == [] and fail["run"]["facets"]["errorMessage"]["message"].startswith("RejectRateExceeded: ")
+    assert fail["run"]["facets"]["parent"]["run"]["runId"] == TASK.run_id
+
+
+def test_without_a_transport_a_job_reports_nothing(spark, monkeypatch, tmp_path):
+    for key in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
+        monkeypatch.delenv(key)
+    with lineage.spark_job_run(spark, "p.preprocess", [], lambda: ([], [])) as run:
+        pass
+    assert run is None and not list(tmp_path.iterdir())
