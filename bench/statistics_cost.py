@@ -79,6 +79,46 @@ def content_check_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[
     return without, with_
 
 
+def partition_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[float], list[float]] | None:
+    """(seconds before issue 35, seconds with it) of a write task's work on one partition of up
+    to 600 clips: featurize them (without / with the content checks), then encode a partition of
+    that many rows as TFRecord + Parquet (without / with its feature statistics); runs
+    interleaved. None without clips."""
+    from twocluster.features import featurizer_for
+    from twocluster.spec import default_spec_path, load_pipeline_spec
+
+    paths = sorted(clips_folder.rglob("*.wav"))[:600]
+    if not paths:
+        return None
+    spec = load_pipeline_spec(default_spec_path("speech_commands"))
+    featurizer = featurizer_for(spec.featurizer)
+    blobs, names = [p.read_bytes() for p in paths], [str(p) for p in paths]
+    quiet = frozenset(spec.labels.silence_folders)
+    table = _partition(len(paths))
+    real = statistics.partial
+    empty = statistics._Sums(feature="log_mel", kind="log_mel", count=[], total=[], squares=[], low=[], high=[], nan=[], inf=[],
+                             histogram=[])
+
+    def once(quality: bool) -> float:
+        statistics.partial = real if quality else (lambda *args, **kwargs: empty)
+        try:
+            started = time.perf_counter()
+            if quality:
+                featurizer.featurize_many(blobs, names, spec.inputs, content=True, quiet_folders=quiet)
+            else:
+                featurizer.featurize_many(blobs, names, spec.inputs)
+            _encode_and_upload(table, "log_mel", (97, 40), "NONE", "lz4", "part-0", ".tfrecord", lambda *args: None)
+            return time.perf_counter() - started
+        finally:
+            statistics.partial = real
+
+    before, after = [], []
+    for _ in range(runs):
+        before.append(once(False))
+        after.append(once(True))
+    return before, after
+
+
 if __name__ == "__main__":
     a, b = map(st.median, encode_cost())
     print(f"encode a 600-clip partition: {a * 1e3:.0f} ms without statistics, {b * 1e3:.0f} ms with ({a / b:.3f}x)")

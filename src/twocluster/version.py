@@ -27,7 +27,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # The features themselves: datasets, predictions, and the models trained on them.
     "featurizer": ("features/",),
     # How a dataset is listed, labelled, split and written (besides the features).
-    "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "store/tfrecord.py"),
+    "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "spark/datasource.py", "store/tfrecord.py"),
     # How predictions are computed from features and a model.
     "scoring": ("spark/scoring.py", "spark/io.py", "serving.py"),
     # How a model is trained from staged datasets.

@@ -351,16 +351,13 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
     env = {**pipeline.env, "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True", "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"}
-    # The backfill is created before the scheduler starts: on SQLite a CLI write racing the
-    # scheduler's own transactions can fail at once with "database is locked" (a read
-    # transaction cannot upgrade to a write while another connection holds the write lock, and
-    # SQLite does not wait in that case). The DAG was registered (paused, the default) by the
-    # `dags test` runs above.
+    # The DAG was registered (paused, the default) by the `dags test` runs above. The backfill
+    # is created through the REST API once the server is up, as the UI does: a CLI write racing
+    # the scheduler's transactions can fail at once on SQLite ("database is locked"), and runs
+    # queued while the API server still starts make their first tasks' Execution API calls time
+    # out (retries, SIGKILLed attempts: a minute or more of this test).
     unpaused = airflow(env, "dags", "unpause", DAG_ID, capture_output=True, text=True, timeout=120)
     assert unpaused.returncode == 0, unpaused.stderr[-3000:]
-    created = airflow(env, "backfill", "create", "--dag-id", DAG_ID, "--from-date", D1.isoformat(),
-                      "--to-date", D3.isoformat(), capture_output=True, text=True, timeout=120)
-    assert created.returncode == 0, created.stdout[-3000:] + created.stderr[-3000:]
     log = (pipeline.root / "standalone.log").open("w")
     server = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -384,6 +381,13 @@ def test_backfill_of_three_dates_through_the_scheduler(pipeline):
             _call(bad)
         assert refused.value.code == 400 and "date" in refused.value.read().decode()
 
+        backfill = urllib.request.Request(f"{api}/backfills", method="POST", headers={"Content-Type": "application/json"},
+                                          data=json.dumps({"dag_id": DAG_ID, "from_date": f"{D1}T00:00:00Z",
+                                                           "to_date": f"{D3}T00:00:00Z"}).encode())
+        try:
+            assert _call(backfill)["dag_id"] == DAG_ID
+        except urllib.error.HTTPError as e:  # 409: a first try that timed out created it
+            assert e.code == 409, e.read().decode()
         deadline = time.monotonic() + 1200
         while True:
             runs = _call(f"{api}/dags/{DAG_ID}/dagRuns?run_type=backfill&limit=10")["dag_runs"]

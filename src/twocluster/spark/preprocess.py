@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twocluster.features import Featurizer, featurizer_for
+from twocluster.spark.datasource import encode_shard
 from twocluster.spark.io import (
     attempt_folder,
     collect_outcomes,
@@ -49,7 +50,6 @@ from twocluster.store import layout, statistics
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
 from twocluster.store.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
 from twocluster.store.storage import ObjectStore
-from twocluster.store.tfrecord import tfrecord_file
 from twocluster.version import code_hashes, code_version
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,11 @@ def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[
     for split in sorted(set(table["split"].to_pylist())):
         part = table.filter(pa.compute.equal(table["split"], split)).sort_by("key")
         features = part["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(part.num_rows, *feature_shape)
-        records = tfrecord_file({feature_name: features, "label": part["label"].to_pylist(),
-                                 "label_id": part["label_id"].to_numpy(zero_copy_only=False).astype(np.int64),
-                                 "source_id": part["source_id"].to_pylist(), "path": part["path"].to_pylist()},
-                                tfrecord_compression)
+        # The TFRecord data source's encoder (twocluster.spark.datasource): the job writes its
+        # shards in the same pass as the Parquet copy (featurizing is the cost; a second write
+        # through df.write.format("tfrecord") would featurize again or read the features back).
+        records = encode_shard(pa.table({feature_name: part["features"], "label": part["label"], "label_id": part["label_id"],
+                                         "source_id": part["source_id"], "path": part["path"]}), tfrecord_compression)
         reported.append(upload("tfrecord", split, f"tfrecords/{split}/{name}{suffix}", records, part.num_rows))
         buf = io.BytesIO()
         columns = part.drop_columns([c for c in ("split", "key", "reason", "detail", "warning", "quality") if c in part.column_names])
