@@ -156,6 +156,7 @@ def main() -> None:
     from twocluster.spark.datasource import register
     from twocluster.spark.session import get_spark
 
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this venv
     with tempfile.TemporaryDirectory(prefix="bench-datasource-") as tmp:
         parquet, tfrecords = make_rows(Path(tmp), args.rows)
         spark = get_spark("bench-datasource", master="local[2]")

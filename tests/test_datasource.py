@@ -249,3 +249,22 @@ def test_a_dataset_versions_tfrecords_read_with_the_schema_of_its_manifest(tf_sp
     for row in parquet.collect():
         np.testing.assert_array_equal(np.asarray(a[row.path].log_mel, np.float32), np.asarray(row.features, np.float32).ravel())
         assert a[row.path].label_id == row.label_id
+
+
+def test_the_flat_parser_reads_what_the_general_one_does():
+    """parse_example's one-loop path against the field-by-field parser, on every kind of value
+    (and a record the flat path declines: an unpacked float list)."""
+    from twocluster.spark.datasource import _parse_flat, _parse_general, parse_example
+    from twocluster.store.tfrecord import _field, encode_example
+
+    record = encode_example({"f": np.arange(5, dtype=np.float32), "i": np.array([-3, 0, 1 << 40]), "b": [b"x", b""], "s": "yes",
+                             "empty": np.zeros(0, np.float32), "one": np.float32(2.5)})
+    flat, general = _parse_flat(record), _parse_general(memoryview(record))
+    assert flat.keys() == general.keys() == {"f", "i", "b", "s", "empty", "one"}
+    for name in flat:
+        assert flat[name][0] == general[name][0]
+        assert [np.asarray(v).tolist() for v in flat[name][1]] == [np.asarray(v).tolist() for v in general[name][1]], name
+    # Example { features { feature { key: "u" value { float_list { value: 1.0 value: 2.0 } } } } }, unpacked (wire type 5)
+    unpacked_list = b"\x0d" + np.float32(1).tobytes() + b"\x0d" + np.float32(2).tobytes()
+    unpacked = _field(1, _field(1, _field(1, b"u") + _field(2, _field(2, unpacked_list))))
+    assert parse_example(unpacked)["u"][1].tolist() == [1.0, 2.0]

@@ -200,7 +200,7 @@ def _decompressed(data: bytes, compression: str) -> bytes:
     return data
 
 
-def iter_records(data: bytes, where: str, skip_corrupt: bool = False) -> Iterator[tuple[int, memoryview]]:
+def iter_records(data: bytes, where: str, skip_corrupt: bool = False) -> Iterator[tuple[int, bytes]]:
     """(byte offset, record) of each framed record in a decompressed TFRecord file, CRCs checked.
     A corrupt record raises :class:`TFRecordError` naming ``where`` and its offset, or, with
     ``skip_corrupt``, ends the iteration there (the framing past a bad length cannot be trusted)
@@ -227,7 +227,7 @@ def iter_records(data: bytes, where: str, skip_corrupt: bool = False) -> Iterato
             if skip_corrupt:
                 return offset
             raise TFRecordError(f"{where}: {problem} at byte offset {offset}")
-        yield offset, memoryview(record)
+        yield offset, record
         offset = start + length + _CRC.size
     return None
 
@@ -271,9 +271,88 @@ FLOATS, INT64S, BYTES = "float", "int64", "bytes"
 _KINDS = {1: BYTES, 2: FLOATS, 3: INT64S}
 
 
-def parse_example(record: memoryview) -> dict[str, tuple[str, object]]:
+def parse_example(record) -> dict[str, tuple[str, object]]:
     """``{name: (kind, values)}`` of a serialized ``tf.train.Example``: kind ``float`` with a
-    float32 array, ``int64`` with an int64 array, ``bytes`` with a list of bytes."""
+    float32 array (a view of the record's bytes), ``int64`` with an int64 array, ``bytes`` with a
+    list of bytes.
+
+    One flat loop over the three nested messages (Example > Features > map entry > Feature):
+    every field on that path is length-delimited, so each step is a tag byte and a length. A
+    record laid out otherwise (unpacked lists, unknown fields) takes the general path."""
+    try:
+        return _parse_flat(record)
+    except _NotFlat:
+        return _parse_general(memoryview(record))
+
+
+class _NotFlat(Exception):
+    pass
+
+
+def _parse_flat(buf) -> dict[str, tuple[str, object]]:
+    features: dict[str, tuple[str, object]] = {}
+    end = len(buf)
+    if not end:
+        return features
+    if buf[0] != 0x0A:  # Example.features (1, length-delimited)
+        raise _NotFlat
+    size, pos = _varint(buf, 1)
+    if pos + size != end:
+        raise _NotFlat
+    while pos < end:
+        if buf[pos] != 0x0A:  # Features.feature: a map entry
+            raise _NotFlat
+        size, pos = _varint(buf, pos + 1)
+        entry_end = pos + size
+        if buf[pos] != 0x0A:  # entry.key
+            raise _NotFlat
+        size, pos = _varint(buf, pos + 1)
+        name = str(buf[pos : pos + size], "utf-8")
+        pos += size
+        if pos == entry_end:
+            continue
+        if buf[pos] != 0x12:  # entry.value: the Feature
+            raise _NotFlat
+        size, pos = _varint(buf, pos + 1)
+        if pos == entry_end:  # an empty Feature
+            continue
+        kind = _KINDS.get(buf[pos] >> 3)
+        if kind is None or buf[pos] & 7 != 2:
+            raise _NotFlat
+        size, pos = _varint(buf, pos + 1)
+        list_end = pos + size
+        if kind == FLOATS:
+            if pos == list_end:
+                values = np.zeros(0, np.float32)
+            elif buf[pos] != 0x0A:
+                raise _NotFlat  # unpacked floats
+            else:
+                size, pos = _varint(buf, pos + 1)
+                values = np.frombuffer(buf, "<f4", size // 4, pos)
+        elif kind == BYTES:
+            values = []
+            while pos < list_end:
+                size, pos = _varint(buf, pos + 1)
+                values.append(bytes(buf[pos : pos + size]))
+                pos += size
+        else:
+            if pos == list_end:
+                values = np.zeros(0, np.int64)
+            elif buf[pos] != 0x0A:
+                raise _NotFlat  # unpacked int64s
+            else:
+                size, pos = _varint(buf, pos + 1)
+                stop, found = pos + size, []
+                while pos < stop:
+                    value, pos = _varint(buf, pos)
+                    found.append(value - (1 << 64) if value >= 1 << 63 else value)
+                values = np.array(found, np.int64)
+        features[name] = (kind, values)
+        pos = entry_end
+    return features
+
+
+def _parse_general(record: memoryview) -> dict[str, tuple[str, object]]:
     features: dict[str, tuple[str, object]] = {}
     for number, _, features_msg in _fields(record):
         if number != 1:
