@@ -114,7 +114,8 @@ def test_spark_writes_what_tf_data_reads_and_reads_back_what_it_wrote(tf_spark, 
     _same(table, [r.asDict() for r in back.collect()])
 
 
-def test_spark_reads_what_tensorflow_writes(tf_spark, tmp_path):
+@pytest.mark.parametrize("where", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_spark_reads_what_tensorflow_writes(tf_spark, tmp_path, where, request):
     import tensorflow as tf
 
     table = _rows(120, seed=1)
@@ -131,11 +132,17 @@ def test_spark_reads_what_tensorflow_writes(tf_spark, tmp_path):
                 }))
                 writer.write(example.SerializeToString())
     (folder / ".hidden").write_bytes(b"not a record")
-    inferred = tf_spark.read.format("tfrecord").option("compression", "ZLIB").load(str(folder))
+    target, endpoint = str(folder), {}
+    if where == "s3":  # TensorFlow here has no S3 filesystem: its files are uploaded as written
+        store = request.getfixturevalue("s3_store")
+        for path in folder.iterdir():
+            store.write_bytes(f"from-tf/{path.name}", path.read_bytes())
+        target, endpoint = store.uri("from-tf"), {"endpoint": store.s3_settings.endpoint_url}
+    inferred = tf_spark.read.format("tfrecord").option("compression", "ZLIB").options(**endpoint).load(target)
     assert inferred.rdd.getNumPartitions() == 2  # one partition per file
     _same(table, [r.asDict() for r in inferred.collect()])
-    declared = tf_spark.read.format("tfrecord").option("compression", "ZLIB") \
-        .schema("path string, label_id int, log_mel array<double>, missing string").load(str(folder))
+    declared = tf_spark.read.format("tfrecord").option("compression", "ZLIB").options(**endpoint) \
+        .schema("path string, label_id int, log_mel array<double>, missing string").load(target)
     rows = declared.collect()
     assert {r.missing for r in rows} == {None} and {type(r.label_id) for r in rows} == {int}
     _same(table, [{**r.asDict(), "label": table["label"][int(r.path[-9:-4])].as_py()} for r in rows])
