@@ -8,6 +8,7 @@ is there. Ratios of medians of interleaved runs.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import statistics as st
 import time
@@ -32,32 +33,37 @@ def _partition(n: int = 600) -> pa.Table:
         "key": pa.array([f"k{i:05d}" for i in range(n)])})
 
 
-def encode_cost(runs: int = 7) -> tuple[list[float], list[float]]:
-    """(seconds without statistics, seconds with) of encoding one partition, runs interleaved."""
-    table = _partition()
+@contextlib.contextmanager
+def _statistics(on: bool):
+    """The write path with its feature statistics (on), or with ``statistics.partial`` answering
+    an empty part at once (off)."""
     real = statistics.partial
     empty = statistics._Sums(feature="log_mel", kind="log_mel", count=[], total=[], squares=[], low=[], high=[], nan=[], inf=[],
                              histogram=[])
+    statistics.partial = real if on else (lambda *args, **kwargs: empty)
+    try:
+        yield
+    finally:
+        statistics.partial = real
 
-    def once(with_statistics: bool) -> float:
-        statistics.partial = real if with_statistics else (lambda *args, **kwargs: empty)
-        try:
-            started = time.perf_counter()
-            _encode_and_upload(table, "log_mel", (97, 40), "NONE", "lz4", "part-0", ".tfrecord", lambda *args: None)
-            return time.perf_counter() - started
-        finally:
-            statistics.partial = real
 
-    without, with_ = [], []
+def _interleaved(runs: int, once) -> tuple[list[float], list[float]]:
+    """(seconds of ``once(False)``, seconds of ``once(True)``), ``runs`` of each, alternating."""
+    off, on = [], []
     for _ in range(runs):
-        without.append(once(False))
-        with_.append(once(True))
-    return without, with_
+        for flag, into in ((False, off), (True, on)):
+            started = time.perf_counter()
+            once(flag)
+            into.append(time.perf_counter() - started)
+    return off, on
 
 
-def content_check_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[float], list[float]] | None:
-    """(seconds without content checks, seconds with) of featurizing up to 600 clips under
-    ``clips_folder``, runs interleaved; None without clips."""
+def _encode(table: pa.Table) -> None:
+    _encode_and_upload(table, "log_mel", (97, 40), "NONE", "lz4", "part-0", ".tfrecord", lambda *args: None)
+
+
+def _clips(clips_folder: pathlib.Path):
+    """(spec, featurizer, blobs, names, quiet folders) of up to 600 clips under the folder, or None."""
     from twocluster.features import featurizer_for
     from twocluster.spec import default_spec_path, load_pipeline_spec
 
@@ -65,18 +71,30 @@ def content_check_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[
     if not paths:
         return None
     spec = load_pipeline_spec(default_spec_path("speech_commands"))
-    featurizer = featurizer_for(spec.featurizer)
-    blobs, names = [p.read_bytes() for p in paths], [str(p) for p in paths]
-    quiet = frozenset(spec.labels.silence_folders)
-    without, with_ = [], []
-    for _ in range(runs):
-        started = time.perf_counter()
-        featurizer.featurize_many(blobs, names, spec.inputs)
-        without.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        featurizer.featurize_many(blobs, names, spec.inputs, content=True, quiet_folders=quiet)
-        with_.append(time.perf_counter() - started)
-    return without, with_
+    return (spec, featurizer_for(spec.featurizer), [p.read_bytes() for p in paths], [str(p) for p in paths],
+            frozenset(spec.labels.silence_folders))
+
+
+def encode_cost(runs: int = 7) -> tuple[list[float], list[float]]:
+    """(seconds without statistics, seconds with) of encoding one partition, runs interleaved."""
+    table = _partition()
+
+    def once(with_statistics: bool) -> None:
+        with _statistics(with_statistics):
+            _encode(table)
+
+    return _interleaved(runs, once)
+
+
+def content_check_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[float], list[float]] | None:
+    """(seconds without content checks, seconds with) of featurizing up to 600 clips under
+    ``clips_folder``, runs interleaved; None without clips."""
+    found = _clips(clips_folder)
+    if found is None:
+        return None
+    spec, featurizer, blobs, names, quiet = found
+    return _interleaved(runs, lambda content: featurizer.featurize_many(blobs, names, spec.inputs, content=content,
+                                                                          quiet_folders=quiet if content else frozenset()))
 
 
 def partition_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[float], list[float]] | None:
@@ -84,39 +102,18 @@ def partition_cost(clips_folder: pathlib.Path, runs: int = 5) -> tuple[list[floa
     to 600 clips: featurize them (without / with the content checks), then encode a partition of
     that many rows as TFRecord + Parquet (without / with its feature statistics); runs
     interleaved. None without clips."""
-    from twocluster.features import featurizer_for
-    from twocluster.spec import default_spec_path, load_pipeline_spec
-
-    paths = sorted(clips_folder.rglob("*.wav"))[:600]
-    if not paths:
+    found = _clips(clips_folder)
+    if found is None:
         return None
-    spec = load_pipeline_spec(default_spec_path("speech_commands"))
-    featurizer = featurizer_for(spec.featurizer)
-    blobs, names = [p.read_bytes() for p in paths], [str(p) for p in paths]
-    quiet = frozenset(spec.labels.silence_folders)
-    table = _partition(len(paths))
-    real = statistics.partial
-    empty = statistics._Sums(feature="log_mel", kind="log_mel", count=[], total=[], squares=[], low=[], high=[], nan=[], inf=[],
-                             histogram=[])
+    spec, featurizer, blobs, names, quiet = found
+    table = _partition(len(blobs))
 
-    def once(quality: bool) -> float:
-        statistics.partial = real if quality else (lambda *args, **kwargs: empty)
-        try:
-            started = time.perf_counter()
-            if quality:
-                featurizer.featurize_many(blobs, names, spec.inputs, content=True, quiet_folders=quiet)
-            else:
-                featurizer.featurize_many(blobs, names, spec.inputs)
-            _encode_and_upload(table, "log_mel", (97, 40), "NONE", "lz4", "part-0", ".tfrecord", lambda *args: None)
-            return time.perf_counter() - started
-        finally:
-            statistics.partial = real
+    def once(quality: bool) -> None:
+        with _statistics(quality):
+            featurizer.featurize_many(blobs, names, spec.inputs, content=quality, quiet_folders=quiet if quality else frozenset())
+            _encode(table)
 
-    before, after = [], []
-    for _ in range(runs):
-        before.append(once(False))
-        after.append(once(True))
-    return before, after
+    return _interleaved(runs, once)
 
 
 if __name__ == "__main__":

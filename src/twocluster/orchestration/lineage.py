@@ -51,8 +51,8 @@ def job_driver_environment(task_instance: Any, with_transport: bool) -> dict[str
 
     env = {CONTEXT_ENV: task_parent(task_instance).to_context()}
     if with_transport:
-        if conf.transport():
-            env["OPENLINEAGE__TRANSPORT"] = json.dumps(conf.transport())
-        elif conf.config_path():
-            env["OPENLINEAGE_CONFIG"] = conf.config_path()
+        if transport := conf.transport():
+            env["OPENLINEAGE__TRANSPORT"] = json.dumps(transport)
+        elif config_path := conf.config_path():
+            env["OPENLINEAGE_CONFIG"] = config_path
     return env

@@ -56,7 +56,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import pyarrow as pa
 from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, DataSourceReader, InputPartition, WriterCommitMessage
@@ -74,7 +73,7 @@ from pyspark.sql.types import (
 )
 
 from twocluster.store.storage import ObjectNotFound, ObjectStore, S3Settings, StorageError
-from twocluster.store.tfrecord import encode_example, frame_record, tfrecord_file
+from twocluster.store.tfrecord import encode_example, masked_crc, tfrecord_bytes, tfrecord_file
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +120,12 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/"))
 
 
-@dataclass(frozen=True)
 class _FilePartition(InputPartition):
-    root_uri: str
-    s3: object  # S3Settings without credentials, or None
-    key: str
-    compression: str
+    """One file to read (a task): where it is, and how it is compressed."""
 
     def __init__(self, root_uri: str, s3, key: str, compression: str):
-        object.__setattr__(self, "root_uri", root_uri)
-        object.__setattr__(self, "s3", s3)
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "compression", compression)
-        object.__setattr__(self, "value", key)
+        super().__init__(key)
+        self.root_uri, self.s3, self.key, self.compression = root_uri, s3, key, compression
 
 
 def _compression_of(key: str, option: str) -> str:
@@ -188,10 +180,6 @@ def _read_commit_record(store: ObjectStore, folder: str) -> dict | None:
 # -- records ---------------------------------------------------------------------------------------
 
 
-def _masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _decompressed(data: bytes, compression: str) -> bytes:
     if compression == "GZIP":
         return gzip.decompress(data)
@@ -213,7 +201,7 @@ def iter_records(data: bytes, where: str, skip_corrupt: bool = False) -> Iterato
             problem = "a truncated record header"
         else:
             length, length_crc = _HEADER.unpack_from(view, offset)
-            if _masked(google_crc32c.value(data[offset : offset + 8])) != length_crc:
+            if masked_crc(data[offset : offset + 8]) != length_crc:
                 problem = "a corrupt record length (CRC mismatch)"
             elif offset + _HEADER.size + length + _CRC.size > end:
                 problem = f"a truncated record ({length} bytes announced)"
@@ -221,7 +209,7 @@ def iter_records(data: bytes, where: str, skip_corrupt: bool = False) -> Iterato
                 start = offset + _HEADER.size
                 record = data[start : start + length]
                 (data_crc,) = _CRC.unpack_from(view, start + length)
-                if _masked(google_crc32c.value(record)) != data_crc:
+                if masked_crc(record) != data_crc:
                     problem = "a corrupt record (data CRC mismatch)"
         if problem is not None:
             if skip_corrupt:
@@ -321,32 +309,26 @@ def _parse_flat(buf) -> dict[str, tuple[str, object]]:
             raise _NotFlat
         size, pos = _varint(buf, pos + 1)
         list_end = pos + size
-        if kind == FLOATS:
-            if pos == list_end:
-                values = np.zeros(0, np.float32)
-            elif buf[pos] != 0x0A:
-                raise _NotFlat  # unpacked floats
-            else:
-                size, pos = _varint(buf, pos + 1)
-                values = np.frombuffer(buf, "<f4", size // 4, pos)
-        elif kind == BYTES:
+        if kind == BYTES:
             values = []
             while pos < list_end:
                 size, pos = _varint(buf, pos + 1)
                 values.append(bytes(buf[pos : pos + size]))
                 pos += size
+        elif pos == list_end:
+            values = np.zeros(0, np.float32 if kind == FLOATS else np.int64)
+        elif buf[pos] != 0x0A:
+            raise _NotFlat  # an unpacked list
         else:
-            if pos == list_end:
-                values = np.zeros(0, np.int64)
-            elif buf[pos] != 0x0A:
-                raise _NotFlat  # unpacked int64s
+            size, pos = _varint(buf, pos + 1)
+            if kind == FLOATS:
+                values = np.frombuffer(buf, "<f4", size // 4, pos)
             else:
-                size, pos = _varint(buf, pos + 1)
                 stop, found = pos + size, []
                 while pos < stop:
                     value, pos = _varint(buf, pos)
-                    found.append(value - (1 << 64) if value >= 1 << 63 else value)
-                values = np.array(found, np.int64)
+                    found.append(value)
+                values = _int64s(found)
         features[name] = (kind, values)
         pos = entry_end
     return features
@@ -395,7 +377,12 @@ def _list_values(kind: str, message: memoryview):
                 values.append(value)
         else:
             values.append(v)
-    return np.array([x - (1 << 64) if x >= 1 << 63 else x for x in values], np.int64)
+    return _int64s(values)
+
+
+def _int64s(varints: list[int]) -> np.ndarray:
+    """Decoded varints as int64: a negative int64 is its 64-bit two's complement on the wire."""
+    return np.array(varints, np.uint64).view(np.int64)
 
 
 # -- schema ---------------------------------------------------------------------------------------
@@ -615,13 +602,9 @@ def encode_shard(batch: pa.Table, compression: str, encodings: dict[str, str] | 
     columns = _feature_columns(batch, encodings or {})
     if not any(batch[name].null_count for name in batch.column_names):
         return tfrecord_file(columns, compression)
-    records = []
-    for i in range(batch.num_rows):
-        features = {name: column[i] for name, column in columns.items() if batch[name][i].is_valid}
-        records.append(frame_record(encode_example(features)))
-    from twocluster.store.tfrecord import _compressed
-
-    return _compressed(b"".join(records), compression)
+    valid = {name: batch[name].is_valid().to_pylist() for name in columns}
+    return tfrecord_bytes((encode_example({name: column[i] for name, column in columns.items() if valid[name][i]})
+                           for i in range(batch.num_rows)), compression)
 
 
 class TFRecordWriter(DataSourceArrowWriter):

@@ -75,13 +75,14 @@ def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _masked_crc(data: bytes) -> int:
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of ``data`` (the framing's checksum of a length or a record)."""
     return _mask(google_crc32c.value(data))
 
 
 def frame_record(record: bytes) -> bytes:
     length = struct.pack("<Q", len(record))
-    return length + struct.pack("<I", _masked_crc(length)) + record + struct.pack("<I", _masked_crc(record))
+    return length + struct.pack("<I", masked_crc(length)) + record + struct.pack("<I", masked_crc(record))
 
 
 def tfrecord_bytes(records: Iterable[bytes], compression: str = "GZIP") -> bytes:
@@ -124,7 +125,7 @@ def tfrecord_file(columns: Mapping[str, Sequence | np.ndarray], compression: str
         for entry in entries:
             crc = google_crc32c.extend(crc, entry)
         length = struct.pack("<Q", len(head) + body)
-        pieces += (length, struct.pack("<I", _masked_crc(length)), head, *entries, struct.pack("<I", _mask(crc)))
+        pieces += (length, struct.pack("<I", masked_crc(length)), head, *entries, struct.pack("<I", _mask(crc)))
     return _compressed(b"".join(pieces), compression)
 
 
