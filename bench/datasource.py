@@ -4,9 +4,10 @@
   encodes its partition with ``tfrecord_file``, stages it with ``store.write_bytes``, and the driver
   promotes the staged files), both reading the same Parquet rows in Spark (local[2]);
 * read: ``spark.read.format("tfrecord")`` decoding every column on two cores vs one tf.data reader
-  (``TFRecordDataset`` → ``batch`` → ``parse_example``) in one process.
+  (``TFRecordDataset`` → ``batch`` → ``parse_example``) in one process; the read's ceiling is
+  Spark's own (JVM, vectorized) Parquet reader running the same query over the same rows.
 
-    .venv/bin/python bench/datasource.py [--rows 4800]
+    .venv/bin/python bench/datasource.py [--rows 4800] [--read-rows 19200]
 """
 
 from __future__ import annotations
@@ -107,18 +108,29 @@ def write_cost(spark, parquet: Path, out: Path, runs: int) -> tuple[list[float],
     return jobs, sources
 
 
-def read_cost(spark, tfrecords: Path, runs: int) -> list[float]:
-    """Seconds for Spark to read and decode every row and column of the TFRecord files."""
+def read_cost(spark, tfrecords: Path, parquet: Path, runs: int) -> tuple[list[float], list[float]]:
+    """(seconds for Spark to read and decode every row and column of the TFRecord files, seconds
+    for Spark's built-in Parquet reader to run the same query over the same rows), interleaved."""
     from pyspark.sql import functions as F
 
-    def once() -> float:
+    def query(frame) -> float:
         started = time.perf_counter()
-        frame = spark.read.format("tfrecord").schema("log_mel array<float>, label string, label_id long, path string").load(str(tfrecords))
         frame.agg(F.sum(F.size("log_mel")), F.count("label"), F.sum("label_id"), F.count("path")).collect()
         return time.perf_counter() - started
 
-    once()
-    return [once() for _ in range(runs)]
+    def source() -> float:
+        return query(spark.read.format("tfrecord").schema("log_mel array<float>, label string, label_id long, path string")
+                     .load(str(tfrecords)))
+
+    def native() -> float:
+        return query(spark.read.parquet(str(parquet)))
+
+    source(), native()
+    sources, natives = [], []
+    for _ in range(runs):
+        sources.append(source())
+        natives.append(native())
+    return sources, natives
 
 
 TF_READER = """
@@ -149,6 +161,7 @@ def tf_read_cost(tfrecords: Path, runs: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4800)
+    parser.add_argument("--read-rows", type=int, default=19200)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     import tempfile
@@ -158,16 +171,18 @@ def main() -> None:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this venv
     with tempfile.TemporaryDirectory(prefix="bench-datasource-") as tmp:
-        parquet, tfrecords = make_rows(Path(tmp), args.rows)
+        parquet, tfrecords = make_rows(Path(tmp) / "write", args.rows)
+        read_parquet, read_tfrecords = make_rows(Path(tmp) / "read", args.read_rows)
         spark = get_spark("bench-datasource", master="local[2]")
         register(spark)
         jobs, sources = write_cost(spark, parquet, Path(tmp) / "out", args.runs)
-        reads = read_cost(spark, tfrecords, args.runs)
+        reads, natives = read_cost(spark, read_tfrecords, read_parquet, args.runs)
         spark.stop()
-        tf_reads = tf_read_cost(tfrecords, args.runs)
-    j, s, r, t = map(st.median, (jobs, sources, reads, tf_reads))
+        tf_reads = tf_read_cost(read_tfrecords, args.runs)
+    j, s, r, n, t = map(st.median, (jobs, sources, reads, natives, tf_reads))
     print(f"write {args.rows} rows: job's writer {j:.2f} s, source {s:.2f} s ({j / s:.2f}x)")
-    print(f"read {args.rows} rows: source on 2 cores {r:.2f} s, one tf.data reader {t:.2f} s ({t / r:.2f}x)")
+    print(f"read {args.read_rows} rows: source on 2 cores {r:.2f} s, Spark's Parquet reader {n:.2f} s, "
+          f"one tf.data reader {t:.2f} s ({t / r:.2f}x; Parquet {t / n:.2f}x)")
 
 
 if __name__ == "__main__":
