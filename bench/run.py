@@ -1155,6 +1155,22 @@ def datasource_figures(ctx: BenchContext) -> list[Figure]:
     ]
 
 
+def spark_start_figures(ctx: BenchContext) -> list[Figure]:
+    """Issue 37: the emptiest daily job (a session with the project's settings and one two-task
+    Python job), spark-submit, cold, started as the pipeline's operator starts it
+    (:mod:`twocluster.spark.launch`) against PySpark's defaults, interleaved (bench/spark_start.py)."""
+    import spark_start
+
+    project, default = spark_start.compare(2 if ctx.quick else 5, ctx.workdir / "jvm")
+    p, d = spark_start.phase_medians(project), spark_start.phase_medians(default)
+    phases = ", ".join(f"{k} {p[k]:.2f} s (was {d[k]:.2f})" for k in p if k != "total")
+    totals = [r["total"] for r in project], [r["total"] for r in default]
+    return [Figure("spark_start", "the emptiest daily job (a session, one two-task Python job), spark-submit local[2], cold, "
+                   "started as the pipeline starts it (class archive, C1 only, no UI) vs PySpark's defaults", "s",
+                   p["total"], d["total"], p["total"] / d["total"], "<= 6 s", p["total"] <= 6.0, *totals, _spread(totals[0]),
+                   f"medians by phase: {phases}")]
+
+
 FIGURES = {
     "featurize": featurize_figures,
     "write": write_figure,
@@ -1168,6 +1184,7 @@ FIGURES = {
     "read_as_listed": read_as_listed_figures,
     "data_quality": data_quality_figures,
     "datasource": datasource_figures,
+    "spark_start": spark_start_figures,
 }
 
 

@@ -22,7 +22,7 @@ import uuid
 
 from twocluster import lineage
 from twocluster.spark.preprocess import PreprocessError, run_preprocess
-from twocluster.spark.session import get_spark
+from twocluster.spark.session import get_spark, stop_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.store.layout import LayoutError, check_date
 from twocluster.store.manifest import ManifestError
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}",
                                         args.max_reject_rate, complete=not args.incomplete)
         finally:
-            spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
+            stop_spark(spark)  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ManifestError, PreprocessError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 from twocluster import lineage
 from twocluster.spark.scoring import ScoringError, run_scoring
-from twocluster.spark.session import get_spark
+from twocluster.spark.session import get_spark, stop_spark
 from twocluster.spec import STORE_URI_ENV, SpecError, load_pipeline_spec
 from twocluster.store.layout import LayoutError, check_date, check_name
 from twocluster.store.manifest import ManifestError
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias,
                                      args.model_version)
         finally:
-            spark.stop()  # on a Spark Connect server: closes this client; the shared session stays for the next job
+            stop_spark(spark)  # on a Spark Connect server: closes this client; the shared session stays for the next job
     except (SpecError, LayoutError, StorageError, ScoringError, RegistryError, ManifestError) as e:
         print(f"scoring failed: {e}", file=sys.stderr)
         return 1

@@ -79,8 +79,32 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
             self.py_files = str(package_zip(default_cache_dir()))
             self.env_vars = {**(self.env_vars or {}), **self.driver_environment(), **lineage_env}
-            super().execute(context)
+            start = self._quick_driver_start()
+            try:
+                super().execute(context)
+            finally:
+                if start is not None:
+                    start.publish()
         self._read_lineage()
+
+    def _quick_driver_start(self):
+        """For a client-mode driver beside this task, start its JVM the quick way
+        (:mod:`twocluster.spark.launch`: the class archive, C1 only, no UI on a local master);
+        the returned start's archive is published once the job's JVM has exited. The DAG's own
+        ``conf`` wins, and its driver Java options come after these (the JVM takes the last)."""
+        from twocluster.spark import launch
+
+        hook = self._get_hook()
+        if not self._driver_beside_task() or hook._connection.get("deploy_mode") == "cluster":
+            return None
+        start = launch.driver_start()
+        conf = launch.submit_conf(hook._connection["master"], start)
+        own = dict(self.conf or {})
+        if own.get("spark.driver.extraJavaOptions"):
+            conf["spark.driver.extraJavaOptions"] += " " + own.pop("spark.driver.extraJavaOptions")
+        self.conf = {**conf, **own}
+        self._hook = None  # the provider's hook reads conf when it is made
+        return start
 
     @functools.cached_property
     def spark_connect_url(self) -> str | None:

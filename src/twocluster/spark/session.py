@@ -103,6 +103,22 @@ def get_spark(app_name: str, master: str | None = None):
     return spark
 
 
+def stop_spark(spark) -> None:
+    """Stop a job's session: its own application's JVM, or, on a Spark Connect server, this
+    client only (the shared session stays for the next job).
+
+    PySpark's ``SparkContext.stop`` then shuts its accumulator server down and waits for it: the
+    server's one connection (from the JVM, now stopped) is polled once a second, so that wait was
+    ~1 s of every job (0.9 s measured, 2026-12-07). Marking the server shut down lets the poll
+    loop end on its own in a daemon thread that nothing has to wait for."""
+    context = getattr(spark, "_sc", None)
+    server = getattr(context, "_accumulatorServer", None)
+    if server is not None:
+        server.server_shutdown = True  # the handler's loop condition: it returns within its 1-s poll
+        context._accumulatorServer = None  # so stop() does not wait for it
+    spark.stop()
+
+
 # How many closed shared sessions a client steps over before it gives up (the server keeps a
 # tombstone of each closed session, 1,000 by default: spark.connect.session.manager.
 # closedSessionsTombstonesSize; a step is a new client and one config call). A daily pipeline

@@ -1,0 +1,125 @@
+"""How a job's own Spark application starts when its driver runs beside the task (a local or a
+standalone client-mode driver): what a daily job does not need is left out of its start.
+
+Measured on two cores, an empty ``spark-submit`` (a session and one two-task Python job) took
+11-13 s, almost all of it the driver JVM's own start: loading and verifying ~10,000 classes from
+Spark's jars (for the session and again for the first query), compiling hot paths, and the UI.
+
+* **Class-data sharing** (JDK 17's dynamic AppCDS): the first job's driver JVM dumps the classes
+  it loaded into an archive at exit (``-XX:ArchiveClassesAtExit``, ~150 MB, ~15 s more for that one
+  job); every later driver maps it (``-XX:SharedArchiveFile``) instead of loading and verifying
+  the classes again. The archive is only valid for the JVM and the class path it was dumped with,
+  so its name carries a digest of both (a JVM that finds it invalid anyway runs without it:
+  ``-Xshare:auto``, the default). The dump goes to a name of its own and is renamed into place
+  once its JVM has exited (:meth:`DriverStart.publish`), so a reader never maps a half-written
+  archive and two first jobs cannot corrupt each other's.
+* **C1 only** (``-XX:TieredStopAtLevel=1``): the driver's JVM work is planning and moving Arrow
+  batches; C2's optimizations never pay back within a daily job, their compile threads compete
+  with the Python workers for the two cores.
+* **No UI** on a local master: a local application's UI lives as long as the job, where nobody
+  looks at it (its event log is what outlives it). A cluster's driver keeps its UI.
+
+:func:`twocluster.spark.session.stop_spark` removes the last second: PySpark's own ``stop``
+waits up to a second for its accumulator server's poll loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+C1_ONLY = "-XX:TieredStopAtLevel=1"
+QUIET_CDS = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # the dump's warnings about classes it cannot archive
+
+
+def archive_dir() -> Path:
+    """Where class archives are kept: ``$TWOCLUSTER_WORK_DIR`` (a deployment's scratch space),
+    else the system's temporary folder (as the shared package's zips)."""
+    return Path(os.environ.get("TWOCLUSTER_WORK_DIR") or tempfile.gettempdir()) / "twocluster-jvm"
+
+
+def spark_home() -> Path:
+    """The Spark installation spark-submit runs: ``$SPARK_HOME``, else PySpark's own."""
+    if os.environ.get("SPARK_HOME"):
+        return Path(os.environ["SPARK_HOME"])
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def java_binary() -> Path | None:
+    """The ``java`` spark-class runs: ``$JAVA_HOME/bin/java``, else the first on PATH."""
+    if os.environ.get("JAVA_HOME"):
+        return Path(os.environ["JAVA_HOME"]) / "bin" / "java"
+    found = shutil.which("java")
+    return Path(found) if found else None
+
+
+def archive_path(directory: Path | None = None) -> Path | None:
+    """The class archive for this JVM and this Spark installation's class path (None without a
+    JVM): a digest of the JVM binary (its real path, size and time) and the jars' names and sizes."""
+    java = java_binary()
+    if java is None or not java.exists():
+        return None
+    real = java.resolve()
+    stat = real.stat()
+    digest = hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    jars = spark_home() / "jars"
+    for jar in sorted(jars.glob("*.jar")) if jars.is_dir() else ():
+        digest.update(f"\0{jar.name}\0{jar.stat().st_size}".encode())
+    return (directory or archive_dir()) / f"spark-driver-{digest.hexdigest()[:16]}.jsa"
+
+
+@dataclass
+class DriverStart:
+    """The driver JVM's options for one job, and the archive it dumps (if it is the first)."""
+
+    java_options: str
+    dumping_to: Path | None = None
+    archive: Path | None = None
+
+    def publish(self) -> bool:
+        """Rename the archive this job's JVM dumped into place, once that JVM has exited. A dump
+        that did not finish (a killed JVM writes none, or a short one) is removed. True when an
+        archive was published."""
+        if self.dumping_to is None or self.archive is None:
+            return False
+        try:
+            if self.dumping_to.stat().st_size > 1 << 20:
+                os.replace(self.dumping_to, self.archive)
+                return True
+            self.dumping_to.unlink()
+        except FileNotFoundError:
+            pass
+        return False
+
+
+def driver_start(directory: Path | None = None) -> DriverStart:
+    """The options for a driver JVM started beside the task: C1 only, and the class archive,
+    mapped when it exists, else dumped by this job (:meth:`DriverStart.publish` after it exits)."""
+    archive = archive_path(directory)
+    if archive is None:
+        return DriverStart(C1_ONLY)
+    if archive.exists():
+        return DriverStart(f"{C1_ONLY} -XX:SharedArchiveFile={archive} {QUIET_CDS}", archive=archive)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    dumping_to = archive.with_name(f"{archive.stem}.{uuid.uuid4().hex[:8]}.dumping")
+    return DriverStart(f"{C1_ONLY} -XX:ArchiveClassesAtExit={dumping_to} {QUIET_CDS}", dumping_to, archive)
+
+
+def is_local(master: str) -> bool:
+    return master == "local" or master.startswith("local[")
+
+
+def submit_conf(master: str, start: DriverStart) -> dict[str, str]:
+    """spark-submit's ``--conf`` for a job whose driver runs beside the task on ``master``
+    (the launcher applies ``spark.driver.extraJavaOptions`` to a client-mode driver's JVM)."""
+    conf = {"spark.driver.extraJavaOptions": start.java_options}
+    if is_local(master):
+        conf["spark.ui.enabled"] = "false"
+    return conf
