@@ -569,3 +569,36 @@ def test_content_warnings_are_counted_in_the_versions_statistics(spark, speech_s
     stats = VersionStatistics.model_validate_json(file_store.read_bytes(f"{version_prefix}/{STATISTICS_FILE}"))
     assert stats.quality_warnings == {"clipped": 1, "silent": 2}
     assert stats.clips["silence_share"].max == 1.0 and stats.clips["rms_dbfs"].min == -120.0  # the digital silence, accepted
+
+
+def test_the_arrow_copy_holds_the_parquet_copys_rows_in_order_bit_for_bit(committed):
+    """Issue 37: the trainer's feed (twocluster.store.arrowshard) is the same rows as the other
+    copies, in the same order, with the same float32 features, and its shards are memory-mapped
+    views: nothing is decoded to read them."""
+    from twocluster.store import arrowshard
+
+    store, _, prefix, manifest = committed
+    arrow_files, parquet_files = manifest.data_files("arrow"), manifest.data_files("parquet")
+    assert len(arrow_files) == len(parquet_files) and sum(f.rows for f in arrow_files) == manifest.counts.accepted
+    for arrow_file, parquet_file in zip(sorted(arrow_files, key=lambda f: f.path), sorted(parquet_files, key=lambda f: f.path), strict=True):
+        assert arrow_file.split == parquet_file.split and arrow_file.rows == parquet_file.rows
+        table = pq.read_table(io.BytesIO(store.read_bytes(f"{prefix}/{parquet_file.path}")))
+        parts = arrowshard.open_shard(store.local_path(f"{prefix}/{arrow_file.path}"), [97, 40])
+        features = np.concatenate([x for x, _ in parts])
+        assert not parts[0][0].flags.owndata and not parts[0][0].flags.writeable  # a view of the mapped file
+        expected = np.stack(table["features"].to_numpy(zero_copy_only=False)).astype(np.float32).reshape(-1, 97, 40)
+        assert features.tobytes() == expected.tobytes()
+        assert np.concatenate([y for _, y in parts]).tolist() == table["label_id"].to_pylist()
+
+
+def test_an_arrow_shard_that_is_not_the_feed_is_refused_by_name(tmp_path):
+    from twocluster.store import arrowshard
+
+    wrong = tmp_path / "wrong.arrow"
+    wrong.write_bytes(arrowshard.encode(np.zeros((3, 5, 4), np.float32), np.arange(3)))
+    with pytest.raises(arrowshard.ArrowShardError, match=r"wrong\.arrow: expected features: fixed_size_list<float>\[3880\]"):
+        arrowshard.open_shard(wrong, [97, 40])
+    garbage = tmp_path / "garbage.arrow"
+    garbage.write_bytes(b"PAR1 not arrow")
+    with pytest.raises(arrowshard.ArrowShardError, match=r"garbage\.arrow: not an Arrow IPC shard"):
+        arrowshard.open_shard(garbage, [97, 40])

@@ -62,6 +62,61 @@ def test_training_on_tiny_data_beats_chance(trained):
     # 12 classes: chance is ~8%, always answering the biggest class (_unknown_) ~20%.
     assert result.metrics["test_accuracy"] > 0.4, result.metrics
     assert result.metrics["train_accuracy"] > 0.6
+    assert result.metrics["input_format"] == "arrow"  # the datasets' Arrow copy: the trainer's feed
+
+
+def test_the_arrow_feed_serves_every_row_once_an_epoch_as_the_parquet_copy_holds_it(dataset, tmp_path):
+    """Issue 37: the Arrow feed (ArrowBatches, and the same batches through tf.data) yields each
+    row of a split exactly once per epoch, with the Parquet copy's features and labels; training
+    epochs are reshuffled, evaluation batches come in file order."""
+    import numpy as np
+
+    from twocluster.training.data import ArrowBatches, ParquetBatches, arrow_tf_dataset
+
+    store, manifest_uri = dataset
+    arrow = stage_splits([manifest_uri], ["train"], tmp_path / "arrow", "auto")
+    parquet = stage_splits([manifest_uri], ["train"], tmp_path / "parquet", "parquet")
+    assert arrow.format == "arrow" and arrow.rows == parquet.rows
+    reference = ParquetBatches(parquet, "train", 10**6, training=False, seed=0)
+    by_content = {x.tobytes(): int(y) for x, y in zip(reference.x, reference.y, strict=True)}
+
+    evaluation = ArrowBatches(arrow, "train", 64, training=False, seed=0)
+    x = np.concatenate([b[0] for b in evaluation])
+    assert x.tobytes() == reference.x.tobytes() and np.concatenate([b[1] for b in evaluation]).tolist() == reference.y.tolist()
+
+    training = ArrowBatches(arrow, "train", 64, training=True, seed=3)
+    epochs = []
+    for _ in range(2):
+        batches = [training[i] for i in range(len(training))]
+        seen = [(row.tobytes(), int(label)) for x, y in batches for row, label in zip(x, y, strict=True)]
+        assert sorted(seen) == sorted(by_content.items())  # every row once, with its own label
+        epochs.append([label for _, label in seen])
+        training.on_epoch_end()
+    assert epochs[0] != epochs[1]  # reshuffled
+
+    # The TensorFlow pipeline: the same rows, each once an epoch, reshuffled; evaluation in file order.
+    through_tf = arrow_tf_dataset(arrow, "train", 64, training=True, seed=3)
+    orders = []
+    for _ in range(2):
+        seen = [(row.tobytes(), int(label)) for x, y in through_tf for row, label in zip(x.numpy(), y.numpy(), strict=True)]
+        assert sorted(seen) == sorted(by_content.items())
+        orders.append([label for _, label in seen])
+    assert orders[0] != orders[1]
+    in_order = arrow_tf_dataset(arrow, "train", 64, training=False, seed=3)
+    assert np.concatenate([x.numpy() for x, _ in in_order]).tobytes() == reference.x.tobytes()
+
+
+def test_datasets_without_the_arrow_copy_train_from_the_older_formats(dataset, tmp_path):
+    """A window holding a dataset written before the Arrow copy falls back to the backend's
+    pipeline (TFRecords on TensorFlow), for every dataset of the window."""
+    from twocluster.training.data import feed_format, load_dataset_manifests
+
+    store, manifest_uri = dataset
+    ((_, manifest),) = load_dataset_manifests([manifest_uri], ["train"])
+    older = manifest.model_copy(update={"files": [f for f in manifest.files if f.kind != "arrow"]})
+    assert feed_format([manifest], ["train", "test"], "tensorflow") == "arrow"
+    assert feed_format([manifest, older], ["train"], "tensorflow") == "tfrecord"
+    assert feed_format([older], ["train"], "jax") == "parquet"
 
 
 def test_model_version_holds_everything_a_consumer_needs(trained, speech_spec):
@@ -297,7 +352,7 @@ def test_a_wrong_checksum_fails_before_training(dataset, tmp_path):
     folder = manifest_uri.rsplit("/", 1)[0]
     version_store = ObjectStore(folder)
     manifest = read_manifest(version_store, "")
-    shard = manifest.tfrecord_files()[0]
+    shard = manifest.data_files("arrow")[0]  # the copy the trainer reads
     # A copy of the dataset whose shard was altered after the manifest recorded it.
     copy_version = layout.new_version_id()
     copy_prefix = layout.dataset_version_prefix("speech_commands", DATE, copy_version)

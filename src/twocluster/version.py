@@ -27,11 +27,11 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # The features themselves: datasets, predictions, and the models trained on them.
     "featurizer": ("features/",),
     # How a dataset is listed, labelled, split and written (besides the features).
-    "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "spark/datasource.py", "store/tfrecord.py"),
+    "preprocess": ("spark/preprocess.py", "spark/io.py", "spark/splits.py", "spark/datasource.py", "store/tfrecord.py", "store/arrowshard.py"),
     # How predictions are computed from features and a model.
     "scoring": ("spark/scoring.py", "spark/io.py", "serving.py"),
     # How a model is trained from staged datasets.
-    "trainer": ("training/trainer.py", "training/data.py", "training/models/", "training/distribute.py", "training/checkpoints.py", "store/jobspec.py", "serving.py"),
+    "trainer": ("training/trainer.py", "training/data.py", "training/models/", "training/distribute.py", "training/checkpoints.py", "store/jobspec.py", "store/arrowshard.py", "serving.py"),
     # Everything in the package (recorded in lineage; decides nothing).
     "package": ("",),
 }

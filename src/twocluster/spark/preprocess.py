@@ -46,7 +46,7 @@ from twocluster.spark.io import (
 )
 from twocluster.spark.session import ARROW_BATCH_ROWS, parallelism
 from twocluster.spec import PipelineSpec
-from twocluster.store import layout, statistics
+from twocluster.store import arrowshard, layout, statistics
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
 from twocluster.store.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
 from twocluster.store.storage import ObjectStore
@@ -152,7 +152,7 @@ def shard_writer(spec: PipelineSpec, store: ObjectStore, staging: str, feature_n
 
 def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[int, ...], tfrecord_compression: str,
                        parquet_compression: str, name: str, suffix: str, upload) -> list:
-    """Encode each split of a partition's accepted rows as a TFRecord and a Parquet file, handing
+    """Encode each split of a partition's accepted rows as a TFRecord, a Parquet and an Arrow file, handing
     each to ``upload`` as soon as it is encoded; the uploads' futures and the per-label counts,
     in order."""
     reported: list = []
@@ -172,6 +172,9 @@ def _encode_and_upload(table: pa.Table, feature_name: str, feature_shape: tuple[
         others = [c for c in columns.column_names if c != "features"]
         pq.write_table(columns, buf, compression=parquet_compression, use_dictionary=others, write_statistics=others)
         reported.append(upload("parquet", split, f"parquet/split={split}/{name}.parquet", buf.getvalue(), part.num_rows))
+        # The trainer's feed: the same rows as fixed-width float32 in an Arrow IPC file (twocluster.store.arrowshard).
+        reported.append(upload("arrow", split, f"arrow/split={split}/{name}.arrow",
+                               arrowshard.encode(features, part["label_id"].to_numpy(zero_copy_only=False)), part.num_rows))
         for label, rows in Counter(part["label"].to_pylist()).items():
             reported.append({"kind": "accepted", "split": split, "label": label, "rows": rows})
         # The split's feature statistics, from the array just encoded (no second pass).
@@ -210,7 +213,7 @@ def version_statistics(outcomes) -> statistics.VersionStatistics | None:
 def written_files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:
     """The shards the :func:`shard_writer` tasks report: the manifest's files, and where each
     is staged."""
-    written = [o for o in outcomes if o.kind in ("tfrecord", "parquet")]
+    written = [o for o in outcomes if o.kind in ("tfrecord", "parquet", "arrow")]
     files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in written]
     return files, {r.path: r.staged for r in written}
 

@@ -53,8 +53,9 @@ class TrainingJobSpec(BaseModel):
     test_split: str = "test"
     model_name: StoreName
     architecture: str = Field("keyword_cnn", pattern=r"^[a-z][a-z0-9_]*$", description="a module in twocluster.training.models")
-    # auto: TFRecords through tf.data on the TensorFlow backend, the Parquet copy on JAX/PyTorch.
-    input_format: Literal["auto", "tfrecord", "parquet"] = "auto"
+    # auto: the datasets' Arrow copy where every one has it; for older datasets, TFRecords through
+    # tf.data on the TensorFlow backend and the Parquet copy on JAX/PyTorch.
+    input_format: Literal["auto", "tfrecord", "parquet", "arrow"] = "auto"
     store_uri: str = Field(description="store root that models/ is written under")
     hyperparameters: Hyperparameters = Hyperparameters()
     seed: int = 1234

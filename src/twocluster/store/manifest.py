@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 1: the pre-log layout (no format_version field), see `twocluster migrate`
 
-FileKind = Literal["tfrecord", "parquet", "rejects", "predictions", "model"]
+# A dataset's shards come in three formats of the same rows: TFRecords (tf.data), a Parquet copy
+# (analytics, older trainers) and an Arrow IPC copy (the trainer's feed: fixed-width features,
+# memory-mapped, no decoding per example).
+DataFormat = Literal["tfrecord", "parquet", "arrow"]
+FileKind = Literal["tfrecord", "parquet", "arrow", "rejects", "predictions", "model"]
 
 
 class ManifestError(Exception):
@@ -153,8 +157,8 @@ class DatasetManifest(_ManifestBase):
     ignored_by_reason: dict[str, int] = Field(default_factory=dict, description="files that are not inputs: pattern, hidden, symlink")
     complete: bool = Field(True, description="false: committed at the arrivals deadline without the date's marker / quiet listing")
 
-    def data_files(self, kind: Literal["tfrecord", "parquet"], splits: Iterable[str] | None = None) -> list[ManifestFile]:
-        """The shards of one format (the TFRecords, or their Parquet copy), of ``splits`` or all."""
+    def data_files(self, kind: DataFormat, splits: Iterable[str] | None = None) -> list[ManifestFile]:
+        """The shards of one format (the TFRecords, their Parquet or Arrow copy), of ``splits`` or all."""
         wanted = None if splits is None else set(splits)
         return [f for f in self.files if f.kind == kind and (wanted is None or f.split in wanted)]
 

@@ -146,7 +146,7 @@ def gate_and_publish(
         try:
             # Read with the gate's own store settings (Airflow's identity), not whatever AWS_* the
             # worker's environment holds (none on the stack's scheduler: it went to AWS).
-            test_data = data.stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data", data.input_format_for_backend(),
+            test_data = data.stage_splits(candidate_manifest.lineage.inputs, [test_split], tmp_dir / "data", "auto",
                                           settings=store.s3_settings)
             mine = measure(candidate, test_data, test_split, vocabulary)
         except Exception as e:  # noqa: BLE001 - no trustworthy measurement means "do not publish"

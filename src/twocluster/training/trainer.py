@@ -77,10 +77,10 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     import keras
 
     # -- data
-    fmt = data.input_format_for_backend(keras.backend.backend()) if spec.input_format == "auto" else spec.input_format
     splits = {"train": spec.train_split, "validation": spec.validation_split, "test": spec.test_split}
     try:
-        staged = data.stage_splits(spec.datasets, list(splits.values()), work_dir / "datasets", fmt)  # validates the manifests first
+        # auto: the Arrow copy where every dataset has one (data.feed_format); validates the manifests first
+        staged = data.stage_splits(spec.datasets, list(splits.values()), work_dir / "datasets", spec.input_format)
     except data.DataError as e:
         raise TrainingError(str(e)) from None
     data.prune_stage_cache(work_dir / "datasets", keep=set(staged.dataset_versions))
@@ -130,7 +130,7 @@ def run_training(spec: TrainingJobSpec, work_dir: Path | None = None) -> Trainin
     # -- evaluate
     metrics = report.evaluate(trained, evaluation, staged.vocabulary)
     metrics.update(training_seconds=round(fit_seconds, 1), epochs=hp.epochs, resumed_from_epoch=resumed_from,
-                   strategy=distribution.name, examples=staged.rows, backend=keras.backend.backend(), input_format=fmt)
+                   strategy=distribution.name, examples=staged.rows, backend=keras.backend.backend(), input_format=staged.format)
     log.info("test accuracy %.3f, validation accuracy %.3f", metrics["test_accuracy"], metrics["validation_accuracy"])
 
     # -- export and commit
