@@ -87,9 +87,12 @@ def cold_job_seconds(store_uri: str, day: str, archives: Path | None = None) -> 
     for key, value in submit_conf("local[2]", start).items():
         command += ["--conf", f"{key}={value}"]
     try:
-        return _job(store_uri, day, [*command, str(ROOT / "spark_jobs" / "preprocess.py")], {})
-    finally:
-        start.publish()
+        seconds = _job(store_uri, day, [*command, str(ROOT / "spark_jobs" / "preprocess.py")], {})
+    except BaseException:
+        start.discard()
+        raise
+    start.publish()
+    return seconds
 
 
 def warm_job_seconds(store_uri: str, day: str, spark_remote: str) -> float:

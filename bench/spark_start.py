@@ -37,9 +37,9 @@ def empty_job(project: bool, master: str = "local[2]", archives: Path | None = N
     out = subprocess.run([*command, str(EMPTY_JOB), repr(launched), *([] if project else ["--pyspark-stop"])],
                          capture_output=True, text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
     total = time.time() - launched
-    if start is not None:
-        start.publish()
     found = re.search(r"PHASES (.*)", out.stdout)
+    if start is not None:
+        start.publish() if out.returncode == 0 else start.discard()
     if out.returncode or not found:
         raise RuntimeError(f"the empty job failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     phases = {k: float(v) for k, v in (item.split("=") for item in found.group(1).split())}

@@ -69,10 +69,25 @@ def test_the_first_job_dumps_the_class_archive_and_the_next_maps_it(tmp_path):
 
 def test_an_unfinished_dump_is_never_published(tmp_path):
     start = launch.driver_start(tmp_path)
-    start.dumping_to.write_bytes(b"\0" * 1024)  # a JVM killed while dumping
+    start.dumping_to.write_bytes(b"\0" * 1024)  # a JVM that stopped early in its dump
     assert not start.publish()
     assert not start.archive.exists() and not start.dumping_to.exists()
-    assert not launch.driver_start(tmp_path).publish()  # a killed JVM that wrote nothing
+    assert not launch.driver_start(tmp_path).publish()  # a JVM that wrote nothing
+    killed = launch.driver_start(tmp_path)
+    killed.dumping_to.write_bytes(b"\0" * (2 << 20))  # a failed or killed job's dump, however large
+    killed.discard()
+    assert not killed.dumping_to.exists() and not killed.archive.exists()
+
+
+def test_a_dump_left_by_a_killed_task_is_removed_once_stale(tmp_path):
+    left = launch.driver_start(tmp_path).dumping_to
+    left.write_bytes(b"\0" * 4096)
+    fresh = launch.driver_start(tmp_path).dumping_to
+    fresh.write_bytes(b"\0" * 4096)
+    old = launch.time.time() - launch.STALE_DUMP_SECONDS - 60
+    os.utime(left, (old, old))
+    launch.driver_start(tmp_path)
+    assert not left.exists() and fresh.exists()  # another job may still be dumping to the fresh one
 
 
 def test_the_archive_is_named_for_the_jvm_and_the_class_path(tmp_path, monkeypatch):

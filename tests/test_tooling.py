@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +72,36 @@ def test_ensure_packages_says_what_to_install_when_apt_is_unusable(tmp_path):
     assert result.returncode == 1
     assert "missing system packages: espeak-ng" in result.stderr
     assert "apt-get install -y --no-install-recommends espeak-ng" in result.stderr
+
+
+@pytest.mark.slow
+def test_make_run_stops_its_spark_connect_server_when_terminated(tmp_path):
+    """Issue 37: `make run` runs its DAG runs on a local Spark Connect server that it starts and
+    stops; terminated mid-way (SIGTERM, as a CI runner or a supervisor stops it), it leaves no
+    server (nor its Python workers) behind."""
+    import psutil
+
+    local = tmp_path / "local"
+    env = {**os.environ, "TWOCLUSTER_STORE_URI": (tmp_path / "store").as_uri(), "PYSPARK_PYTHON": sys.executable}
+    run = subprocess.Popen([sys.executable, "-m", "twocluster_demo.run_main", "--days", "1", "--clips-per-day", "20",
+                            "--local-dir", str(local)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def servers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if str(local / "spark-connect") in line:
+                found.append(proc)
+        return found
+
+    deadline = time.monotonic() + 240
+    while not (local / "airflow").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # airflow_env's home appears once the server listens
+    started = servers()
+    assert run.poll() is None and started, run.stdout.read() if run.poll() is not None else "no server started"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) != 0
+    gone_by = time.monotonic() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started) and time.monotonic() < gone_by:
+        time.sleep(0.5)
+    assert not [p for p in servers() if p.status() != psutil.STATUS_ZOMBIE], "the Spark Connect server outlived make run"

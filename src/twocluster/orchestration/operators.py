@@ -82,15 +82,18 @@ class PipelineSparkOperator(SparkSubmitOperator):
             start = self._quick_driver_start()
             try:
                 super().execute(context)
-            finally:
+            except BaseException:
                 if start is not None:
-                    start.publish()
+                    start.discard()  # a killed driver's dump may be partial
+                raise
+            if start is not None:
+                start.publish()
         self._read_lineage()
 
     def _quick_driver_start(self):
         """For a client-mode driver beside this task, start its JVM the quick way
         (:mod:`twocluster.spark.launch`: the class archive, C1 only, no UI on a local master);
-        the returned start's archive is published once the job's JVM has exited. The DAG's own
+        the returned start's archive is published once the job has succeeded. The DAG's own
         ``conf`` wins, and its driver Java options come after these (the JVM takes the last)."""
         from twocluster.spark import launch
 

@@ -11,8 +11,9 @@ Spark's jars (for the session and again for the first query), compiling hot path
   the classes again. The archive is only valid for the JVM and the class path it was dumped with,
   so its name carries a digest of both (a JVM that finds it invalid anyway runs without it:
   ``-Xshare:auto``, the default). The dump goes to a name of its own and is renamed into place
-  once its JVM has exited (:meth:`DriverStart.publish`), so a reader never maps a half-written
-  archive and two first jobs cannot corrupt each other's.
+  only once its job has succeeded (:meth:`DriverStart.publish`; a killed JVM's partial dump is
+  removed), so a reader never maps a half-written archive and two first jobs cannot corrupt
+  each other's.
 * **C1 only** (``-XX:TieredStopAtLevel=1``): the driver's JVM work is planning and moving Arrow
   batches; C2's optimizations never pay back within a daily job, their compile threads compete
   with the Python workers for the two cores.
@@ -25,10 +26,12 @@ waits up to a second for its accumulator server's poll loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,30 +87,48 @@ class DriverStart:
     archive: Path | None = None
 
     def publish(self) -> bool:
-        """Rename the archive this job's JVM dumped into place, once that JVM has exited. A dump
-        that did not finish (a killed JVM writes none, or a short one) is removed. True when an
-        archive was published."""
+        """Rename the archive this job's JVM dumped into place. Call it only once that JVM has
+        exited normally (the job succeeded): a JVM killed while dumping leaves a partial file,
+        which :meth:`discard` removes. True when an archive was published."""
         if self.dumping_to is None or self.archive is None:
             return False
         try:
             if self.dumping_to.stat().st_size > 1 << 20:
                 os.replace(self.dumping_to, self.archive)
                 return True
-            self.dumping_to.unlink()
         except FileNotFoundError:
-            pass
+            return False
+        self.discard()
         return False
+
+    def discard(self) -> None:
+        """Remove what this job's JVM dumped (the job failed or was killed)."""
+        if self.dumping_to is not None:
+            self.dumping_to.unlink(missing_ok=True)
+
+
+STALE_DUMP_SECONDS = 6 * 3600  # a dump older than this was left by a process killed before it could discard it
+
+
+def _remove_stale_dumps(directory: Path) -> None:
+    now = time.time()
+    for leftover in directory.glob("*.dumping"):
+        with contextlib.suppress(OSError):
+            if now - leftover.stat().st_mtime > STALE_DUMP_SECONDS:
+                leftover.unlink()
 
 
 def driver_start(directory: Path | None = None) -> DriverStart:
     """The options for a driver JVM started beside the task: C1 only, and the class archive,
-    mapped when it exists, else dumped by this job (:meth:`DriverStart.publish` after it exits)."""
+    mapped when it exists, else dumped by this job (:meth:`DriverStart.publish` once it has
+    succeeded, :meth:`DriverStart.discard` if it has not)."""
     archive = archive_path(directory)
     if archive is None:
         return DriverStart(C1_ONLY)
     if archive.exists():
         return DriverStart(f"{C1_ONLY} -XX:SharedArchiveFile={archive} {QUIET_CDS}", archive=archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_dumps(archive.parent)
     dumping_to = archive.with_name(f"{archive.stem}.{uuid.uuid4().hex[:8]}.dumping")
     return DriverStart(f"{C1_ONLY} -XX:ArchiveClassesAtExit={dumping_to} {QUIET_CDS}", dumping_to, archive)
 

@@ -31,7 +31,7 @@ class Hyperparameters(BaseModel):
     learning_rate: float = Field(2e-3, gt=0)
     learning_rate_schedule: Literal["constant", "cosine"] = "constant"
     augment: bool = False
-    shuffle_buffer: int = Field(4096, gt=0)
+    shuffle_buffer: int = Field(4096, gt=0, description="the TFRecord pipeline's shuffle buffer; the Arrow copy is shuffled whole each epoch")
 
 
 class Resources(BaseModel):
