@@ -44,8 +44,9 @@ MAY_IMPORT = {
     "spark": SHARED | {"twocluster.features"},
     "training": SHARED,
     # The orchestration launches jobs by their entry points; the gate runs in the Airflow worker,
-    # and the --py-files zip is built there.
-    "orchestration": SHARED | {"twocluster.training.gate", "twocluster.training.decision", "twocluster.spark.packaging"},
+    # the --py-files zip is built there, and a driver beside the task is started from there.
+    "orchestration": SHARED | {"twocluster.training.gate", "twocluster.training.decision", "twocluster.spark.packaging",
+                               "twocluster.spark.launch"},
     "ops": SHARED | {"twocluster.orchestration.arrivals", "twocluster.orchestration.notifiers"},
 }
 

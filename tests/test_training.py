@@ -641,7 +641,7 @@ def test_a_model_that_does_not_convert_gets_no_serving_copy(trained, tmp_path, m
 
 @pytest.mark.slow
 def test_the_trainer_and_the_gate_run_on_jax_and_tensorflow_serves_the_model(dataset, tmp_path):
-    """Issue 15, item 3: KERAS_BACKEND=jax (the Parquet copy through a PyDataset, no tf.data, no
+    """Issue 15, item 3: KERAS_BACKEND=jax (the Arrow copy streamed through a PyDataset, no tf.data, no
     SavedModel export); the gate on JAX too (as in the Airflow image); the exported .keras model loads on
     TensorFlow (the scoring side) and reproduces the trainer's logits."""
     import numpy as np
@@ -657,7 +657,7 @@ def test_the_trainer_and_the_gate_run_on_jax_and_tensorflow_serves_the_model(dat
                               "--work-dir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
     assert trained.returncode == 0, trained.stderr[-4000:]
     result = json.loads(trained.stdout.strip().splitlines()[-1])
-    assert result["status"] == "trained" and result["metrics"]["backend"] == "jax" and result["metrics"]["input_format"] == "parquet"
+    assert result["status"] == "trained" and result["metrics"]["backend"] == "jax" and result["metrics"]["input_format"] == "arrow"
     assert result["metrics"]["test_accuracy"] > 0.4, result["metrics"]
     manifest = registry.read_model_manifest(store, "kws_jax", result["version"])
     assert manifest.lineage.params["backend"] == "jax" and not {"saved_model/saved_model.pb", "model.onnx"} & {f.path for f in manifest.files}

@@ -95,17 +95,14 @@ class PipelineSparkOperator(SparkSubmitOperator):
         (:mod:`twocluster.spark.launch`: the class archive, C1 only, no UI on a local master);
         the returned start's archive is published once the job has succeeded. The DAG's own
         ``conf`` wins, and its driver Java options come after these (the JVM takes the last)."""
-        from twocluster.spark import launch
+        from twocluster.spark.launch import DRIVER_JAVA_OPTIONS, driver_start, submit_conf
 
         hook = self._get_hook()
         if not self._driver_beside_task() or hook._connection.get("deploy_mode") == "cluster":
             return None
-        start = launch.driver_start()
-        conf = launch.submit_conf(hook._connection["master"], start)
+        start = driver_start()
         own = dict(self.conf or {})
-        if own.get("spark.driver.extraJavaOptions"):
-            conf["spark.driver.extraJavaOptions"] += " " + own.pop("spark.driver.extraJavaOptions")
-        self.conf = {**conf, **own}
+        self.conf = {**submit_conf(hook._connection.get("master", ""), start, own.pop(DRIVER_JAVA_OPTIONS, None)), **own}
         self._hook = None  # the provider's hook reads conf when it is made
         return start
 

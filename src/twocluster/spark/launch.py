@@ -137,10 +137,13 @@ def is_local(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 
 
-def submit_conf(master: str, start: DriverStart) -> dict[str, str]:
-    """spark-submit's ``--conf`` for a job whose driver runs beside the task on ``master``
-    (the launcher applies ``spark.driver.extraJavaOptions`` to a client-mode driver's JVM)."""
-    conf = {"spark.driver.extraJavaOptions": start.java_options}
+DRIVER_JAVA_OPTIONS = "spark.driver.extraJavaOptions"  # the launcher applies it to a client-mode driver's JVM
+
+
+def submit_conf(master: str, start: DriverStart, java_options: str | None = None) -> dict[str, str]:
+    """spark-submit's ``--conf`` for a job whose driver runs beside the task on ``master``;
+    ``java_options`` (the caller's own) come after the start's, so the JVM takes them."""
+    conf = {DRIVER_JAVA_OPTIONS: f"{start.java_options} {java_options}" if java_options else start.java_options}
     if is_local(master):
         conf["spark.ui.enabled"] = "false"
     return conf
