@@ -245,50 +245,13 @@ def _py_dataset_base():
     return keras.utils.PyDataset
 
 
-class ParquetBatches(_py_dataset_base()):
-    """A split of the Parquet copy decoded once into one contiguous array (the tf.data path's
-    ``cache()``), served in shuffled batches; backend-agnostic (JAX, PyTorch, TensorFlow)."""
+class _ShuffledBatches(_py_dataset_base()):
+    """A split's rows (``self.y`` holds their labels) in batches: a new order each training
+    epoch, file order for evaluation. Subclasses gather a batch's features (:meth:`_batch`)."""
 
-    def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
+    def __init__(self, labels: np.ndarray, batch_size: int, *, training: bool, seed: int):
         super().__init__()
-        self.x, self.y = _read_parquet_split(data, split)
-        self.batch_size, self.training = batch_size, training
-        self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(self.y)) if training else np.arange(len(self.y))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        if not self.training:  # a contiguous slice: no copy
-            return self.x[rows[0] : rows[-1] + 1], self.y[rows[0] : rows[-1] + 1]
-        return self.x[rows], self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        if self.training:
-            self._order = self._rng.permutation(len(self.y))
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-
-class ArrowBatches(_py_dataset_base()):
-    """A split of the Arrow copy, streamed from its memory-mapped shards in shuffled batches
-    (backend-agnostic: JAX, PyTorch, TensorFlow). Nothing is decoded: a batch gathers its rows'
-    features from the shards' pages (the rows of a training batch are taken in file order, so
-    each shard's rows are one fancy-index copy); an evaluation batch inside one record batch is
-    a view of the file."""
-
-    def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
-        super().__init__()
-        self.feature_shape = tuple(data.feature_shape)
-        self._parts = [part for path in data.files[split] for part in arrowshard.open_shard(path, self.feature_shape)]
-        if not self._parts:
-            raise DataError(f"no rows in the staged Arrow shards of split {split!r}")
-        self._starts = np.cumsum([0] + [len(y) for _, y in self._parts])
-        self.y = np.concatenate([y for _, y in self._parts]).astype(np.int64, copy=False)  # 8 bytes a row
+        self.y = labels
         self.batch_size, self.training = batch_size, training
         self._rng = np.random.default_rng(seed)
         self._order = self._rng.permutation(len(self.y)) if training else np.arange(len(self.y))
@@ -299,7 +262,51 @@ class ArrowBatches(_py_dataset_base()):
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index < 0 or index >= len(self):
             raise IndexError(index)
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self._batch(self._order[index * self.batch_size : (index + 1) * self.batch_size])
+
+    def _batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def on_epoch_end(self) -> None:
+        if self.training:
+            self._order = self._rng.permutation(len(self.y))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class ParquetBatches(_ShuffledBatches):
+    """A split of the Parquet copy decoded once into one contiguous array (the tf.data path's
+    ``cache()``), served in shuffled batches; backend-agnostic (JAX, PyTorch, TensorFlow)."""
+
+    def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
+        self.x, labels = _read_parquet_split(data, split)
+        super().__init__(labels, batch_size, training=training, seed=seed)
+
+    def _batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.training:  # a contiguous slice: no copy
+            return self.x[rows[0] : rows[-1] + 1], self.y[rows[0] : rows[-1] + 1]
+        return self.x[rows], self.y[rows]
+
+
+class ArrowBatches(_ShuffledBatches):
+    """A split of the Arrow copy, streamed from its memory-mapped shards in shuffled batches
+    (backend-agnostic: JAX, PyTorch, TensorFlow). Nothing is decoded: a batch gathers its rows'
+    features from the shards' pages (the rows of a training batch are taken in file order, so
+    each shard's rows are one fancy-index copy); an evaluation batch inside one record batch is
+    a view of the file."""
+
+    def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
+        self.feature_shape = tuple(data.feature_shape)
+        self._parts = [part for path in data.files[split] for part in arrowshard.open_shard(path, self.feature_shape)]
+        if not self._parts:
+            raise DataError(f"no rows in the staged Arrow shards of split {split!r}")
+        self._starts = np.cumsum([0] + [len(y) for _, y in self._parts])
+        labels = np.concatenate([y for _, y in self._parts]).astype(np.int64, copy=False)  # 8 bytes a row
+        super().__init__(labels, batch_size, training=training, seed=seed)
+
+    def _batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.training:
             rows = np.sort(rows)  # the same examples; a batch's loss does not depend on their order
         first = int(np.searchsorted(self._starts, rows[0], side="right")) - 1
@@ -320,14 +327,6 @@ class ArrowBatches(_py_dataset_base()):
                 else:
                     np.take(features, local, axis=0, out=out[lo:hi])
         return out, self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        if self.training:
-            self._order = self._rng.permutation(len(self.y))
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
 
 
 def arrow_tf_dataset(data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
