@@ -16,13 +16,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 DAYS ?= 4
 CLIPS_PER_DAY ?= 600
+# make run's Spark: a local Spark Connect server it starts and stops (connect), or a spark-submit per job (submit).
+SPARK ?= connect
 PYTEST_ARGS ?=
 
 .PHONY: run run-images test venv lock lint clean sample-data check-java bench bench-quick ui stack-up stack-demo stack-down screenshots
 
 run: venv check-java
 	@tools/ensure_system_packages.sh espeak-ng=espeak-ng
-	$(VENV_PY) -m twocluster_demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY)
+	$(VENV_PY) -m twocluster_demo.run_main --days $(DAYS) --clips-per-day $(CLIPS_PER_DAY) --spark $(SPARK)
 
 # An extra: the second pipeline (handwritten digit images) through the same DAG factory.
 run-images: venv check-java
