@@ -102,6 +102,23 @@ def test_the_archive_is_named_for_the_jvm_and_the_class_path(tmp_path, monkeypat
     assert launch.driver_start(tmp_path).java_options == launch.C1_ONLY
 
 
+def test_no_archive_where_the_class_path_holds_a_configuration_folder(tmp_path, monkeypatch):
+    """The stack's Spark has its spark-defaults.conf in $SPARK_CONF_DIR, a folder on the driver's
+    class path: JDK 17 refuses to archive such a class path, and a driver told to dump failed at
+    its exit, after its job had committed (the task failed and retried)."""
+    conf = tmp_path / "spark-conf"
+    conf.mkdir()
+    monkeypatch.setenv("SPARK_CONF_DIR", str(conf))
+    assert launch.archivable()  # an empty folder is allowed
+    (conf / "spark-defaults.conf").write_text("spark.eventLog.enabled true\n")
+    assert not launch.archivable()
+    start = launch.driver_start(tmp_path / "archives")
+    assert start.java_options == launch.C1_ONLY and start.dumping_to is None
+    monkeypatch.delenv("SPARK_CONF_DIR")
+    monkeypatch.setenv("HADOOP_CONF_DIR", str(conf))
+    assert not launch.archivable()
+
+
 def test_only_a_local_driver_loses_its_ui():
     start = launch.DriverStart(launch.C1_ONLY)
     assert launch.submit_conf("local[2]", start)["spark.ui.enabled"] == "false"

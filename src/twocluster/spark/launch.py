@@ -63,6 +63,24 @@ def java_binary() -> Path | None:
     return Path(found) if found else None
 
 
+def class_path_directories() -> list[Path]:
+    """The folders spark-submit's launcher puts on the driver's class path: Spark's conf folder
+    (``$SPARK_CONF_DIR``, else ``$SPARK_HOME/conf``), Hadoop's and YARN's, and the folders of
+    ``$SPARK_DIST_CLASSPATH``."""
+    folders = [Path(os.environ.get("SPARK_CONF_DIR") or spark_home() / "conf")]
+    folders += [Path(os.environ[name]) for name in ("HADOOP_CONF_DIR", "YARN_CONF_DIR") if os.environ.get(name)]
+    folders += [Path(entry) for entry in os.environ.get("SPARK_DIST_CLASSPATH", "").split(os.pathsep) if entry and not entry.endswith("*")]
+    return folders
+
+
+def archivable() -> bool:
+    """Whether JDK 17 can share classes for this class path: it refuses one holding a non-empty
+    folder ("Cannot have non-empty directory in paths"), and a JVM asked to dump the archive
+    then fails at its exit, after the job has run (measured on the stack's standalone cluster,
+    whose ``$SPARK_CONF_DIR`` holds its spark-defaults.conf)."""
+    return not any(folder.is_dir() and any(folder.iterdir()) for folder in class_path_directories())
+
+
 def archive_path(directory: Path | None = None) -> Path | None:
     """The class archive for this JVM and this Spark installation's class path (None without a
     JVM): a digest of the JVM binary (its real path, size and time) and the jars' names and sizes."""
@@ -120,9 +138,10 @@ def _remove_stale_dumps(directory: Path) -> None:
 
 def driver_start(directory: Path | None = None) -> DriverStart:
     """The options for a driver JVM started beside the task: C1 only, and the class archive,
-    mapped when it exists, else dumped by this job (:meth:`DriverStart.publish` once it has
+    mapped when it exists, else dumped by this job (none where the class path cannot be archived:
+    :func:`archivable`) (:meth:`DriverStart.publish` once it has
     succeeded, :meth:`DriverStart.discard` if it has not)."""
-    archive = archive_path(directory)
+    archive = archive_path(directory) if archivable() else None
     if archive is None:
         return DriverStart(C1_ONLY)
     if archive.exists():
