@@ -61,9 +61,8 @@ def test_the_first_job_dumps_the_class_archive_and_the_next_maps_it(tmp_path):
     conf["spark.driver.extraJavaOptions"] += " -Xshare:on"
     mapped = _submit(tmp_path, conf)
     assert mapped.returncode == 0, mapped.stderr[-3000:]
-    plain = _submit(tmp_path, {})
-    rows = [next(line for line in run.stdout.splitlines() if line.startswith("ROWS")) for run in (dumped, mapped, plain)]
-    assert rows[0] == rows[1] == rows[2] == "ROWS [0, 2, 4, 6, 8, 10]"
+    rows = [next(line for line in run.stdout.splitlines() if line.startswith("ROWS")) for run in (dumped, mapped)]
+    assert rows[0] == rows[1] == "ROWS [0, 2, 4, 6, 8, 10]"  # what the job computes without any of this
     assert not second.publish()  # nothing to publish for a job that mapped the archive
 
 
