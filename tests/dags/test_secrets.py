@@ -75,3 +75,16 @@ def test_the_featurizing_udf_closure_carries_no_secret(spark, speech_spec):
     shipped = cloudpickle.dumps(featurizing_function(speech_spec, store))
     assert b"s3.internal" in shipped  # the closure was really serialized
     assert CANARY_SECRET.encode() not in shipped and CANARY_ACCESS.encode() not in shipped
+
+
+def test_a_standalone_cluster_mode_driver_gets_no_credentials(airflow_env, monkeypatch):
+    """A driver the standalone master launches on a worker (deploy-mode cluster) is not beside
+    the task: like YARN's and Kubernetes', it learns where the store is, never its keys."""
+    from twocluster.orchestration.operators import PipelineSparkOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps(
+        {"conn_type": "spark", "host": "spark://127.0.0.1:7077", "extra": {"deploy-mode": "cluster"}}))
+    op = PipelineSparkOperator(task_id="preprocess", application="spark_jobs/preprocess.py", conn_id="spark_default")
+    env = op.driver_environment()
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://s3.internal:7480"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env

@@ -97,12 +97,11 @@ class PipelineSparkOperator(SparkSubmitOperator):
         ``conf`` wins, and its driver Java options come after these (the JVM takes the last)."""
         from twocluster.spark.launch import DRIVER_JAVA_OPTIONS, driver_start, submit_conf
 
-        hook = self._get_hook()
-        if not self._driver_beside_task() or hook._connection.get("deploy_mode") == "cluster":
+        if not self._driver_beside_task:
             return None
         start = driver_start()
         own = dict(self.conf or {})
-        self.conf = {**submit_conf(hook._connection.get("master", ""), start, own.pop(DRIVER_JAVA_OPTIONS, None)), **own}
+        self.conf = {**submit_conf(self._get_hook()._connection.get("master", ""), start, own.pop(DRIVER_JAVA_OPTIONS, None)), **own}
         self._hook = None  # the provider's hook reads conf when it is made
         return start
 
@@ -130,15 +129,17 @@ class PipelineSparkOperator(SparkSubmitOperator):
         settings = store_settings(SPARK_STORE_CONNECTION, STORE_CONNECTION)
         if settings is None:
             return {}
-        return settings.as_env() if self._driver_beside_task() else settings.without_credentials().as_env()
+        return settings.as_env() if self._driver_beside_task else settings.without_credentials().as_env()
 
+    @functools.cached_property
     def _driver_beside_task(self) -> bool:
         """Whether the job's driver runs where this task does (a Spark Connect client, or a
-        local / standalone client-mode driver), so a process environment reaches it."""
+        local / standalone client-mode driver), so a process environment reaches it (looked up
+        once: the driver's environment, its lineage and its start all ask)."""
         if self.spark_connect_url is not None:
             return True
         hook = self._get_hook()
-        return not (hook._is_yarn or hook._is_kubernetes)
+        return not (hook._is_yarn or hook._is_kubernetes or hook._connection.get("deploy_mode") == "cluster")
 
     def lineage_environment(self, context) -> dict[str, str]:
         """The OpenLineage parent (this task run) and, for a driver beside the task, the transport,
@@ -148,7 +149,7 @@ class PipelineSparkOperator(SparkSubmitOperator):
         from twocluster.orchestration import lineage
 
         try:
-            return lineage.job_driver_environment(context["ti"], with_transport=self._driver_beside_task())
+            return lineage.job_driver_environment(context["ti"], with_transport=self._driver_beside_task)
         except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
             self.log.warning("could not tell the job its OpenLineage parent", exc_info=True)
             return {}
