@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +49,16 @@ from twocluster.spark.session import ARROW_BATCH_ROWS, parallelism
 from twocluster.spec import PipelineSpec
 from twocluster.store import arrowshard, layout, statistics
 from twocluster.store.featurespec import TensorSpec, TFRecordSpec
-from twocluster.store.manifest import Counts, DatasetManifest, InFlight, Lineage, ManifestFile, commit_version, resolve_latest
+from twocluster.store.manifest import (
+    Counts,
+    DataFormat,
+    DatasetManifest,
+    InFlight,
+    Lineage,
+    ManifestFile,
+    commit_version,
+    resolve_latest,
+)
 from twocluster.store.storage import ObjectStore
 from twocluster.version import code_hashes, code_version
 
@@ -213,7 +223,7 @@ def version_statistics(outcomes) -> statistics.VersionStatistics | None:
 def written_files(outcomes) -> tuple[list[ManifestFile], dict[str, str]]:
     """The shards the :func:`shard_writer` tasks report: the manifest's files, and where each
     is staged."""
-    written = [o for o in outcomes if o.kind in ("tfrecord", "parquet", "arrow")]
+    written = [o for o in outcomes if o.kind in get_args(DataFormat)]
     files = [ManifestFile(path=r.path, bytes=r.bytes, checksum=r.checksum, rows=r.rows, kind=r.kind, split=r.split) for r in written]
     return files, {r.path: r.staged for r in written}
 

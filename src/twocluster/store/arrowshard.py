@@ -61,8 +61,6 @@ def open_shard(path: str | Path, shape: list[int] | tuple[int, ...]) -> list[tup
         column = batch.column(FEATURES)
         if column.null_count or column.values.null_count:
             raise ArrowShardError(f"{path}: record batch {i} has null features")
-        values = column.values.to_numpy(zero_copy_only=True)
-        offset = column.offset * width
-        features = values[offset : offset + batch.num_rows * width].reshape(batch.num_rows, *shape)
+        features = column.flatten().to_numpy(zero_copy_only=True).reshape(batch.num_rows, *shape)
         batches.append((features, batch.column(LABEL_ID).to_numpy(zero_copy_only=True)))
     return batches

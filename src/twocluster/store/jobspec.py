@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from twocluster.store import layout
+from twocluster.store.manifest import DataFormat
 from twocluster.store.storage import ObjectStore, split_uri
 
 StoreName = Annotated[str, AfterValidator(layout.check_name)]
@@ -55,7 +56,7 @@ class TrainingJobSpec(BaseModel):
     architecture: str = Field("keyword_cnn", pattern=r"^[a-z][a-z0-9_]*$", description="a module in twocluster.training.models")
     # auto: the datasets' Arrow copy where every one has it; for older datasets, TFRecords through
     # tf.data on the TensorFlow backend and the Parquet copy on JAX/PyTorch.
-    input_format: Literal["auto", "tfrecord", "parquet", "arrow"] = "auto"
+    input_format: Literal["auto"] | DataFormat = "auto"
     store_uri: str = Field(description="store root that models/ is written under")
     hyperparameters: Hyperparameters = Hyperparameters()
     seed: int = 1234

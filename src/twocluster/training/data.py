@@ -40,7 +40,6 @@ from twocluster.store.storage import ObjectStore, S3Settings, split_uri
 
 log = logging.getLogger(__name__)
 
-InputFormat = DataFormat
 STAGE_CACHE_MAX_AGE_SECONDS = 7 * 86400  # staged datasets no job used for a week are evicted
 
 
@@ -51,7 +50,7 @@ class DataError(RuntimeError):
 @dataclass
 class StagedData:
     feature_spec: FeatureSpec
-    format: InputFormat
+    format: DataFormat
     files: dict[str, list[str]]  # split -> local shard paths
     rows: dict[str, int]
     dataset_versions: list[str] = field(default_factory=list)
@@ -70,7 +69,7 @@ class StagedData:
         return self.feature_spec.label_vocabulary
 
 
-def input_format_for_backend(backend: str | None = None) -> InputFormat:
+def input_format_for_backend(backend: str | None = None) -> DataFormat:
     """For datasets without the Arrow copy: TFRecords through tf.data on the TensorFlow backend;
     the Parquet copy on the others."""
     if backend is None:
@@ -80,7 +79,7 @@ def input_format_for_backend(backend: str | None = None) -> InputFormat:
     return "tfrecord" if backend == "tensorflow" else "parquet"
 
 
-def feed_format(manifests: list[DatasetManifest], splits: list[str], backend: str | None = None) -> InputFormat:
+def feed_format(manifests: list[DatasetManifest], splits: list[str], backend: str | None = None) -> DataFormat:
     """The Arrow copy when every dataset lists it for every one of ``splits`` it has rows in,
     else the backend's pipeline over the older formats (:func:`input_format_for_backend`)."""
     def has_arrow(m: DatasetManifest) -> bool:
@@ -129,7 +128,7 @@ def load_dataset_manifests(uris: list[str], splits: list[str], settings: S3Setti
     return loaded
 
 
-def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, fmt: InputFormat | Literal["auto"] = "tfrecord",
+def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, fmt: DataFormat | Literal["auto"] = "tfrecord",
                  max_workers: int = 8, settings: S3Settings | None = None) -> StagedData:
     """Download the shards of ``splits`` in format ``fmt`` (``auto``: :func:`feed_format`) that
     the manifests list, in parallel, verifying each checksum. Shards already in ``cache_dir``
@@ -290,6 +289,15 @@ class ParquetBatches(_ShuffledBatches):
         return self.x[rows], self.y[rows]
 
 
+def _arrow_split(data: StagedData, split: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """A split's staged Arrow shards: each record batch's memory-mapped ``(features, label ids)``,
+    and all the split's label ids in one array (8 bytes a row)."""
+    parts = [part for path in data.files[split] for part in arrowshard.open_shard(path, data.feature_shape)]
+    if not parts:
+        raise DataError(f"no rows in the staged Arrow shards of split {split!r}")
+    return parts, np.concatenate([y for _, y in parts]).astype(np.int64, copy=False)
+
+
 class ArrowBatches(_ShuffledBatches):
     """A split of the Arrow copy, streamed from its memory-mapped shards in shuffled batches
     (backend-agnostic: JAX, PyTorch, TensorFlow). Nothing is decoded: a batch gathers its rows'
@@ -299,11 +307,8 @@ class ArrowBatches(_ShuffledBatches):
 
     def __init__(self, data: StagedData, split: str, batch_size: int, *, training: bool, seed: int):
         self.feature_shape = tuple(data.feature_shape)
-        self._parts = [part for path in data.files[split] for part in arrowshard.open_shard(path, self.feature_shape)]
-        if not self._parts:
-            raise DataError(f"no rows in the staged Arrow shards of split {split!r}")
+        self._parts, labels = _arrow_split(data, split)
         self._starts = np.cumsum([0] + [len(y) for _, y in self._parts])
-        labels = np.concatenate([y for _, y in self._parts]).astype(np.int64, copy=False)  # 8 bytes a row
         super().__init__(labels, batch_size, training=training, seed=seed)
 
     def _batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -342,11 +347,9 @@ def arrow_tf_dataset(data: StagedData, split: str, batch_size: int, *, training:
     buffers, 30 k shuffled.)"""
     import tensorflow as tf
 
-    parts = [part for path in data.files[split] for part in arrowshard.open_shard(path, data.feature_shape)]
-    if not parts:
-        raise DataError(f"no rows in the staged Arrow shards of split {split!r}")
+    parts, split_labels = _arrow_split(data, split)
     features = tf.Variable(np.concatenate([x for x, _ in parts]), trainable=False, name=f"{split}_features")
-    labels = tf.Variable(np.concatenate([y for _, y in parts]).astype(np.int64, copy=False), trainable=False, name=f"{split}_labels")
+    labels = tf.Variable(split_labels, trainable=False, name=f"{split}_labels")
     rows = int(labels.shape[0])
     ds = tf.data.Dataset.range(rows)
     if training:
