@@ -80,19 +80,12 @@ def _job(store_uri: str, day: str, command: list[str], env: dict[str, str]) -> f
 
 def cold_job_seconds(store_uri: str, day: str, archives: Path | None = None) -> float:
     """A spark-submit of the job, started as the operator starts a local driver."""
-    from twocluster.spark.launch import driver_start, submit_conf
+    from spark_start import spark_submit
 
-    start = driver_start(archives)
-    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]"]
-    for key, value in submit_conf("local[2]", start).items():
-        command += ["--conf", f"{key}={value}"]
-    try:
-        seconds = _job(store_uri, day, [*command, str(ROOT / "spark_jobs" / "preprocess.py")], {})
-    except BaseException:
-        start.discard()
-        raise
-    start.publish()
-    return seconds
+    from twocluster.spark.launch import quick_start
+
+    with quick_start("local[2]", archives) as conf:
+        return _job(store_uri, day, [*spark_submit("local[2]", conf), str(ROOT / "spark_jobs" / "preprocess.py")], {})
 
 
 def warm_job_seconds(store_uri: str, day: str, spark_remote: str) -> float:

@@ -8,6 +8,7 @@ master, no wait for PySpark's accumulator server) against PySpark's defaults, ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics as st
@@ -20,28 +21,27 @@ HERE = Path(__file__).resolve().parent
 EMPTY_JOB = HERE / "empty_job.py"
 
 
+def spark_submit(master: str, conf: dict[str, str]) -> list[str]:
+    """This environment's ``spark-submit`` on ``master`` with ``conf``."""
+    return [str(Path(sys.executable).parent / "spark-submit"), "--master", master,
+            *(arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}"))]
+
+
 def empty_job(project: bool, master: str = "local[2]", archives: Path | None = None) -> dict[str, float]:
     """Seconds of one cold empty job, from ``spark-submit`` to its exit (``total``), and its
     phases: ``launch`` (the launcher and the driver JVM until the Python driver runs), ``session``
     (PySpark's import and the SparkContext), ``job`` (the first query: its planning, the Python
     workers), ``stop``, ``exit`` (the JVM's shutdown after Python returns)."""
-    from twocluster.spark.launch import driver_start, submit_conf
+    from twocluster.spark.launch import quick_start
 
-    command = [str(Path(sys.executable).parent / "spark-submit"), "--master", master]
-    start = None
-    if project:
-        start = driver_start(archives)
-        for key, value in submit_conf(master, start).items():
-            command += ["--conf", f"{key}={value}"]
-    launched = time.time()
-    out = subprocess.run([*command, str(EMPTY_JOB), repr(launched), *([] if project else ["--pyspark-stop"])],
-                         capture_output=True, text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
-    total = time.time() - launched
-    found = re.search(r"PHASES (.*)", out.stdout)
-    if start is not None:
-        start.publish() if out.returncode == 0 else start.discard()
-    if out.returncode or not found:
-        raise RuntimeError(f"the empty job failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    with quick_start(master, archives) if project else contextlib.nullcontext({}) as conf:
+        launched = time.time()
+        out = subprocess.run([*spark_submit(master, conf), str(EMPTY_JOB), repr(launched), *([] if project else ["--pyspark-stop"])],
+                             capture_output=True, text=True, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+        total = time.time() - launched
+        found = re.search(r"PHASES (.*)", out.stdout)
+        if out.returncode or not found:
+            raise RuntimeError(f"the empty job failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     phases = {k: float(v) for k, v in (item.split("=") for item in found.group(1).split())}
     phases["exit"] = total - sum(phases.values())
     phases["total"] = total

@@ -137,12 +137,17 @@ def test_the_operator_starts_only_a_driver_beside_the_task_the_quick_way(tmp_pat
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": master, "extra": extra}))
     op = PipelineSparkOperator(task_id="preprocess", application="spark_jobs/preprocess.py", conn_id="spark_default",
                                conf={"spark.driver.extraJavaOptions": "-Dmine=1", "spark.ui.enabled": "true"})
-    start = op._quick_driver_start()
-    if not quick:
-        assert start is None and op.conf == {"spark.driver.extraJavaOptions": "-Dmine=1", "spark.ui.enabled": "true"}
-        return
-    options = op.conf["spark.driver.extraJavaOptions"]
-    assert options.startswith(launch.C1_ONLY) and options.endswith(" -Dmine=1")  # the DAG's own come last: they win
-    assert op.conf["spark.ui.enabled"] == "true"  # the DAG's conf wins
-    command = " ".join(op._get_hook()._build_spark_submit_command(op.application))
-    assert "-XX:ArchiveClassesAtExit=" in command and str(tmp_path / "twocluster-jvm") in command
+    with pytest.raises(RuntimeError, match="the job failed"), op._quick_driver_start():
+        dumps = list((tmp_path / "twocluster-jvm").glob("*.dumping"))
+        if not quick:
+            assert not dumps and op.conf == {"spark.driver.extraJavaOptions": "-Dmine=1", "spark.ui.enabled": "true"}
+            raise RuntimeError("the job failed")
+        options = op.conf["spark.driver.extraJavaOptions"]
+        assert options.startswith(launch.C1_ONLY) and options.endswith(" -Dmine=1")  # the DAG's own come last: they win
+        assert op.conf["spark.ui.enabled"] == "true"  # the DAG's conf wins
+        command = " ".join(op._get_hook()._build_spark_submit_command(op.application))
+        assert "-XX:ArchiveClassesAtExit=" in command and str(tmp_path / "twocluster-jvm") in command
+        dumping = Path(command.split("-XX:ArchiveClassesAtExit=")[1].split()[0])
+        dumping.write_bytes(b"\0" * (2 << 20))  # the JVM's dump, then the job fails
+        raise RuntimeError("the job failed")
+    assert not list((tmp_path / "twocluster-jvm").glob("*"))  # a failed job's dump is discarded, nothing published

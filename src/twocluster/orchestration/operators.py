@@ -13,6 +13,7 @@ The DAG factory (:mod:`twocluster.orchestration.dag_factory`) only wires them wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -79,31 +80,26 @@ class PipelineSparkOperator(SparkSubmitOperator):
 
             self.py_files = str(package_zip(default_cache_dir()))
             self.env_vars = {**(self.env_vars or {}), **self.driver_environment(), **lineage_env}
-            start = self._quick_driver_start()
-            try:
+            with self._quick_driver_start():
                 super().execute(context)
-            except BaseException:
-                if start is not None:
-                    start.discard()  # a killed driver's dump may be partial
-                raise
-            if start is not None:
-                start.publish()
         self._read_lineage()
 
+    @contextlib.contextmanager
     def _quick_driver_start(self):
         """For a client-mode driver beside this task, start its JVM the quick way
-        (:mod:`twocluster.spark.launch`: the class archive, C1 only, no UI on a local master);
-        the returned start's archive is published once the job has succeeded. The DAG's own
-        ``conf`` wins, and its driver Java options come after these (the JVM takes the last)."""
-        from twocluster.spark.launch import DRIVER_JAVA_OPTIONS, driver_start, submit_conf
+        (:func:`twocluster.spark.launch.quick_start`: the class archive, C1 only, no UI on a
+        local master) for the block's job. The DAG's own ``conf`` wins, and its driver Java
+        options come after these (the JVM takes the last)."""
+        from twocluster.spark.launch import DRIVER_JAVA_OPTIONS, quick_start
 
         if not self._driver_beside_task:
-            return None
-        start = driver_start()
+            yield
+            return
         own = dict(self.conf or {})
-        self.conf = {**submit_conf(self._get_hook()._connection.get("master", ""), start, own.pop(DRIVER_JAVA_OPTIONS, None)), **own}
-        self._hook = None  # the provider's hook reads conf when it is made
-        return start
+        with quick_start(self._get_hook()._connection.get("master", ""), java_options=own.pop(DRIVER_JAVA_OPTIONS, None)) as conf:
+            self.conf = {**conf, **own}
+            self._hook = None  # the provider's hook reads conf when it is made
+            yield
 
     @functools.cached_property
     def spark_connect_url(self) -> str | None:

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,17 @@ def submit_conf(master: str, start: DriverStart, java_options: str | None = None
     if is_local(master):
         conf["spark.ui.enabled"] = "false"
     return conf
+
+
+@contextlib.contextmanager
+def quick_start(master: str, directory: Path | None = None, java_options: str | None = None) -> Iterator[dict[str, str]]:
+    """spark-submit's ``--conf`` for one job started the quick way (:func:`driver_start`,
+    :func:`submit_conf`); the archive its JVM dumped is published when the block ends normally
+    (the job succeeded) and discarded when it raises (a failed or killed JVM's dump may be partial)."""
+    start = driver_start(directory)
+    try:
+        yield submit_conf(master, start, java_options)
+    except BaseException:
+        start.discard()
+        raise
+    start.publish()
