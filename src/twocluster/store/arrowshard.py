@@ -30,10 +30,9 @@ class ArrowShardError(ValueError):
 
 def encode(features: np.ndarray, label_ids: np.ndarray) -> bytes:
     """An Arrow IPC file of ``features`` (``[rows, *shape]``, float32) and their label ids."""
-    rows = len(features)
-    flat = np.ascontiguousarray(features, dtype=np.float32).reshape(rows, -1)
-    width = flat.shape[1] if rows else int(np.prod(features.shape[1:]))
-    table = pa.table({FEATURES: pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width),
+    width = int(np.prod(features.shape[1:]))
+    values = np.ascontiguousarray(features, dtype=np.float32).reshape(-1)
+    table = pa.table({FEATURES: pa.FixedSizeListArray.from_arrays(pa.array(values), width),
                       LABEL_ID: pa.array(np.asarray(label_ids, dtype=np.int64))})
     sink = io.BytesIO()
     with pa.ipc.new_file(sink, table.schema) as writer:
