@@ -19,7 +19,7 @@ from twocluster.store.commitlog import AliasMoved, CommitLog
 from twocluster.store.jobspec import JobSpecError, TrainingJobSpec, load_job_spec, parse_job_spec
 from twocluster.store.manifest import ManifestError, ModelManifest, commit_version, describe_files, read_manifest
 from twocluster.store.storage import ObjectStore
-from twocluster.training.data import DataError, stage_splits
+from twocluster.training.data import DataError, prune_stage_cache, stage_splits
 from twocluster.training.distribute import strategy_kind
 from twocluster.training.gate import gate_and_publish
 from twocluster.training.trainer import TrainingError, checkpoint_prefix, run_training
@@ -104,6 +104,43 @@ def test_the_arrow_feed_serves_every_row_once_an_epoch_as_the_parquet_copy_holds
     assert orders[0] != orders[1]
     in_order = arrow_tf_dataset(arrow, "train", 64, training=False, seed=3)
     assert np.concatenate([x.numpy() for x, _ in in_order]).tobytes() == reference.x.tobytes()
+
+
+def test_the_tensorflow_feed_streams_a_packed_split_in_place(dataset, tmp_path):
+    """Issue 37: the TensorFlow path reads the split's pack (one aligned .npy, written once per
+    window, renamed into place) through a tensor over the mapped file itself: no copy of the split
+    in memory, and nothing written through it reaches the file. A misaligned array is copied
+    (TensorFlow aborts the process on a misaligned buffer), never handed over in place."""
+    import numpy as np
+    import tensorflow as tf
+
+    from twocluster.training.data import PACK_PREFIX, _arrow_split, _tensor_over, packed_split
+
+    store, manifest_uri = dataset
+    arrow = stage_splits([manifest_uri], ["train"], tmp_path / "arrow", "auto")
+    parts, labels = _arrow_split(arrow, "train")
+    features, packed_labels = packed_split(arrow, "train")
+    assert features.tobytes() == np.concatenate([x for x, _ in parts]).tobytes() and packed_labels.tolist() == labels.tolist()
+    (pack,) = (tmp_path / "arrow").glob(f"{PACK_PREFIX}*/train.features.npy")
+    assert not [p for p in pack.parent.iterdir() if p.name.startswith(".")]  # no partial left beside it
+    written = pack.stat().st_mtime_ns
+    features, _ = packed_split(arrow, "train")  # the next run on the node maps the same pack
+    assert pack.stat().st_mtime_ns == written
+
+    in_place = _tensor_over(features)
+    before = float(in_place[3, 5, 7])
+    features[3, 5, 7] = before + 1.0  # copy-on-write: the tensor sees the process's page ...
+    assert float(in_place[3, 5, 7]) == before + 1.0
+    assert float(np.load(pack, mmap_mode="r")[3, 5, 7]) == before  # ... and the file keeps its value
+
+    storage = np.zeros(features[:8].size + 1, np.float32)
+    misaligned = storage[1:].reshape(features[:8].shape)
+    misaligned[...] = features[:8]
+    assert misaligned.ctypes.data % 64 != 0
+    copied = _tensor_over(misaligned)
+    assert tf.gather(copied, [7, 0]).numpy().tobytes() == misaligned[[7, 0]].tobytes()
+    os.utime(pack.parent, (0, 0))
+    assert prune_stage_cache(tmp_path / "arrow", keep=set(arrow.dataset_versions)) == [pack.parent]  # an unused pack ages out
 
 
 def test_datasets_without_the_arrow_copy_train_from_the_older_formats(dataset, tmp_path):
