@@ -15,6 +15,7 @@ store holding that day's committed version would find nothing to do).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,17 +69,19 @@ def user_loop_seconds(raw_folder: Path, out: Path, featurizer_json: str) -> tupl
     return seconds, int(done.stdout.split()[-1])
 
 
-def _job(store_uri: str, day: str, command: list[str], env: dict[str, str]) -> float:
+def _job(store_uri: str, day: str, command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(seconds from the command to its exit, seconds of the job's one featurize-and-write pass
+    as the job itself reports it: what is left is the job's fixed cost)."""
     started = time.perf_counter()
     done = subprocess.run([*command, "--spec", str(SPEC), "--date", day, "--store", store_uri], capture_output=True, text=True,
                           env={**os.environ, "PYSPARK_PYTHON": sys.executable, **env})
     seconds = time.perf_counter() - started
     if done.returncode or '"committed"' not in done.stdout:
         raise RuntimeError(f"the preprocessing job did not commit ({done.returncode}):\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, json.loads(done.stdout.strip().splitlines()[-1])["timings"]["featurize"]
 
 
-def cold_job_seconds(store_uri: str, day: str, archives: Path | None = None) -> float:
+def cold_job_seconds(store_uri: str, day: str, archives: Path | None = None) -> tuple[float, float]:
     """A spark-submit of the job, started as the operator starts a local driver."""
     from spark_start import spark_submit
 
@@ -88,6 +91,6 @@ def cold_job_seconds(store_uri: str, day: str, archives: Path | None = None) -> 
         return _job(store_uri, day, [*spark_submit("local[2]", conf), str(ROOT / "spark_jobs" / "preprocess.py")], {})
 
 
-def warm_job_seconds(store_uri: str, day: str, spark_remote: str) -> float:
+def warm_job_seconds(store_uri: str, day: str, spark_remote: str) -> tuple[float, float]:
     """The job as a Spark Connect client of a running server (``SPARK_REMOTE``), as the operator runs it there."""
     return _job(store_uri, day, [sys.executable, str(ROOT / "spark_jobs" / "preprocess.py")], {"SPARK_REMOTE": spark_remote})
