@@ -355,21 +355,25 @@ def packed_split(data: StagedData, split: str) -> tuple[np.ndarray, np.ndarray]:
     digest = hashlib.sha256("\n".join(data.files[split]).encode()).hexdigest()[:16]
     folder = cache_dir / f"{PACK_PREFIX}{digest}"
     features_path, labels_path = folder / f"{split}.features.npy", folder / f"{split}.labels.npy"
-    if not (features_path.exists() and labels_path.exists()):
+    if not features_path.exists():  # renamed into place last: its presence means the whole pack
         folder.mkdir(parents=True, exist_ok=True)
         parts, labels = _arrow_split(data, split)
-        started, partial = time.perf_counter(), features_path.with_name(f".{features_path.name}.{os.getpid()}")
+        started = time.perf_counter()
+        partial_features, partial_labels = (path.with_name(f".{path.name}.{os.getpid()}") for path in (features_path, labels_path))
         try:
-            with open(partial, "wb") as out:
+            with open(partial_features, "wb") as out:
                 np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(np.float32).str, "fortran_order": False,
                                                            "shape": (len(labels), *data.feature_shape)})
                 for features, _ in parts:
                     out.write(memoryview(features).cast("B"))
-            np.save(labels_path.with_name(f".{labels_path.name}.{os.getpid()}.npy"), labels)
-            os.replace(labels_path.with_name(f".{labels_path.name}.{os.getpid()}.npy"), labels_path)
-            os.replace(partial, features_path)
+            with open(partial_labels, "wb") as out:
+                np.save(out, labels)
+            # The labels first: the features' name is the pack's commit.
+            os.replace(partial_labels, labels_path)
+            os.replace(partial_features, features_path)
         finally:
-            partial.unlink(missing_ok=True)
+            partial_features.unlink(missing_ok=True)
+            partial_labels.unlink(missing_ok=True)
         log.info("packed split %s: %d rows from %d record batches into %s in %.2fs", split, len(labels), len(parts),
                  features_path, time.perf_counter() - started)
     os.utime(folder)  # recently used: kept by prune_stage_cache
