@@ -125,11 +125,19 @@ def read_cost(spark, tfrecords: Path, parquet: Path, runs: int) -> tuple[list[fl
     def native() -> float:
         return query(spark.read.parquet(str(parquet)))
 
-    source(), native()
-    sources, natives = [], []
-    for _ in range(runs):
-        sources.append(source())
-        natives.append(native())
+    # A vectorized batch holds its rows' every float: Spark's 4,096 rows are 64 MB of log-mel a
+    # task, which ran the full bench's long-lived driver out of heap (2026-12-07); 1,024 rows
+    # is half what the TFRecord source hands Spark in an Arrow batch (its batchRows, 2,048).
+    batch_rows = spark.conf.get("spark.sql.parquet.columnarReaderBatchSize")
+    spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", "1024")
+    try:
+        source(), native()
+        sources, natives = [], []
+        for _ in range(runs):
+            sources.append(source())
+            natives.append(native())
+    finally:
+        spark.conf.set("spark.sql.parquet.columnarReaderBatchSize", batch_rows)
     return sources, natives
 
 
