@@ -53,9 +53,9 @@ class StagedData:
     format: DataFormat
     files: dict[str, list[str]]  # split -> local shard paths
     rows: dict[str, int]
+    cache_dir: Path  # where the shards were staged (and the TensorFlow feed packs a split)
     dataset_versions: list[str] = field(default_factory=list)
     featurizer_code: list[str] = field(default_factory=list)  # distinct hashes across the datasets
-    cache_dir: Path | None = None  # where the shards were staged (and the TensorFlow feed packs a split)
 
     @property
     def feature_name(self) -> str:
@@ -169,9 +169,9 @@ def stage_splits(uris: list[str], splits: list[str], cache_dir: Path, fmt: DataF
         format=fmt,
         files={s: sorted(v) for s, v in files.items()},
         rows=rows,
+        cache_dir=cache_dir,
         dataset_versions=[m.version for _, m in loaded],
         featurizer_code=sorted({m.feature_spec.featurizer_code for _, m in loaded}),
-        cache_dir=cache_dir,
     )
 
 
@@ -351,9 +351,8 @@ def packed_split(data: StagedData, split: str) -> tuple[np.ndarray, np.ndarray]:
     pack is never read."""
     import hashlib
 
-    cache_dir = data.cache_dir or Path(data.files[split][0]).parent
     digest = hashlib.sha256("\n".join(data.files[split]).encode()).hexdigest()[:16]
-    folder = cache_dir / f"{PACK_PREFIX}{digest}"
+    folder = data.cache_dir / f"{PACK_PREFIX}{digest}"
     features_path, labels_path = folder / f"{split}.features.npy", folder / f"{split}.labels.npy"
     if not features_path.exists():  # renamed into place last: its presence means the whole pack
         folder.mkdir(parents=True, exist_ok=True)
@@ -410,7 +409,7 @@ def arrow_tf_dataset(data: StagedData, split: str, batch_size: int, *, training:
     import tensorflow as tf
 
     packed_features, packed_labels = packed_split(data, split)
-    features, labels = _tensor_over(packed_features), tf.constant(packed_labels.astype(np.int64, copy=False))
+    features, labels = _tensor_over(packed_features), tf.constant(packed_labels)
     rows = int(labels.shape[0])
     ds = tf.data.Dataset.range(rows)
     if training:
