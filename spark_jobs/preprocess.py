@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"preprocess-{spec.name}-{args.date}", master=args.master)
         try:
-            with lineage.spark_job_run(spark, f"{spec.name}.preprocess.spark", [lineage.raw_input(store, spec.name, args.date)],
-                                       lambda: lineage.preprocess_lineage(store, spec.name, args.date)):
+            with lineage.preprocess_run(spark, store, spec.name, args.date):
                 result = run_preprocess(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}",
                                         args.max_reject_rate, complete=not args.incomplete)
         finally:

@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ObjectStore(spec.resolve_store_uri(args.store))
         spark = get_spark(f"score-{spec.name}-{args.date}", master=args.master)
         try:
-            with lineage.spark_job_run(spark, f"{spec.name}.score.spark", [lineage.raw_input(store, spec.name, args.date)],
-                                       lambda: lineage.scoring_lineage(store, spec.name, args.date)):
+            with lineage.scoring_run(spark, store, spec.name, args.date):
                 result = run_scoring(spark, spec, store, args.date, args.run_id or f"manual-{uuid.uuid4().hex[:12]}", args.alias,
                                      args.model_version)
         finally:

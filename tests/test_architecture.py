@@ -25,7 +25,7 @@ DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "google_crc32c": "google-crc3
 BACKENDS = {"tensorflow", "jax", "torch"}
 # Which extras each part of the package may use (the core dependencies always).
 COMPONENT_EXTRAS = {
-    "store": [], "spec.py": [], "version.py": [], "lineage.py": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
+    "store": [], "spec.py": [], "version.py": [], "lineage": [], "deployment.py": [], "serving.py": [], "__init__.py": [],
     "store_access.py": ["airflow"],  # Airflow inside its functions, where a configuration asks Airflow
     "features": ["spark"],
     "spark": ["spark"],

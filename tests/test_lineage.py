@@ -7,6 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import openlineage_validator
@@ -18,6 +21,7 @@ from twocluster.store.manifest import read_manifest
 from twocluster_demo import sample_data
 
 DATE = dt.date(2026, 11, 18)
+ROOT = Path(__file__).resolve().parents[1]
 TASK = lineage.Parent("twocluster", "speech_pipeline.preprocess", "01a2dead-0000-7000-8000-000000000001",
                       "twocluster", "speech_pipeline", "01a2dead-0000-7000-8000-000000000002")
 
@@ -48,8 +52,7 @@ def test_the_parent_reads_back_from_either_carrier():
 def test_a_spark_job_reports_its_run_under_the_task_that_launched_it(spark, speech_spec, file_store, transport):
     store, name = file_store, speech_spec.name
     sample_data.generate_day(store, speech_spec, DATE, clips=16, seed=5, bad_files=2)
-    with lineage.spark_job_run(spark, f"{name}.preprocess.spark", [lineage.raw_input(store, name, DATE)],
-                               lambda: lineage.preprocess_lineage(store, name, DATE)) as run:
+    with lineage.preprocess_run(spark, store, name, DATE) as run:
         result = run_preprocess(spark, speech_spec, store, DATE, run_id="lineage-test", max_reject_rate=0.5)
     events = _events(transport)
     validate = openlineage_validator()
@@ -77,8 +80,7 @@ def test_a_spark_job_reports_its_run_under_the_task_that_launched_it(spark, spee
 def test_a_failed_job_reports_fail_with_its_error_and_no_output(spark, speech_spec, file_store, transport):
     store, name = file_store, speech_spec.name
     sample_data.generate_day(store, speech_spec, DATE, clips=10, seed=6, bad_files=4)
-    with pytest.raises(RejectRateExceeded), lineage.spark_job_run(spark, f"{name}.preprocess.spark", [lineage.raw_input(store, name, DATE)],
-                                                                   lambda: lineage.preprocess_lineage(store, name, DATE)):
+    with pytest.raises(RejectRateExceeded), lineage.preprocess_run(spark, store, name, DATE):
         run_preprocess(spark, speech_spec, store, DATE, run_id="lineage-fail", max_reject_rate=0.01)
     events = _events(transport)
     for event in events:
@@ -92,6 +94,21 @@ def test_a_failed_job_reports_fail_with_its_error_and_no_output(spark, speech_sp
 def test_without_a_transport_a_job_reports_nothing(spark, monkeypatch, tmp_path):
     for key in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
         monkeypatch.delenv(key)
-    with lineage.spark_job_run(spark, "p.preprocess", [], lambda: ([], [])) as run:
+    with lineage.spark_job_run(spark, "p.preprocess", lambda: [], lambda: ([], [])) as run:
         pass
     assert run is None and not list(tmp_path.iterdir())
+
+
+def test_a_job_without_a_transport_never_imports_the_openlineage_client():
+    """The client's imports cost each job process 0.3-0.5 s (issue 37's daily DAG run); a job
+    whose driver has no transport must not pay them. In a fresh interpreter, as a job starts."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OPENLINEAGE")}
+    script = ("import sys, runpy\n"
+              "for job in ('preprocess', 'score'):\n"
+              "    runpy.run_path(f'spark_jobs/{job}.py', run_name='imported')\n"
+              "from twocluster import lineage\n"
+              "with lineage.preprocess_run(None, None, 'p', '2026-11-18') as run, lineage.scoring_run(None, None, 'p', '2026-11-18'):\n"
+              "    assert run is None\n"
+              "print(sorted(m for m in sys.modules if m.startswith('openlineage')))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,4 +1,4 @@
-"""The Airflow side of lineage (:mod:`twocluster.lineage` builds the datasets): the provider's
+"""The Airflow side of lineage (:mod:`twocluster.lineage.datasets` builds the datasets): the provider's
 return type for the operators, whether the provider is on, and what a Spark job's driver is told
 so that its own OpenLineage run hangs under the task that launched it.
 

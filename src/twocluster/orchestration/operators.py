@@ -174,7 +174,7 @@ class PipelineSparkOperator(SparkSubmitOperator):
         if self.run_settings is None or self.job is None or not lineage.enabled():
             return
         try:
-            from twocluster.lineage import preprocess_lineage, scoring_lineage
+            from twocluster.lineage.datasets import preprocess_lineage, scoring_lineage
             from twocluster.spec import load_pipeline_spec
             from twocluster.store_access import store_for
 
@@ -266,7 +266,7 @@ class TrainingJobOperator(BaseOperator):
         if not lineage.enabled():
             return
         try:
-            from twocluster.lineage import training_lineage
+            from twocluster.lineage.datasets import training_lineage
             from twocluster.store.jobspec import load_job_spec
             from twocluster.store_access import store_for
 
