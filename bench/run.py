@@ -965,7 +965,8 @@ def dag_run_figures(ctx: BenchContext) -> list[Figure]:
         return _dag_run(ctx, day, name, server.connection)
 
     # What Airflow alone takes, run by run beside the figure's own runs: this machine's speed
-    # varies ~2x between hours, and a floor measured minutes later moved the ratio by 0.5.
+    # varies ~2x between hours (measured after the DAG runs, the floor gave 1.84x; beside
+    # them, in the next minutes, 2.11x).
     floor_env = ceilings.floor_airflow(ctx.workdir, ctx.store.root_uri)
     floor, connect = [], []
     with LocalSparkConnect(ctx.workdir / "spark-connect", cores=2) as server:

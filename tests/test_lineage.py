@@ -112,3 +112,16 @@ def test_a_job_without_a_transport_never_imports_the_openlineage_client():
               "print(sorted(m for m in sys.modules if m.startswith('openlineage')))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environ, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_inputs_that_cannot_be_named_never_fail_the_job(spark, transport):
+    """The job's START names what it will read; if that cannot be built, the job still runs and
+    reports its run (no inputs), as a COMPLETE that cannot be read back is still reported."""
+    def unnamed():
+        raise ValueError("no OpenLineage naming for 'hdfs://x'")
+
+    ran = []
+    with lineage.spark_job_run(spark, "p.preprocess.spark", unnamed, lambda: ([], [])) as run:
+        ran.append(run.run_id)
+    events = _events(transport)
+    assert ran and [(e["eventType"], e["inputs"]) for e in events] == [("START", []), ("COMPLETE", [])]

@@ -132,7 +132,11 @@ def spark_job_run(spark, name: str, started: Callable[[], list], completed: Call
         return
     from openlineage.client.event_v2 import RunState
 
-    inputs = started()
+    try:
+        inputs = started()
+    except Exception:  # noqa: BLE001 - lineage is a report on the job, never a reason to fail it
+        log.warning("could not name the job's inputs for OpenLineage", exc_info=True)
+        inputs = []
     run.emit(RunState.START, inputs=inputs)
     try:
         yield run
